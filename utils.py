@@ -1,0 +1,126 @@
+"""Small shared helpers: seeding, devices, atomic file writes, hashing, memory, timing."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def set_seed(seed: int) -> None:
+    """Seed every random source the pipeline uses, so two runs give the same metrics."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> str:
+    """'auto' means CUDA when torch sees a GPU, else CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch sees no CUDA device")
+    return name
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict]:
+    """`with timed() as t: ...` then t['seconds']."""
+    holder: dict = {}
+    start = time.perf_counter()
+    try:
+        yield holder
+    finally:
+        holder["seconds"] = time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only on success.
+
+    Works for a file or a directory: whatever the caller creates at the yielded path
+    replaces `target` atomically, and nothing half-written is left behind on error.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staged = tmp / target.name
+    try:
+        yield staged
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_of(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8") if isinstance(part, str) else part)
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log(message: str) -> None:
+    """Progress messages go to stderr so stdout stays the result table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def rows_contain(matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Boolean array shaped like `items`: is items[r, c] a stored entry of matrix row rows[r]?
+
+    `matrix` is a scipy CSR matrix; negative item ids (padding) are never contained.
+    """
+    sub = matrix[rows]
+    flat_rows = np.repeat(np.arange(len(rows)), items.shape[1])
+    values = np.asarray(sub[flat_rows, np.maximum(items.ravel(), 0)]).ravel()
+    return (values != 0).reshape(items.shape) & (items >= 0)
