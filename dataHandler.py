@@ -366,7 +366,7 @@ def prepare_dataset(name: str, root: str | Path = "dataset", source: str | Path 
     if target.is_dir() and _has_splits(target):
         return target
     spec = REGISTRY.get(name)
-    if spec is None and source is None:
+    if spec is None and source is None and url is None:
         known = ", ".join(sorted(REGISTRY))
         raise DataError(f"unknown dataset '{name}': use one of {known}, a folder path, "
                         f"or --data-source DIR")

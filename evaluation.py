@@ -13,7 +13,7 @@ from utils import atomic_path, rows_contain, write_json_atomic, write_text_atomi
 DEFAULT_KS = (5, 10, 20, 50)
 
 
-def test_users(test: sp.csr_matrix) -> np.ndarray:
+def users_with_test_items(test: sp.csr_matrix) -> np.ndarray:
     """Users with at least one test item: the ones every metric averages over."""
     return np.flatnonzero(np.diff(test.indptr) > 0)
 

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from dataHandler import DataError, load_dataset, prepare_dataset  # noqa: E402
 from evaluation import (format_table, per_user_metrics, segment_metrics,  # noqa: E402
-                        summarise, test_users, write_run)
+                        summarise, users_with_test_items, write_run)
 from parser import RECALL_VARIANTS, data_options, encoder_options, run_options  # noqa: E402
 from utils import log, peak_memory_mb, pick_device, set_seed, timed  # noqa: E402
 
@@ -88,7 +88,7 @@ def run_experiment(opts: dict) -> Path:
         torch.set_num_threads(opts["threads"])
     dataset = load_data(opts)
     summary = dataset.summary()
-    users = test_users(dataset.test)
+    users = users_with_test_items(dataset.test)
     log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
         f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
     variants = RECALL_VARIANTS if opts["variants"] == "all" else (opts["variants"],)

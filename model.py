@@ -67,13 +67,14 @@ class TextEncoder:
 
     def __init__(self, model, tokenizer, pooling: str = "mean", max_length: int = 128,
                  batch_size: int = 64, device: str = "cpu", quantize: bool = False,
-                 name: str = "") -> None:
+                 name: str = "", sort_by_length: bool = True) -> None:
         if pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling '{pooling}' (cls or mean)")
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.pooling, self.max_length, self.batch_size = pooling, max_length, batch_size
         self.device, self.quantize, self.name = device, quantize, name
+        self.sort_by_length = sort_by_length
         self._runtime = self._quantized() if quantize else self.model
         self._fingerprint: str | None = None
 
@@ -134,8 +135,9 @@ class TextEncoder:
         """L2-normalised float32 embeddings, one row per text, in input order."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        lengths = [len(t) for t in texts]
-        order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: less padding
+        # similar lengths share a batch: less padding, about twice the throughput on CPU
+        order = np.argsort([len(t) for t in texts], kind="stable") if self.sort_by_length \
+            else np.arange(len(texts))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         batches = range(0, len(texts), self.batch_size)
         with torch.inference_mode():

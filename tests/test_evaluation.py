@@ -1,0 +1,76 @@
+"""Recall@K / NDCG@K on hand-computed examples (RLMRec/EasyRec protocol)."""
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from evaluation import per_user_metrics, summarise, users_with_test_items
+
+
+def csr(rows: list[list[int]], n_items: int = 60) -> sp.csr_matrix:
+    dense = np.zeros((len(rows), n_items))
+    for user, items in enumerate(rows):
+        dense[user, items] = 1
+    return sp.csr_matrix(dense)
+
+
+def test_two_hits_out_of_two_test_items():
+    test = csr([[1, 3]])
+    top = np.array([[3, 5, 1, 7, 8]])
+    frame = per_user_metrics(top, np.array([0]), test, ks=(2, 5))
+    assert frame["recall@2"][0] == pytest.approx(0.5)
+    assert frame["ndcg@2"][0] == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    assert frame["recall@5"][0] == pytest.approx(1.0)
+    # hits at ranks 1 and 3; ideal has them at ranks 1 and 2
+    ideal = 1 + 1 / math.log2(3)
+    assert frame["ndcg@5"][0] == pytest.approx((1 + 1 / math.log2(4)) / ideal)
+
+
+def test_fewer_test_items_than_k_uses_min_in_ideal_dcg():
+    test = csr([[9]])
+    top = np.array([[0, 1, 9, 2, 3]])
+    frame = per_user_metrics(top, np.array([0]), test, ks=(5,))
+    assert frame["recall@5"][0] == 1.0
+    assert frame["ndcg@5"][0] == pytest.approx(1 / math.log2(4))
+
+
+def test_recall_divides_by_all_test_items_not_by_k():
+    test = csr([list(range(30))])
+    top = np.arange(20)[None, :]
+    frame = per_user_metrics(top, np.array([0]), test, ks=(20,))
+    assert frame["recall@20"][0] == pytest.approx(20 / 30)
+    assert frame["ndcg@20"][0] == pytest.approx(1.0)
+
+
+def test_padding_never_counts_and_users_average():
+    test = csr([[4], [5, 6], []])
+    top = np.array([[-1, -1, 4], [5, -1, -1], [1, 2, 3]])
+    users = users_with_test_items(test)
+    assert users.tolist() == [0, 1]  # the user without test items is not averaged
+    frame = per_user_metrics(top[users], users, test, ks=(1, 3))
+    assert frame["recall@1"].tolist() == [0.0, 0.5]
+    summary = summarise(frame, ks=(1, 3))
+    assert summary["recall@3"] == pytest.approx((1.0 + 0.5) / 2)
+    assert summary["ndcg@1"] == pytest.approx((0 + 1) / 2)
+
+
+def test_tied_popularity_breaks_by_item_id_and_skips_train_items():
+    from dataHandler import Dataset
+    from model import Popularity
+
+    # items 1 and 2 are tied (2 users each), item 0 has 1 user, item 3 has 3
+    train = csr([[1, 3], [2, 3], [1, 2, 3], [0]], n_items=5)
+    dataset = Dataset("t", train, train, train, [None] * 4, [None] * 5,
+                      np.array(["none"] * 4, object), np.array(["none"] * 5, object))
+    top = Popularity().fit(dataset).recommend(np.array([0, 3]), 3, train)
+    assert top.tolist() == [[2, 0, 4], [3, 1, 2]]
+    test = csr([[2], [1]], n_items=5)
+    frame = per_user_metrics(top, np.array([0, 1]), test, ks=(1, 3))
+    assert frame["recall@1"].tolist() == [1.0, 0.0]
+    assert frame["ndcg@3"][1] == pytest.approx(1 / math.log2(3))
+
+
+def test_too_short_top_lists_are_rejected():
+    with pytest.raises(ValueError, match="need 20"):
+        per_user_metrics(np.zeros((1, 10), int), np.array([0]), csr([[1]]), ks=(20,))

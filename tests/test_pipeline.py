@@ -1,0 +1,65 @@
+"""The `run` command end to end, as a user runs it."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+
+from conftest import write_easyrec
+from main import cli
+
+
+def run_cli(*args: str) -> Path:
+    result = CliRunner().invoke(cli, ["run", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    line = [l for l in result.output.splitlines() if l.startswith("run written to ")][-1]
+    return Path(line.removeprefix("run written to "))
+
+
+def common(tmp_path: Path, cache: str = "cache") -> list[str]:
+    return ["--data-root", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+            "--cache-dir", str(tmp_path / cache)]
+
+
+def test_demo_run_writes_a_complete_run_folder(tmp_path):
+    run_dir = run_cli("--dataset", "demo", *common(tmp_path))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    variants = metrics["variants"]
+    assert set(variants) == {"popularity", "text"}
+    assert metrics["dataset"]["text_coverage"]["users"]["written"] > 0
+    # on the demo data, users' tastes are in the text: text recall must beat popularity
+    assert variants["text"]["metrics"]["recall@20"] > variants["popularity"]["metrics"]["recall@20"]
+    per_user = pd.read_csv(run_dir / "per_user" / "text.csv")
+    assert len(per_user) == metrics["dataset"]["test_users"]
+    assert np.isclose(per_user["ndcg@20"].mean(), variants["text"]["metrics"]["ndcg@20"], atol=1e-5)
+    assert "| text |" in (run_dir / "report.md").read_text()
+    assert json.loads((run_dir / "config.json").read_text())["dataset"] == "demo"
+
+
+def test_two_runs_with_the_same_seed_agree(tmp_path, tiny_roberta):
+    encoder = ["--base-model", str(tiny_roberta), "--layers", "2", "--no-quantize"]
+    first = run_cli("--dataset", "demo", *encoder, *common(tmp_path, "cache-a"))
+    second = run_cli("--dataset", "demo", *encoder, *common(tmp_path, "cache-b"))
+    a, b = (json.loads((d / "metrics.json").read_text())["variants"] for d in (first, second))
+    assert a["text"]["metrics"] == b["text"]["metrics"]
+    assert a["text"]["encoder"]["architecture"] == "roberta"
+
+
+def test_data_without_profiles_reports_text_as_unavailable(tmp_path):
+    rng = np.random.default_rng(0)
+    matrices = [(rng.random((30, 20)) < 0.2).astype(float) for _ in range(3)]
+    folder = write_easyrec(tmp_path / "noprofiles", *matrices)
+    run_dir = run_cli("--dataset", str(folder), *common(tmp_path))
+    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    assert variants["popularity"]["status"] == "ok"
+    assert variants["text"]["status"] == "unavailable"
+    assert "no item profiles" in variants["text"]["reason"]
+
+
+def test_bad_data_is_a_clear_cli_error(tmp_path):
+    folder = write_easyrec(tmp_path / "bad", np.eye(3), np.eye(3), np.zeros((3, 3)))
+    result = CliRunner().invoke(cli, ["run", "--dataset", str(folder), *common(tmp_path)])
+    assert result.exit_code != 0
+    assert "test split is empty" in result.output
+    assert not (tmp_path / "runs").exists()
