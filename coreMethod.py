@@ -19,3 +19,184 @@ def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,
     summed = np.asarray(binary @ item_vectors, dtype=np.float32)
     norms = np.linalg.norm(summed, axis=1, keepdims=True)
     return np.divide(summed, norms, out=np.zeros_like(summed), where=norms > 0)
+
+
+# ---------------------------------------------------------------- graph and random walks
+
+
+def bipartite_graph(train: sp.csr_matrix) -> sp.csr_matrix:
+    """Symmetric (users + items) square adjacency; nodes 0..U-1 are users, U.. are items;
+    edge weight = interaction count."""
+    n_users, n_items = train.shape
+    graph = sp.bmat([[None, train], [train.T, None]], format="csr",
+                    dtype=np.float64)
+    graph.resize((n_users + n_items, n_users + n_items))
+    graph.sort_indices()
+    return graph
+
+
+def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
+                 seed: int = 0) -> np.ndarray:
+    """Weighted random walks, all advanced together one step at a time.
+
+    Returns (walks, walk_length) node ids. A step from v picks neighbour u with probability
+    w(v, u) / sum_u' w(v, u'), by inverse-CDF search over the graph's cumulative weights.
+    Walks start from every node that has an edge; they never leave `graph`'s edges.
+    """
+    rng = np.random.default_rng(seed)
+    degree = np.diff(graph.indptr)
+    starts = np.repeat(np.flatnonzero(degree > 0), walks_per_node)
+    rng.shuffle(starts)
+    cumulative = np.cumsum(graph.data)
+    before_row = np.concatenate([[0.0], cumulative])[graph.indptr[:-1]]
+    row_weight = np.asarray(graph.sum(axis=1)).ravel()
+    walks = np.empty((len(starts), walk_length), dtype=np.int64)
+    walks[:, 0] = current = starts
+    for step in range(1, walk_length):
+        target = before_row[current] + rng.random(len(current)) * row_weight[current]
+        position = np.searchsorted(cumulative, target, side="right")
+        position = np.clip(position, graph.indptr[current], graph.indptr[current + 1] - 1)
+        walks[:, step] = current = graph.indices[position]
+    return walks
+
+
+# ---------------------------------------------------------------- sampling and losses
+
+
+def sample_bpr_triples(train: sp.csr_matrix, size: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, positive items, negative items): positives uniform over training pairs,
+    negatives uniform over items and redrawn once where they hit a training item."""
+    coo_rows = np.repeat(np.arange(train.shape[0]), np.diff(train.indptr))
+    picks = rng.integers(train.nnz, size=size)
+    users, positives = coo_rows[picks], train.indices[picks]
+    negatives = rng.integers(train.shape[1], size=size)
+    clash = np.asarray(train[users, negatives]).ravel() != 0
+    negatives[clash] = rng.integers(train.shape[1], size=int(clash.sum()))
+    return users, positives, negatives
+
+
+def bpr_loss(user: "torch.Tensor", positive: "torch.Tensor", negative: "torch.Tensor",
+             weight_decay: float = 0.0) -> "torch.Tensor":
+    import torch.nn.functional as F
+
+    margin = (user * positive).sum(-1) - (user * negative).sum(-1)
+    loss = F.softplus(-margin).mean()
+    if weight_decay:
+        loss = loss + weight_decay * (user.pow(2).sum() + positive.pow(2).sum()
+                                      + negative.pow(2).sum()) / (2 * len(user))
+    return loss
+
+
+def validation_recall(user_vectors: np.ndarray, item_vectors: np.ndarray,
+                      train: sp.csr_matrix, val: sp.csr_matrix, k: int = 20,
+                      max_users: int = 4000, seed: int = 0) -> float:
+    """Recall@k on (a fixed sample of) validation users; training items excluded."""
+    from evaluation import per_user_metrics, users_with_test_items
+    from model import FaissRetriever
+
+    users = users_with_test_items(val)
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    top, _ = FaissRetriever("flat", use_gpu=False).fit(item_vectors).search(
+        user_vectors, k, train, users)
+    return float(per_user_metrics(top, users, val, (k,))[f"recall@{k}"].mean())
+
+
+def train_with_early_stopping(model, embed, train: sp.csr_matrix, val: sp.csr_matrix,
+                              opts: dict, label: str) -> dict:
+    """Generic BPR loop: `embed()` returns (user, item) tensors for all nodes (full batch).
+
+    Evaluates validation Recall@20 every `eval_every` epochs, keeps the best weights, stops
+    after `patience` evaluations without improvement. Never reads the test split.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from utils import log
+
+    rng = np.random.default_rng(opts["seed"])
+    optimiser = torch.optim.Adam(model.parameters(), lr=opts["lr"])
+    steps = max(1, train.nnz // opts["train_batch"])
+    best = {"recall": -1.0, "epoch": 0, "state": None}
+    history, waited = [], 0
+    for epoch in range(1, opts["epochs"] + 1):
+        model.train()
+        total = 0.0
+        for _ in tqdm(range(steps), desc=f"{label} epoch {epoch}", leave=False,
+                      disable=None if opts.get("progress", True) else True):
+            users, positives, negatives = (torch.as_tensor(a) for a in sample_bpr_triples(
+                train, opts["train_batch"], rng))
+            user_vectors, item_vectors = embed()
+            loss = bpr_loss(user_vectors[users], item_vectors[positives],
+                            item_vectors[negatives], opts["weight_decay"])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item()
+        if epoch % opts["eval_every"] and epoch != opts["epochs"]:
+            continue
+        model.eval()
+        with torch.no_grad():
+            user_vectors, item_vectors = (t.cpu().numpy() for t in embed())
+        recall = validation_recall(user_vectors, item_vectors, train, val)
+        history.append({"epoch": epoch, "loss": round(total / steps, 5),
+                        "val_recall@20": round(recall, 5)})
+        log(f"{label} epoch {epoch}: loss {total / steps:.4f}  val R@20 {recall:.4f}")
+        if recall > best["recall"]:
+            best = {"recall": recall, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            waited = 0
+        else:
+            waited += 1
+            if waited >= opts["patience"]:
+                break
+    model.load_state_dict(best["state"])
+    model.eval()
+    return {"best_epoch": best["epoch"], "best_val_recall@20": round(best["recall"], 5),
+            "history": history}
+
+
+# ---------------------------------------------------------------- fusion
+
+
+def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Concatenate row-normalised parts scaled by sqrt(weight): the inner product of two
+    such vectors is the weighted sum of the parts' cosine similarities."""
+    scaled = []
+    for part, weight in zip(parts, weights):
+        norms = np.linalg.norm(part, axis=1, keepdims=True)
+        unit = np.divide(part, norms, out=np.zeros_like(part), where=norms > 0)
+        scaled.append(unit * np.sqrt(weight))
+    return np.hstack(scaled).astype(np.float32)
+
+
+def search_fusion_weights(user_parts: list[np.ndarray], item_parts: list[np.ndarray],
+                          train: sp.csr_matrix, val: sp.csr_matrix,
+                          grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0),
+                          rounds: int = 2) -> tuple[list[float], float]:
+    """Coordinate ascent on validation Recall@20 over one weight per part (first fixed at 1
+    unless it is the only part worth keeping)."""
+    weights = [1.0] * len(user_parts)
+
+    def score(candidate: list[float]) -> float:
+        if not any(candidate):
+            return -1.0
+        return validation_recall(weighted_concat(user_parts, candidate),
+                                 weighted_concat(item_parts, candidate), train, val)
+
+    best = score(weights)
+    for _ in range(rounds):
+        improved = False
+        for part in range(len(weights)):
+            for value in grid:
+                candidate = weights.copy()
+                candidate[part] = value
+                if candidate == weights:
+                    continue
+                result = score(candidate)
+                if result > best + 1e-6:
+                    best, weights, improved = result, candidate, True
+        if not improved:
+            break
+    return weights, best

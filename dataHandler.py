@@ -417,7 +417,8 @@ def download_dataset(url: str, archive_dir: str, staged: Path) -> None:
         log(f"downloading {url}")
         with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="download") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="download",
+                      disable=None) as bar:
                 while block := response.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))

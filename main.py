@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 from dataHandler import DataError, load_dataset, prepare_dataset  # noqa: E402
 from evaluation import (format_table, per_user_metrics, segment_metrics,  # noqa: E402
                         summarise, users_with_test_items, write_run)
-from parser import RECALL_VARIANTS, data_options, encoder_options, run_options  # noqa: E402
+from parser import (RECALL_VARIANTS, data_options, encoder_options,  # noqa: E402
+                    graph_options, run_options)
 from utils import log, peak_memory_mb, pick_device, set_seed, timed  # noqa: E402
 
 
@@ -43,42 +44,126 @@ def load_data(opts: dict):
     return load_dataset(folder, Path(opts["dataset"]).name)
 
 
-def run_popularity(dataset, users: np.ndarray, opts: dict) -> tuple[dict, np.ndarray, dict]:
-    from model import Popularity
-
-    top = Popularity().fit(dataset).recommend(users, max(opts["ks"]), dataset.train)
-    return {}, top, {}
-
-
-def run_text(dataset, users: np.ndarray, opts: dict) -> tuple[dict, np.ndarray, dict]:
-    from model import FaissRetriever, TextRecall
-
-    coverage = dataset.text_coverage()
-    if coverage["items"]["written"] + coverage["items"]["built"] == 0:
-        raise VariantUnavailable("no item profiles in this data (add item_profile.json or "
-                                 "item_meta.json to the data folder)")
-    encoder = build_encoder(opts)
-    started = time.perf_counter()
-    recall = TextRecall(encoder, opts["cache_dir"], opts["user_text"]).fit(dataset)
-    encode_seconds = time.perf_counter() - started
-    user_vectors, item_vectors = recall.embeddings()
-    retriever = FaissRetriever(opts["index"], nprobe=opts["nprobe"])
-    retriever.fit(item_vectors, np.flatnonzero(recall.item_has_text))
-    top, _ = retriever.search(user_vectors, max(opts["ks"]), dataset.train, users)
-    top[recall.user_kind[users] == "none"] = -1  # no text and no history: nothing to score
-    info = {"encoder": encoder.describe(), "encode_seconds": round(encode_seconds, 2),
-            "index": opts["index"], "device": encoder.device,
-            "items_without_text_excluded": int((~recall.item_has_text).sum()),
-            "test_users_by_user_vector": {k: int(v) for k, v in zip(
-                *np.unique(recall.user_kind[users], return_counts=True))}}
-    return info, top, {"user_vector": recall.user_kind}
-
-
 class VariantUnavailable(Exception):
     """The data does not allow this variant; the message says why."""
 
 
-RUNNERS = {"popularity": run_popularity, "text": run_text}
+class RunContext:
+    """One run's data and options, plus the parts that several variants share (text
+    vectors feed GraphSAGE and fusion; fusion reuses DeepWalk and GraphSAGE)."""
+
+    def __init__(self, dataset, opts: dict) -> None:
+        self.dataset, self.opts = dataset, opts
+        self.users = users_with_test_items(dataset.test)
+        self._parts: dict = {}
+
+    def part(self, name: str):
+        if name not in self._parts:
+            self._parts[name] = PART_BUILDERS[name](self)
+        return self._parts[name]
+
+    def retrieve(self, user_vectors: np.ndarray, item_vectors: np.ndarray,
+                 items: np.ndarray | None = None) -> np.ndarray:
+        from model import FaissRetriever
+
+        retriever = FaissRetriever(self.opts["index"], nprobe=self.opts["nprobe"])
+        top, _ = retriever.fit(item_vectors, items).search(
+            user_vectors, max(self.opts["ks"]), self.dataset.train, self.users)
+        return top
+
+
+def build_text(ctx: RunContext):
+    from model import TextRecall
+
+    coverage = ctx.dataset.text_coverage()
+    if coverage["items"]["written"] + coverage["items"]["built"] == 0:
+        raise VariantUnavailable("no item profiles in this data (add item_profile.json or "
+                                 "item_meta.json to the data folder)")
+    encoder = build_encoder(ctx.opts)
+    with timed() as clock:
+        recall = TextRecall(encoder, ctx.opts["cache_dir"], ctx.opts["user_text"]).fit(ctx.dataset)
+    recall.encode_seconds = clock["seconds"]
+    return recall
+
+
+def text_or_none(ctx: RunContext):
+    try:
+        return ctx.part("text")
+    except VariantUnavailable:
+        return None
+
+
+def build_deepwalk(ctx: RunContext):
+    from model import DeepWalk
+
+    o = ctx.opts
+    return DeepWalk(o["dim"], o["dw_walks"], o["dw_length"], o["dw_window"], o["dw_epochs"],
+                    o["workers"], o["seed"]).fit(ctx.dataset)
+
+
+def build_graphsage(ctx: RunContext):
+    from model import GraphSAGE
+
+    text = text_or_none(ctx)
+    if text is None and not ctx.opts["sage_id_dim"]:
+        raise VariantUnavailable("no text features and --sage-id-dim 0")
+    user_text, item_text = text.embeddings() if text is not None else (None, None)
+    return GraphSAGE(ctx.opts).fit(ctx.dataset, user_text, item_text)
+
+
+PART_BUILDERS = {"text": build_text, "deepwalk": build_deepwalk, "graphsage": build_graphsage}
+
+
+def run_popularity(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
+    from model import Popularity
+
+    top = Popularity().fit(ctx.dataset).recommend(ctx.users, max(ctx.opts["ks"]),
+                                                  ctx.dataset.train)
+    return {}, top, {}
+
+
+def run_text(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
+    recall = ctx.part("text")
+    user_vectors, item_vectors = recall.embeddings()
+    top = ctx.retrieve(user_vectors, item_vectors, np.flatnonzero(recall.item_has_text))
+    top[recall.user_kind[ctx.users] == "none"] = -1  # no text and no history: nothing to score
+    info = {"encoder": recall.encoder.describe(), "encode_seconds": round(recall.encode_seconds, 2),
+            "device": recall.encoder.device,
+            "items_without_text_excluded": int((~recall.item_has_text).sum()),
+            "test_users_by_user_vector": {k: int(v) for k, v in zip(
+                *np.unique(recall.user_kind[ctx.users], return_counts=True))}}
+    return info, top, {"user_vector": recall.user_kind}
+
+
+def run_embedding_model(name: str):
+    def runner(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
+        model = ctx.part(name)
+        return dict(model.training_log) if hasattr(model, "training_log") else {}, \
+            ctx.retrieve(*model.embeddings()), {}
+    return runner
+
+
+def run_lightgcn(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
+    from model import LightGCNRecall
+
+    model = LightGCNRecall(ctx.opts).fit(ctx.dataset)
+    return dict(model.training_log), ctx.retrieve(*model.embeddings()), {}
+
+
+def run_fused(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
+    from model import Fusion
+
+    names = (["text"] if text_or_none(ctx) is not None else []) + ["deepwalk", "graphsage"]
+    parts = {name: ctx.part(name).embeddings() for name in names}
+    fusion = Fusion(ctx.opts["fusion"], ctx.opts).fit(ctx.dataset, parts)
+    return {"parts": names, "method": ctx.opts["fusion"], **fusion.training_log}, \
+        ctx.retrieve(*fusion.embeddings()), {}
+
+
+RUNNERS = {"popularity": run_popularity, "text": run_text,
+           "deepwalk": run_embedding_model("deepwalk"),
+           "graphsage": run_embedding_model("graphsage"), "lightgcn": run_lightgcn,
+           "fused": run_fused}
 
 
 def run_experiment(opts: dict) -> Path:
@@ -88,7 +173,7 @@ def run_experiment(opts: dict) -> Path:
         torch.set_num_threads(opts["threads"])
     dataset = load_data(opts)
     summary = dataset.summary()
-    users = users_with_test_items(dataset.test)
+    ctx = RunContext(dataset, opts)
     log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
         f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
     variants = RECALL_VARIANTS if opts["variants"] == "all" else (opts["variants"],)
@@ -97,12 +182,15 @@ def run_experiment(opts: dict) -> Path:
         log(f"== {variant}")
         try:
             with timed() as clock:
-                info, top, labels = RUNNERS[variant](dataset, users, opts)
+                info, top, labels = RUNNERS[variant](ctx)
         except VariantUnavailable as reason:
             log(f"{variant}: unavailable: {reason}")
             results[variant] = {"status": "unavailable", "reason": str(reason)}
             continue
-        frame = per_user_metrics(top, users, dataset.test, opts["ks"])
+        frame = per_user_metrics(top, ctx.users, dataset.test, opts["ks"])
+        if (dataset.user_profile_source == "written").any():
+            labels["user_profile"] = np.where(dataset.user_profile_source == "written",
+                                              "written", "not written")
         per_user[variant] = frame
         results[variant] = {"status": "ok", "metrics": summarise(frame, opts["ks"]),
                             "seconds": round(clock["seconds"], 2),
@@ -132,6 +220,7 @@ def _protocol_notes(dataset) -> list[str]:
 @data_options
 @encoder_options
 @run_options
+@graph_options
 def run(**opts) -> None:
     """Prepare data, encode profiles, retrieve, evaluate; write runs/DATASET/TIMESTAMP/."""
     try:

@@ -7,7 +7,7 @@ import click
 
 from dataHandler import REGISTRY
 
-RECALL_VARIANTS = ("popularity", "text")
+RECALL_VARIANTS = ("popularity", "text", "deepwalk", "graphsage", "lightgcn", "fused")
 DEFAULTS = {
     "dataset": "demo",
     "base_model": "minilm",
@@ -20,6 +20,11 @@ DEFAULTS = {
     "user_text": "written",
     "index": "flat",
     "seed": 2023,
+    "dim": 64,
+    "epochs": 40,
+    "train_batch": 8192,
+    "lr": 0.005,
+    "fusion": "concat",
 }
 
 
@@ -104,4 +109,42 @@ run_options = _apply([
     click.option("--seed", default=DEFAULTS["seed"], show_default=True, type=int),
     click.option("--threads", default=None, type=int,
                  help="CPU threads for torch [default: torch's choice]."),
+])
+
+graph_options = _apply([
+    click.option("--dim", default=DEFAULTS["dim"], show_default=True, type=int,
+                 help="Embedding size of DeepWalk, GraphSAGE, LightGCN and learned fusion."),
+    click.option("--dw-walks", default=10, show_default=True, type=int,
+                 help="DeepWalk: random walks started from every node."),
+    click.option("--dw-length", default=20, show_default=True, type=int,
+                 help="DeepWalk: nodes per walk."),
+    click.option("--dw-window", default=5, show_default=True, type=int,
+                 help="DeepWalk: skip-gram context window."),
+    click.option("--dw-epochs", default=5, show_default=True, type=int,
+                 help="DeepWalk: skip-gram passes over the walks."),
+    click.option("--workers", default=1, show_default=True, type=int,
+                 help="gensim worker threads; more is faster, but only 1 is deterministic."),
+    click.option("--sage-layers", default=2, show_default=True, type=int,
+                 help="GraphSAGE: SAGEConv layers."),
+    click.option("--sage-id-dim", default=64, show_default=True, type=int,
+                 help="GraphSAGE: learned id embedding size added to the text features "
+                      "(0: text features only)."),
+    click.option("--lgn-layers", default=3, show_default=True, type=int,
+                 help="LightGCN: propagation layers."),
+    click.option("--epochs", default=DEFAULTS["epochs"], show_default=True, type=int,
+                 help="Most training epochs (GraphSAGE, LightGCN, learned fusion)."),
+    click.option("--train-batch", default=DEFAULTS["train_batch"], show_default=True, type=int,
+                 help="BPR triples per step."),
+    click.option("--lr", default=DEFAULTS["lr"], show_default=True, type=float,
+                 help="Adam learning rate."),
+    click.option("--weight-decay", default=1e-4, show_default=True, type=float,
+                 help="L2 penalty on the vectors in each BPR batch."),
+    click.option("--eval-every", default=2, show_default=True, type=int,
+                 help="Epochs between validation Recall@20 checks."),
+    click.option("--patience", default=3, show_default=True, type=int,
+                 help="Checks without improvement before early stopping."),
+    click.option("--fusion", default=DEFAULTS["fusion"], show_default=True,
+                 type=click.Choice(["concat", "projection"]),
+                 help="Fused model: weighted concatenation (weights tuned on validation) or "
+                      "a learned projection."),
 ])

@@ -1,0 +1,126 @@
+"""Graph signals: walks follow training edges with the right odds, GraphSAGE is inductive,
+fusion vectors have the promised shape and geometry."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.stats import binomtest
+
+from coreMethod import (bipartite_graph, random_walks, sample_bpr_triples, weighted_concat)
+from dataHandler import Dataset
+
+
+def tiny_dataset(train: np.ndarray, val: np.ndarray | None = None) -> Dataset:
+    train_csr = sp.csr_matrix(train.astype(np.float32))
+    val_csr = sp.csr_matrix(val.astype(np.float32)) if val is not None else train_csr
+    users, items = train.shape
+    return Dataset("tiny", train_csr, val_csr, val_csr, [None] * users, [None] * items,
+                   np.array(["none"] * users, object), np.array(["none"] * items, object))
+
+
+def test_bipartite_graph_is_symmetric_with_item_offset():
+    train = sp.csr_matrix(np.array([[2, 0, 1], [0, 1, 0]], dtype=np.float32))
+    graph = bipartite_graph(train)
+    assert graph.shape == (5, 5)
+    assert graph[0, 2] == 2 and graph[2, 0] == 2 and graph[1, 3] == 1
+    assert (graph != graph.T).nnz == 0
+    assert graph[:2, :2].nnz == 0 and graph[2:, 2:].nnz == 0
+
+
+def test_walks_only_follow_training_edges():
+    rng = np.random.default_rng(0)
+    train = (rng.random((30, 20)) < 0.15).astype(np.float32)
+    held_out = (rng.random((30, 20)) < 0.15) & (train == 0)
+    graph = bipartite_graph(sp.csr_matrix(train))
+    walks = random_walks(graph, walks_per_node=5, walk_length=12, seed=1)
+    steps = np.stack([walks[:, :-1].ravel(), walks[:, 1:].ravel()], axis=1)
+    assert np.all(np.asarray(graph[steps[:, 0], steps[:, 1]]).ravel() > 0)
+    # no step uses a held-out (validation/test) pair
+    user_item = steps[steps[:, 0] < 30]
+    assert not held_out[user_item[:, 0], user_item[:, 1] - 30].any()
+    # isolated nodes start no walks
+    degree = np.diff(graph.indptr)
+    assert set(walks[:, 0]) == set(np.flatnonzero(degree > 0))
+
+
+def test_walk_steps_follow_edge_weights():
+    # user 0 visited item 0 three times and item 1 once
+    graph = bipartite_graph(sp.csr_matrix(np.array([[3, 1]], dtype=np.float32)))
+    walks = random_walks(graph, walks_per_node=4000, walk_length=2, seed=3)
+    from_user = walks[walks[:, 0] == 0, 1]
+    to_item0 = int((from_user == 1).sum())  # node 1 is item 0
+    assert binomtest(to_item0, len(from_user), 0.75).pvalue > 0.001
+    assert abs(to_item0 / len(from_user) - 0.75) < 0.03
+
+
+def test_bpr_negatives_avoid_training_items_mostly():
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix((rng.random((50, 40)) < 0.1).astype(np.float32))
+    users, positives, negatives = sample_bpr_triples(train, 5000, rng)
+    assert np.all(np.asarray(train[users, positives]).ravel() > 0)
+    clash = np.asarray(train[users, negatives]).ravel() > 0
+    assert clash.mean() < 0.02  # redrawn once: about 0.1 ** 2
+
+
+def test_graphsage_gives_isolated_nodes_vectors_from_text_alone():
+    from model import GraphSAGE
+
+    rng = np.random.default_rng(0)
+    train = (rng.random((20, 15)) < 0.3).astype(np.float32)
+    train[:, 14] = 0  # item 14 has no training edges (cold start)
+    train[19, :] = 0  # neither has user 19
+    val = np.zeros_like(train)
+    val[np.arange(19), rng.integers(14, size=19)] = 1
+    val[train > 0] = 0
+    val[0, 13] = 1
+    dataset = tiny_dataset(train, val)
+    user_text = rng.normal(size=(20, 8)).astype(np.float32)
+    item_text = rng.normal(size=(15, 8)).astype(np.float32)
+    opts = {"seed": 0, "dim": 16, "sage_id_dim": 4, "sage_layers": 2, "lr": 0.01,
+            "epochs": 2, "train_batch": 64, "weight_decay": 0.0, "eval_every": 1,
+            "patience": 5, "progress": False}
+    sage = GraphSAGE(opts).fit(dataset, user_text, item_text)
+    users, items = sage.embeddings()
+    assert users.shape == (20, 16) and items.shape == (15, 16)
+    assert np.isfinite(items[14]).all() and np.abs(items[14]).sum() > 0
+    assert np.allclose(items[14], sage.embed_new(item_text[14:15])[0], atol=1e-5)
+    assert np.allclose(users[19], sage.embed_new(user_text[19:20])[0], atol=1e-5)
+    # a connected node's vector does depend on its neighbours
+    assert not np.allclose(items[0], sage.embed_new(item_text[0:1])[0], atol=1e-3)
+
+
+def test_weighted_concat_shapes_and_geometry():
+    rng = np.random.default_rng(0)
+    a_users, a_items = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
+    b_users, b_items = rng.normal(size=(4, 5)), rng.normal(size=(6, 5))
+    users = weighted_concat([a_users, b_users], [1.0, 0.25])
+    items = weighted_concat([a_items, b_items], [1.0, 0.25])
+    assert users.shape == (4, 8) and items.shape == (6, 8) and users.dtype == np.float32
+    assert np.allclose(np.linalg.norm(users, axis=1), np.sqrt(1.25), atol=1e-5)
+
+    def cos(x, y):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+            y / np.linalg.norm(y, axis=1, keepdims=True)).T
+    assert np.allclose(users @ items.T, cos(a_users, a_items) + 0.25 * cos(b_users, b_items),
+                       atol=1e-5)
+    zero = weighted_concat([np.zeros((2, 3))], [1.0])
+    assert np.array_equal(zero, np.zeros((2, 3)))
+
+
+def test_lightgcn_learns_a_block_structure():
+    from coreMethod import validation_recall
+    from model import LightGCNRecall
+
+    # two user groups, each interacting only with its own half of the items
+    rng = np.random.default_rng(1)
+    block = np.zeros((40, 20), dtype=np.float32)
+    block[:20, :10] = rng.random((20, 10)) < 0.6
+    block[20:, 10:] = rng.random((20, 10)) < 0.6
+    holdout = block * (rng.random(block.shape) < 0.3)
+    dataset = tiny_dataset(block - holdout, holdout)
+    opts = {"seed": 0, "dim": 8, "lgn_layers": 2, "lr": 0.05, "epochs": 20, "train_batch": 128,
+            "weight_decay": 0.0, "eval_every": 5, "patience": 5, "progress": False}
+    model = LightGCNRecall(opts).fit(dataset)
+    users, items = model.embeddings()
+    in_block = (users[:20] @ items[:10].T).mean() - (users[:20] @ items[10:].T).mean()
+    assert in_block > 0
+    assert validation_recall(users, items, dataset.train, dataset.val, k=5) > 0.6
