@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from conftest import write_easyrec
 from main import cli
+from parser import RECALL_VARIANTS
 
 
 def run_cli(*args: str) -> Path:
@@ -19,14 +20,16 @@ def run_cli(*args: str) -> Path:
 
 def common(tmp_path: Path, cache: str = "cache") -> list[str]:
     return ["--data-root", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / cache)]
+            "--cache-dir", str(tmp_path / cache), "--epochs", "6", "--dw-epochs", "2"]
 
 
 def test_demo_run_writes_a_complete_run_folder(tmp_path):
     run_dir = run_cli("--dataset", "demo", *common(tmp_path))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     variants = metrics["variants"]
-    assert set(variants) == {"popularity", "text"}
+    assert set(variants) == set(RECALL_VARIANTS)
+    assert all(v["status"] == "ok" for v in variants.values())
+    assert variants["fused"]["parts"] == ["text", "deepwalk", "graphsage"]
     assert metrics["dataset"]["text_coverage"]["users"]["written"] > 0
     # on the demo data, users' tastes are in the text: text recall must beat popularity
     assert variants["text"]["metrics"]["recall@20"] > variants["popularity"]["metrics"]["recall@20"]
@@ -55,6 +58,9 @@ def test_data_without_profiles_reports_text_as_unavailable(tmp_path):
     assert variants["popularity"]["status"] == "ok"
     assert variants["text"]["status"] == "unavailable"
     assert "no item profiles" in variants["text"]["reason"]
+    # without text, GraphSAGE runs on id embeddings and fusion on the graph signals
+    assert variants["graphsage"]["status"] == "ok"
+    assert variants["fused"]["parts"] == ["deepwalk", "graphsage"]
 
 
 def test_bad_data_is_a_clear_cli_error(tmp_path):
