@@ -111,7 +111,14 @@ def build_graphsage(ctx: RunContext):
     return GraphSAGE(ctx.opts).fit(ctx.dataset, user_text, item_text)
 
 
-PART_BUILDERS = {"text": build_text, "deepwalk": build_deepwalk, "graphsage": build_graphsage}
+def build_lightgcn(ctx: RunContext):
+    from model import LightGCNRecall
+
+    return LightGCNRecall(ctx.opts).fit(ctx.dataset)
+
+
+PART_BUILDERS = {"text": build_text, "deepwalk": build_deepwalk, "graphsage": build_graphsage,
+                 "lightgcn": build_lightgcn}
 
 
 def run_popularity(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
@@ -143,17 +150,11 @@ def run_embedding_model(name: str):
     return runner
 
 
-def run_lightgcn(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
-    from model import LightGCNRecall
-
-    model = LightGCNRecall(ctx.opts).fit(ctx.dataset)
-    return dict(model.training_log), ctx.retrieve(*model.embeddings()), {}
-
-
 def run_fused(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
     from model import Fusion
 
-    names = (["text"] if text_or_none(ctx) is not None else []) + ["deepwalk", "graphsage"]
+    names = [name for name in ctx.opts["fuse_parts"]
+             if name != "text" or text_or_none(ctx) is not None]
     parts = {name: ctx.part(name).embeddings() for name in names}
     fusion = Fusion(ctx.opts["fusion"], ctx.opts).fit(ctx.dataset, parts)
     return {"parts": names, "method": ctx.opts["fusion"], **fusion.training_log}, \
@@ -162,7 +163,8 @@ def run_fused(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
 
 RUNNERS = {"popularity": run_popularity, "text": run_text,
            "deepwalk": run_embedding_model("deepwalk"),
-           "graphsage": run_embedding_model("graphsage"), "lightgcn": run_lightgcn,
+           "graphsage": run_embedding_model("graphsage"),
+           "lightgcn": run_embedding_model("lightgcn"),
            "fused": run_fused}
 
 

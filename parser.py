@@ -46,6 +46,14 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return values
 
 
+def _part_list(value: str) -> list[str]:
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = set(parts) - {"text", "deepwalk", "graphsage", "lightgcn"}
+    if unknown or not parts:
+        raise click.BadParameter(f"parts are text, deepwalk, graphsage, lightgcn; got {value!r}")
+    return parts
+
+
 data_options = _apply([
     click.option("--dataset", default=DEFAULTS["dataset"], show_default=True,
                  help=f"Registered name ({', '.join(sorted(REGISTRY))}) or a folder in the "
@@ -143,6 +151,10 @@ graph_options = _apply([
                  help="Epochs between validation Recall@20 checks."),
     click.option("--patience", default=3, show_default=True, type=int,
                  help="Checks without improvement before early stopping."),
+    click.option("--fuse-parts", default="text,deepwalk,graphsage,lightgcn", show_default=True,
+                 callback=lambda ctx, param, value: _part_list(value),
+                 help="Signals the fused model combines (text is skipped where the data has "
+                      "no profiles)."),
     click.option("--fusion", default=DEFAULTS["fusion"], show_default=True,
                  type=click.Choice(["concat", "projection"]),
                  help="Fused model: weighted concatenation (weights tuned on validation) or "
