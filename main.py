@@ -27,12 +27,15 @@ def cli() -> None:
 
 
 def build_encoder(opts: dict):
-    from model import TextEncoder
+    from model import ENCODER_CONFIG, TextEncoder
 
     device = pick_device(opts["device"])
     settings = dict(pooling=opts["pooling"], max_length=opts["max_length"],
                     batch_size=opts["batch_size"], quantize=opts["quantize"], device=device)
     if opts.get("encoder_path"):
+        if (Path(opts["encoder_path"]) / ENCODER_CONFIG).exists():
+            for saved in ("pooling", "max_length"):  # the encoder was trained with these
+                settings.pop(saved)
         return TextEncoder.from_pretrained(opts["encoder_path"], **settings)
     return TextEncoder.from_pretrained(opts["base_model"], layers=opts["layers"],
                                        strategy=opts["layer_strategy"], **settings)

@@ -84,7 +84,8 @@ encoder_options = _apply([
                       "first N."),
     click.option("--pooling", default=DEFAULTS["pooling"], show_default=True,
                  type=click.Choice(["mean", "cls"]),
-                 help="Mean over tokens, or the first token (CLS, as in EasyRec)."),
+                 help="Mean over tokens, or the first token (CLS, as in EasyRec). With "
+                      "--encoder, the saved encoder's pooling and max length are used."),
     click.option("--max-length", default=DEFAULTS["max_length"], show_default=True, type=int,
                  help="Tokens per profile; longer profiles are truncated."),
     click.option("--batch-size", default=DEFAULTS["batch_size"], show_default=True, type=int),

@@ -69,3 +69,14 @@ def test_bad_data_is_a_clear_cli_error(tmp_path):
     assert result.exit_code != 0
     assert "test split is empty" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_saved_encoder_keeps_its_pooling(tmp_path, tiny_roberta):
+    from main import build_encoder
+    from model import TextEncoder
+
+    TextEncoder.from_pretrained(str(tiny_roberta), layers=2, pooling="cls").save(tmp_path / "enc")
+    opts = {"device": "cpu", "pooling": "mean", "max_length": 128, "batch_size": 8,
+            "quantize": False, "encoder_path": str(tmp_path / "enc")}
+    encoder = build_encoder(opts)
+    assert encoder.pooling == "cls" and encoder.model.config.num_hidden_layers == 2
