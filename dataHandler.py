@@ -132,7 +132,7 @@ def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
     meta_file = folder / "item_meta.json"
     if meta_file.exists():
         metadata = _read_id_lines(meta_file, "item_id", n_items)
-        for item, meta in metadata.items():
+        for item, (_, meta) in metadata.items():
             if item_profiles[item] is None and (text := item_profile_from_metadata(meta)):
                 item_profiles[item], item_source[item] = text, "built"
 
@@ -228,8 +228,9 @@ def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
             yield line_number, record
 
 
-def _read_id_lines(path: Path, id_key: str, limit: int) -> dict[int, dict]:
-    records: dict[int, dict] = {}
+def _read_id_lines(path: Path, id_key: str, limit: int) -> dict[int, tuple[int, dict]]:
+    """{id: (line number, record)} from JSON lines keyed by an in-range integer `id_key`."""
+    records: dict[int, tuple[int, dict]] = {}
     for line_number, record in _iter_json_lines(path):
         key = record.get(id_key)
         if not isinstance(key, int) or isinstance(key, bool):
@@ -239,7 +240,7 @@ def _read_id_lines(path: Path, id_key: str, limit: int) -> dict[int, dict]:
                             f"(the interaction data has ids 0..{limit - 1})")
         if key in records:
             raise DataError(f"{path}:{line_number}: duplicate {id_key} {key}")
-        records[key] = record
+        records[key] = (line_number, record)
     return records
 
 
@@ -247,18 +248,10 @@ def _read_profiles(path: Path, id_key: str, limit: int) -> list[str | None]:
     profiles: list[str | None] = [None] * limit
     if not path.exists():
         return profiles
-    for line_number, record in _iter_json_lines(path):
-        key = record.get(id_key)
-        if not isinstance(key, int) or isinstance(key, bool):
-            raise DataError(f"{path}:{line_number}: missing integer '{id_key}'")
-        if not 0 <= key < limit:
-            raise DataError(f"{path}:{line_number}: {id_key} {key} out of range "
-                            f"(the interaction data has ids 0..{limit - 1})")
+    for key, (line_number, record) in _read_id_lines(path, id_key, limit).items():
         text = record.get("profile")
         if not isinstance(text, str):
             raise DataError(f"{path}:{line_number}: 'profile' must be a string")
-        if profiles[key] is not None:
-            raise DataError(f"{path}:{line_number}: duplicate {id_key} {key}")
         profiles[key] = text.strip() or None
     return profiles
 
