@@ -16,7 +16,7 @@ from dataHandler import DataError, load_dataset, prepare_dataset  # noqa: E402
 from evaluation import (format_table, per_user_metrics, segment_metrics,  # noqa: E402
                         summarise, users_with_test_items, write_run)
 from parser import (RECALL_VARIANTS, data_options, encoder_options,  # noqa: E402
-                    graph_options, run_options)
+                    graph_options, rank_options, run_options)
 from utils import log, peak_memory_mb, pick_device, set_seed, timed  # noqa: E402
 
 
@@ -58,6 +58,7 @@ class RunContext:
         self.dataset, self.opts = dataset, opts
         self.users = users_with_test_items(dataset.test)
         self._parts: dict = {}
+        self.ranking: dict = {}
 
     def part(self, name: str):
         if name not in self._parts:
@@ -65,12 +66,14 @@ class RunContext:
         return self._parts[name]
 
     def retrieve(self, user_vectors: np.ndarray, item_vectors: np.ndarray,
-                 items: np.ndarray | None = None) -> np.ndarray:
+                 items: np.ndarray | None = None, k: int | None = None,
+                 users: np.ndarray | None = None) -> np.ndarray:
         from model import FaissRetriever
 
         retriever = FaissRetriever(self.opts["index"], nprobe=self.opts["nprobe"])
         top, _ = retriever.fit(item_vectors, items).search(
-            user_vectors, max(self.opts["ks"]), self.dataset.train, self.users)
+            user_vectors, k or max(self.opts["ks"]), self.dataset.train,
+            self.users if users is None else users)
         return top
 
 
@@ -119,7 +122,18 @@ def build_lightgcn(ctx: RunContext):
     return LightGCNRecall(ctx.opts).fit(ctx.dataset)
 
 
-PART_BUILDERS = {"text": build_text, "deepwalk": build_deepwalk, "graphsage": build_graphsage,
+def build_fused(ctx: RunContext):
+    from model import Fusion
+
+    names = [name for name in ctx.opts["fuse_parts"]
+             if name != "text" or text_or_none(ctx) is not None]
+    fusion = Fusion(ctx.opts["fusion"], ctx.opts).fit(
+        ctx.dataset, {name: ctx.part(name).embeddings() for name in names})
+    fusion.parts = names
+    return fusion
+
+
+PART_BUILDERS = {"fused": build_fused, "text": build_text, "deepwalk": build_deepwalk, "graphsage": build_graphsage,
                  "lightgcn": build_lightgcn}
 
 
@@ -153,14 +167,52 @@ def run_embedding_model(name: str):
 
 
 def run_fused(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
-    from model import Fusion
-
-    names = [name for name in ctx.opts["fuse_parts"]
-             if name != "text" or text_or_none(ctx) is not None]
-    parts = {name: ctx.part(name).embeddings() for name in names}
-    fusion = Fusion(ctx.opts["fusion"], ctx.opts).fit(ctx.dataset, parts)
-    return {"parts": names, "method": ctx.opts["fusion"], **fusion.training_log}, \
+    fusion = ctx.part("fused")
+    return {"parts": fusion.parts, "method": ctx.opts["fusion"], **fusion.training_log}, \
         ctx.retrieve(*fusion.embeddings()), {}
+
+
+def run_ranking(ctx: RunContext, mode: str) -> tuple[dict, np.ndarray, dict]:
+    """Re-rank the recall candidates of --rank-on with a Wide&Deep ranker."""
+    from coreMethod import ranking_pairs, rerank, train_ranker
+    from model.ranking import RankingFeatures, WideDeep
+
+    opts, data = ctx.opts, ctx.dataset
+    recall_name = opts["rank_on"]
+    signals = {recall_name: ctx.part(recall_name).embeddings()}
+    if recall_name == "fused":
+        signals.update({name: ctx.part(name).embeddings() for name in ctx.part("fused").parts})
+    if "features" not in ctx.ranking:
+        ctx.ranking["features"] = RankingFeatures(data.train, signals, recall_name,
+                                                  seed=opts["seed"])
+        ctx.ranking["candidates"] = ctx.retrieve(*signals[recall_name], k=opts["candidates"],
+                                                 users=np.arange(data.n_users))
+    features, candidates = ctx.ranking["features"], ctx.ranking["candidates"]
+    rng = np.random.default_rng(opts["seed"])
+    val_users = users_with_test_items(data.val)
+    rng.shuffle(val_users)
+    check_users = np.sort(val_users[: min(3000, len(val_users) // 2)])
+    if opts["rank_positives"] == "val":
+        fit_users, positives = np.sort(val_users[len(check_users):]), data.val
+    else:
+        fit_users, positives = np.flatnonzero(np.diff(data.train.indptr) > 0), data.train
+    pairs = ranking_pairs(positives, fit_users, candidates[fit_users], opts["hard_negatives"],
+                          opts["random_negatives"], rng,
+                          within_candidates=opts["rank_positives"] == "val")
+    import torch
+    torch.manual_seed(opts["seed"])
+    ranker = WideDeep(features, mode)
+    log_ = train_ranker(ranker, features, pairs, check_users, candidates[check_users], data.val,
+                        opts, f"ranker ({mode})")
+    with timed() as clock:
+        top = rerank(ranker, features, ctx.users, candidates[ctx.users])
+    if log_["best_epoch"] == 0:  # no epoch beat the recall order on validation: keep it
+        top = candidates[ctx.users]
+    scored = len(ctx.users) * candidates.shape[1]
+    return {"recall_model": recall_name, "mode": mode, "candidates": int(candidates.shape[1]),
+            "positives": opts["rank_positives"], "training_pairs": int(len(pairs[-1])),
+            "kept_recall_order": log_["best_epoch"] == 0,
+            "candidates_scored_per_s": round(scored / clock["seconds"]), **log_}, top, {}
 
 
 RUNNERS = {"popularity": run_popularity, "text": run_text,
@@ -180,13 +232,21 @@ def run_experiment(opts: dict) -> Path:
     ctx = RunContext(dataset, opts)
     log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
         f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
-    variants = RECALL_VARIANTS if opts["variants"] == "all" else (opts["variants"],)
+    variants = list(RECALL_VARIANTS if opts["variants"] == "all" else (opts["variants"],))
+    runners = dict(RUNNERS)
+    if opts.get("rank", "none") == "widedeep":
+        modes = ["widedeep", "wide", "deep"] if opts["rank_ablations"] else ["widedeep"]
+        names = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
+        for mode in modes:
+            row = f"{opts['rank_on']} + {names[mode]}"
+            variants.append(row)
+            runners[row] = (lambda m: lambda c: run_ranking(c, m))(mode)
     results, per_user = {}, {}
     for variant in variants:
         log(f"== {variant}")
         try:
             with timed() as clock:
-                info, top, labels = RUNNERS[variant](ctx)
+                info, top, labels = runners[variant](ctx)
         except VariantUnavailable as reason:
             log(f"{variant}: unavailable: {reason}")
             results[variant] = {"status": "unavailable", "reason": str(reason)}
@@ -225,6 +285,7 @@ def _protocol_notes(dataset) -> list[str]:
 @encoder_options
 @run_options
 @graph_options
+@rank_options
 def run(**opts) -> None:
     """Prepare data, encode profiles, retrieve, evaluate; write runs/DATASET/TIMESTAMP/."""
     try:

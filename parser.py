@@ -161,3 +161,28 @@ graph_options = _apply([
                  help="Fused model: weighted concatenation (weights tuned on validation) or "
                       "a learned projection."),
 ])
+
+rank_options = _apply([
+    click.option("--rank", default="none", show_default=True,
+                 type=click.Choice(["none", "widedeep"]),
+                 help="Ranking stage over the recall candidates of --rank-on."),
+    click.option("--rank-on", default="fused", show_default=True,
+                 type=click.Choice(["text", "deepwalk", "graphsage", "lightgcn", "fused"]),
+                 help="Recall model whose candidates the ranker re-orders."),
+    click.option("--candidates", default=200, show_default=True, type=int,
+                 help="Candidates per user from the recall stage."),
+    click.option("--rank-positives", default="val", show_default=True,
+                 type=click.Choice(["val", "train"]),
+                 help="Ranker positives: validation pairs of half the validation users (the "
+                      "other half checks each epoch), or training pairs (their recall scores "
+                      "are inflated: the recall models were fit on them)."),
+    click.option("--rank-ablations/--no-rank-ablations", default=False, show_default=True,
+                 help="Also train wide-only and deep-only rankers."),
+    click.option("--rank-epochs", default=10, show_default=True, type=int),
+    click.option("--rank-lr", default=1e-3, show_default=True, type=float),
+    click.option("--rank-batch", default=512, show_default=True, type=int),
+    click.option("--hard-negatives", default=4, show_default=True, type=int,
+                 help="Negatives per positive drawn from the user's recall candidates."),
+    click.option("--random-negatives", default=2, show_default=True, type=int,
+                 help="Uniformly drawn negatives per positive."),
+])
