@@ -90,19 +90,36 @@ def test_graphsage_gives_isolated_nodes_vectors_from_text_alone():
 def test_weighted_concat_shapes_and_geometry():
     rng = np.random.default_rng(0)
     a_users, a_items = rng.normal(size=(4, 3)), rng.normal(size=(6, 3))
-    b_users, b_items = rng.normal(size=(4, 5)), rng.normal(size=(6, 5))
+    b_users, b_items = rng.normal(size=(4, 5)) * 7, rng.normal(size=(6, 5))
     users = weighted_concat([a_users, b_users], [1.0, 0.25])
     items = weighted_concat([a_items, b_items], [1.0, 0.25])
     assert users.shape == (4, 8) and items.shape == (6, 8) and users.dtype == np.float32
-    assert np.allclose(np.linalg.norm(users, axis=1), np.sqrt(1.25), atol=1e-5)
 
-    def cos(x, y):
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
-            y / np.linalg.norm(y, axis=1, keepdims=True)).T
-    assert np.allclose(users @ items.T, cos(a_users, a_items) + 0.25 * cos(b_users, b_items),
-                       atol=1e-5)
+    def mean_norm(x):
+        return np.linalg.norm(x, axis=1).mean()
+    expected = (a_users @ a_items.T) / (mean_norm(a_users) * mean_norm(a_items)) \
+        + 0.25 * (b_users @ b_items.T) / (mean_norm(b_users) * mean_norm(b_items))
+    assert np.allclose(users @ items.T, expected, atol=1e-5)
+    # a global scale keeps the ranking each part gives on its own (norms are information)
+    alone = weighted_concat([b_users, a_users], [1.0, 0.0]) @ \
+        weighted_concat([b_items, a_items], [1.0, 0.0]).T
+    assert np.array_equal(np.argsort(-alone, axis=1), np.argsort(-(b_users @ b_items.T), axis=1))
     zero = weighted_concat([np.zeros((2, 3))], [1.0])
     assert np.array_equal(zero, np.zeros((2, 3)))
+
+
+def test_fusion_search_is_never_worse_than_the_best_part():
+    from coreMethod import search_fusion_weights, validation_recall
+
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(30, 4)), rng.normal(size=(25, 4))
+    scores = truth[0] @ truth[1].T
+    val = sp.csr_matrix((scores >= np.sort(scores, axis=1)[:, [-3]]).astype(np.float32))
+    train = sp.csr_matrix((30, 25), dtype=np.float32)
+    noise = rng.normal(size=(30, 4)), rng.normal(size=(25, 4))
+    weights, best = search_fusion_weights([noise[0], truth[0]], [noise[1], truth[1]], train, val)
+    assert weights[1] == 1.0
+    assert best >= validation_recall(truth[0], truth[1], train, val) - 1e-9
 
 
 def test_lightgcn_learns_a_block_structure():
