@@ -212,3 +212,105 @@ def search_fusion_weights(user_parts: list[np.ndarray], item_parts: list[np.ndar
         if not improved:
             break
     return weights, best
+
+
+# ---------------------------------------------------------------- ranking stage
+
+
+def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.ndarray,
+                  n_hard: int, n_random: int, rng: np.random.Generator,
+                  within_candidates: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, recall ranks, labels) for training a ranker; row r of `candidates` is
+    users[r]'s; items outside the candidates get rank len(candidates[r]).
+
+    Positives: pairs of `positives` for `users`; with `within_candidates`, only those the
+    recall stage retrieved, so the ranker learns on the distribution it will re-order.
+    Per positive, `n_hard` negatives from the user's candidates that are not positives and
+    `n_random` uniform items that are not positives.
+    """
+    from utils import rows_contain
+
+    if within_candidates:
+        hit_rows, hit_cols = np.nonzero(rows_contain(positives, users, candidates))
+        pos_users, pos_items = users[hit_rows], candidates[hit_rows, hit_cols]
+        pos_rows, pos_ranks = hit_rows, hit_cols
+    else:
+        chosen = positives[users].tocoo()
+        pos_users, pos_items, pos_rows = users[chosen.row], chosen.col.astype(np.int64), chosen.row
+        pos_ranks = np.full(len(pos_users), candidates.shape[1])
+    hard_rows = np.repeat(pos_rows, n_hard)
+    hard_users = users[hard_rows]
+    hard_ranks = rng.integers(candidates.shape[1], size=len(hard_rows))
+    picks = candidates[hard_rows, hard_ranks]
+    keep = (picks >= 0) & (np.asarray(positives[hard_users, np.maximum(picks, 0)]).ravel() == 0)
+    random_users = np.repeat(pos_users, n_random)
+    random_items = rng.integers(positives.shape[1], size=len(random_users))
+    keep_random = np.asarray(positives[random_users, random_items]).ravel() == 0
+    all_users = np.concatenate([pos_users, hard_users[keep], random_users[keep_random]])
+    all_items = np.concatenate([pos_items, picks[keep], random_items[keep_random]])
+    ranks = np.concatenate([pos_ranks, hard_ranks[keep],
+                            np.full(int(keep_random.sum()), candidates.shape[1])])
+    labels = np.concatenate([np.ones(len(pos_users)), np.zeros(int(keep.sum())),
+                             np.zeros(int(keep_random.sum()))]).astype(np.float32)
+    order = rng.permutation(len(all_users))
+    return all_users[order], all_items[order], ranks[order], labels[order]
+
+
+def rerank(ranker, features, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Candidates of each user reordered by the ranker's score (padding stays last)."""
+    ranks = np.tile(np.arange(candidates.shape[1]), len(users))
+    scores = ranker.score(features, np.repeat(users, candidates.shape[1]), candidates.ravel(),
+                          ranks)
+    order = np.argsort(-scores.reshape(candidates.shape), axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1)
+
+
+def ndcg_at(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix, k: int = 20) -> float:
+    from evaluation import per_user_metrics
+
+    return float(per_user_metrics(top[:, :k], users, truth, (k,))[f"ndcg@{k}"].mean())
+
+
+def train_ranker(ranker, features,
+                 pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                 check_users: np.ndarray, check_candidates: np.ndarray,
+                 check_truth: sp.csr_matrix, opts: dict, label: str = "ranker") -> dict:
+    """Logistic loss with Adam; after each epoch, NDCG@20 of the re-ranked candidates of
+    held-out check users against `check_truth` (validation items). The best epoch is kept;
+    best_epoch 0 means no epoch beat the recall order, which the caller should then keep."""
+    import torch
+    from tqdm import tqdm
+
+    from utils import log
+
+    users, items, ranks, labels = pairs
+    ranker.set_dense_scaling(features.build(users[:50000], items[:50000], ranks[:50000])["dense"])
+    optimiser = torch.optim.Adam(ranker.parameters(), lr=opts["rank_lr"])
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    best = {"ndcg": ndcg_at(check_candidates, check_users, check_truth), "epoch": 0,
+            "state": {k: v.clone() for k, v in ranker.state_dict().items()}}
+    history = [{"epoch": 0, "val_ndcg@20": round(best["ndcg"], 5)}]
+    log(f"{label}: {len(labels):,} pairs ({int(labels.sum()):,} positive); "
+        f"recall-only val NDCG@20 {best['ndcg']:.4f}")
+    batch = opts["rank_batch"]
+    for epoch in range(1, opts["rank_epochs"] + 1):
+        ranker.train()
+        for start in tqdm(range(0, len(labels), batch), desc=f"{label} epoch {epoch}",
+                          leave=False, disable=None):
+            rows = slice(start, start + batch)
+            logits = ranker(features.build(users[rows], items[rows], ranks[rows]))
+            loss = loss_fn(logits, torch.as_tensor(labels[rows]))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        ndcg = ndcg_at(rerank(ranker, features, check_users, check_candidates), check_users,
+                       check_truth)
+        history.append({"epoch": epoch, "val_ndcg@20": round(ndcg, 5)})
+        log(f"{label} epoch {epoch}: val NDCG@20 {ndcg:.4f}")
+        if ndcg > best["ndcg"]:
+            best = {"ndcg": ndcg, "epoch": epoch,
+                    "state": {k: v.clone() for k, v in ranker.state_dict().items()}}
+    ranker.load_state_dict(best["state"])
+    return {"best_epoch": best["epoch"], "best_val_ndcg@20": round(best["ndcg"], 5),
+            "history": history}
