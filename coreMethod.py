@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from utils import pair_values, rows_contain
+
 if TYPE_CHECKING:
     import torch
 
@@ -76,7 +78,7 @@ def sample_bpr_triples(train: sp.csr_matrix, size: int,
     picks = rng.integers(train.nnz, size=size)
     users, positives = coo_rows[picks], train.indices[picks]
     negatives = rng.integers(train.shape[1], size=size)
-    clash = np.asarray(train[users, negatives]).ravel() != 0
+    clash = pair_values(train, users, negatives) != 0
     negatives[clash] = rng.integers(train.shape[1], size=int(clash.sum()))
     return users, positives, negatives
 
@@ -229,8 +231,6 @@ def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.nd
     Per positive, `n_hard` negatives from the user's candidates that are not positives and
     `n_random` uniform items that are not positives.
     """
-    from utils import rows_contain
-
     if within_candidates:
         hit_rows, hit_cols = np.nonzero(rows_contain(positives, users, candidates))
         pos_users, pos_items = users[hit_rows], candidates[hit_rows, hit_cols]
@@ -243,10 +243,10 @@ def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.nd
     hard_users = users[hard_rows]
     hard_ranks = rng.integers(candidates.shape[1], size=len(hard_rows))
     picks = candidates[hard_rows, hard_ranks]
-    keep = (picks >= 0) & (np.asarray(positives[hard_users, np.maximum(picks, 0)]).ravel() == 0)
+    keep = (picks >= 0) & (pair_values(positives, hard_users, np.maximum(picks, 0)) == 0)
     random_users = np.repeat(pos_users, n_random)
     random_items = rng.integers(positives.shape[1], size=len(random_users))
-    keep_random = np.asarray(positives[random_users, random_items]).ravel() == 0
+    keep_random = pair_values(positives, random_users, random_items) == 0
     all_users = np.concatenate([pos_users, hard_users[keep], random_users[keep_random]])
     all_items = np.concatenate([pos_items, picks[keep], random_items[keep_random]])
     ranks = np.concatenate([pos_ranks, hard_ranks[keep],

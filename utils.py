@@ -115,6 +115,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def pair_values(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """matrix[rows[k], cols[k]] for every k, as a 1-d array (also when there are none)."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=matrix.dtype)
+    return np.asarray(matrix[rows, cols]).ravel()
+
+
 def rows_contain(matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Boolean array shaped like `items`: is items[r, c] a stored entry of matrix row rows[r]?
 
@@ -122,5 +129,5 @@ def rows_contain(matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
     """
     sub = matrix[rows]
     flat_rows = np.repeat(np.arange(len(rows)), items.shape[1])
-    values = np.asarray(sub[flat_rows, np.maximum(items.ravel(), 0)]).ravel()
+    values = pair_values(sub, flat_rows, np.maximum(items.ravel(), 0))
     return (values != 0).reshape(items.shape) & (items >= 0)

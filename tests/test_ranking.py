@@ -1,0 +1,69 @@
+"""The ranking stage: leakage-free features, the wide part memorises crosses, reranking."""
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from coreMethod import ranking_pairs, rerank
+from model.ranking import RankingFeatures, WideDeep
+
+
+def clustered(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    labels = np.arange(n) % len(centres)
+    return (centres[labels] + 0.01 * rng.normal(size=(n, centres.shape[1]))).astype(np.float32)
+
+
+def test_features_come_from_training_interactions_only():
+    train = sp.csr_matrix(np.array([[1, 1, 0], [0, 1, 0]], dtype=np.float32))
+    val = sp.csr_matrix(np.array([[0, 0, 1], [1, 0, 1]], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    signals = {"x": (rng.normal(size=(2, 4)), rng.normal(size=(3, 4)))}
+    features = RankingFeatures(train, signals, "x", n_segments=2)
+    assert np.allclose(features.activity, np.log1p([2, 1]))
+    assert np.allclose(features.popularity, np.log1p([1, 2, 0]))  # item 2 only in validation
+    batch = features.build(np.array([1]), np.array([2]), np.array([0]))
+    assert batch["dense"][0, 1] == np.float32(np.log1p(1)) and batch["dense"][0, 2] == 0
+    # ranker positives in 'val' mode are the validation items the recall stage retrieved
+    candidates = np.array([[2, 1], [0, 2]])
+    users, items, ranks, labels = ranking_pairs(val, np.array([0, 1]), candidates, 1, 0, rng)
+    positive = set(zip(users[labels == 1], items[labels == 1]))
+    assert positive == {(0, 2), (1, 0), (1, 2)}
+    assert not set(zip(users[labels == 0], items[labels == 0])) & positive
+
+
+def test_wide_part_learns_a_crossed_feature_and_reorders_candidates():
+    rng = np.random.default_rng(0)
+    eye = np.eye(8, dtype=np.float32)
+    users = clustered(40, eye[:4], rng)  # user and item clusters are orthogonal:
+    items = clustered(40, eye[4:], rng)  # no dense signal tells the label
+    train = sp.csr_matrix((rng.random((40, 40)) < 0.2).astype(np.float32))
+    features = RankingFeatures(train, {"x": (users, items)}, "x", n_segments=4)
+    pair_users, pair_items = (a.ravel() for a in np.meshgrid(np.arange(40), np.arange(40),
+                                                             indexing="ij"))
+    label = ((features.user_segment[pair_users] + features.item_segment[pair_items]) % 2 == 0)
+    torch.manual_seed(0)
+    ranker = WideDeep(features, mode="wide")
+    optimiser = torch.optim.Adam(ranker.parameters(), lr=0.1)
+    batch = features.build(pair_users, pair_items, np.zeros(len(pair_users), dtype=np.int64))
+    for _ in range(100):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            ranker(batch), torch.as_tensor(label, dtype=torch.float32))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    user = 0
+    good = [i for i in range(40) if (features.user_segment[user] + features.item_segment[i]) % 2 == 0]
+    bad = [i for i in range(40) if i not in good]
+    hand_made = np.array([[bad[0], good[0], bad[1], good[1], bad[2], good[2]]])
+    reordered = rerank(ranker, features, np.array([user]), hand_made)[0]
+    assert set(reordered[:3]) == set(good[:3])  # every positive cross above every negative
+
+
+def test_padding_stays_last():
+    rng = np.random.default_rng(1)
+    users, items = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    features = RankingFeatures(sp.csr_matrix(np.ones((3, 5), np.float32)),
+                               {"x": (users, items)}, "x", n_segments=2)
+    ranker = WideDeep(features)
+    reordered = rerank(ranker, features, np.array([0, 1]), np.array([[3, -1, 1], [-1, 4, 0]]))
+    assert reordered[0, -1] == -1 and reordered[1, -1] == -1
+    assert sorted(reordered[0, :2]) == [1, 3] and sorted(reordered[1, :2]) == [0, 4]
