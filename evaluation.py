@@ -72,17 +72,36 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> 
 
 
 def write_run(run_dir: Path, config: dict, dataset_summary: dict, results: dict[str, dict],
-              per_user: dict[str, pd.DataFrame], notes: list[str]) -> Path:
-    """Write the run folder atomically: metrics.json, config.json, per_user/*.csv, report.md."""
+              per_user: dict[str, pd.DataFrame], notes: list[str],
+              top_lists: dict[str, np.ndarray] | None = None,
+              vectors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+    """Write the run folder atomically: metrics.json, config.json, per_user/*.csv (rows in
+    test-user order), top/*.npy (the ranked lists of those users), embeddings/*.npz (user
+    and item vectors of each embedding variant), report.md."""
     with atomic_path(run_dir) as tmp:
         tmp.mkdir(parents=True)
+        for folder, arrays in (("top", top_lists or {}), ("embeddings", vectors or {})):
+            (tmp / folder).mkdir()
+            for variant, array in arrays.items():
+                if folder == "top":
+                    np.save(tmp / folder / f"{_file_name(variant)}.npy", array)
+                else:
+                    np.savez(tmp / folder / f"{_file_name(variant)}.npz",
+                             users=array[0].astype(np.float32),
+                             items=array[1].astype(np.float32))
         write_json_atomic(tmp / "metrics.json", {"dataset": dataset_summary, "variants": results})
         write_json_atomic(tmp / "config.json", config)
         (tmp / "per_user").mkdir()
         for variant, frame in per_user.items():
-            frame.to_csv(tmp / "per_user" / f"{variant}.csv", index=False, float_format="%.6g")
+            frame.to_csv(tmp / "per_user" / f"{_file_name(variant)}.csv", index=False,
+                         float_format="%.6g")
         write_text_atomic(tmp / "report.md", render_report(config, dataset_summary, results, notes))
     return run_dir
+
+
+def _file_name(variant: str) -> str:
+    """'fused + Wide&Deep' -> 'fused_wide_deep': a safe file name for a variant."""
+    return "_".join("".join(c if c.isalnum() else " " for c in variant.lower()).split())
 
 
 def render_report(config: dict, dataset_summary: dict, results: dict[str, dict],

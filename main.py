@@ -59,6 +59,7 @@ class RunContext:
         self.users = users_with_test_items(dataset.test)
         self._parts: dict = {}
         self.ranking: dict = {}
+        self.vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # saved with the run
 
     def part(self, name: str):
         if name not in self._parts:
@@ -148,6 +149,7 @@ def run_popularity(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
 def run_text(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
     recall = ctx.part("text")
     user_vectors, item_vectors = recall.embeddings()
+    ctx.vectors["text"] = (user_vectors, item_vectors)
     top = ctx.retrieve(user_vectors, item_vectors, np.flatnonzero(recall.item_has_text))
     top[recall.user_kind[ctx.users] == "none"] = -1  # no text and no history: nothing to score
     info = {"encoder": recall.encoder.describe(), "encode_seconds": round(recall.encode_seconds, 2),
@@ -161,6 +163,7 @@ def run_text(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
 def run_embedding_model(name: str):
     def runner(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
         model = ctx.part(name)
+        ctx.vectors[name] = model.embeddings()
         return dict(model.training_log) if hasattr(model, "training_log") else {}, \
             ctx.retrieve(*model.embeddings()), {}
     return runner
@@ -168,6 +171,7 @@ def run_embedding_model(name: str):
 
 def run_fused(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
     fusion = ctx.part("fused")
+    ctx.vectors["fused"] = fusion.embeddings()
     return {"parts": fusion.parts, "method": ctx.opts["fusion"], **fusion.training_log}, \
         ctx.retrieve(*fusion.embeddings()), {}
 
@@ -241,7 +245,7 @@ def run_experiment(opts: dict) -> Path:
             row = f"{opts['rank_on']} + {names[mode]}"
             variants.append(row)
             runners[row] = (lambda m: lambda c: run_ranking(c, m))(mode)
-    results, per_user = {}, {}
+    results, per_user, top_lists = {}, {}, {}
     for variant in variants:
         log(f"== {variant}")
         try:
@@ -256,6 +260,7 @@ def run_experiment(opts: dict) -> Path:
             labels["user_profile"] = np.where(dataset.user_profile_source == "written",
                                               "written", "not written")
         per_user[variant] = frame
+        top_lists[variant] = top.astype(np.int32)
         results[variant] = {"status": "ok", "metrics": summarise(frame, opts["ks"]),
                             "seconds": round(clock["seconds"], 2),
                             "peak_memory_mb": round(peak_memory_mb(), 1), **info,
@@ -265,7 +270,7 @@ def run_experiment(opts: dict) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir = write_run(Path(opts["runs_dir"]) / summary["dataset"] / stamp,
                         {**opts, "command": " ".join(sys.argv)}, summary, results, per_user,
-                        notes)
+                        notes, top_lists, ctx.vectors)
     print(format_table(results, opts["ks"]))
     print(f"\nrun written to {run_dir}")
     return run_dir
