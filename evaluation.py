@@ -2,6 +2,7 @@
 run report (metrics.json, per-user metrics, report.md)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,280 @@ def render_report(config: dict, dataset_summary: dict, results: dict[str, dict],
         lines += segment_lines
     lines += ["", f"Config: `{config.get('command', '')}`", ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- offline A/B reports
+
+ACTIVITY_SEGMENTS = ("low", "mid", "high")
+POPULARITY_SEGMENTS = ("head", "torso", "tail")
+
+
+class ABError(ValueError):
+    """Two runs that cannot be compared; the message says why."""
+
+
+def load_run_variant(run_dir: Path, variant: str | None) -> tuple[dict, str, pd.DataFrame,
+                                                                  np.ndarray]:
+    """(metrics.json, variant, per-user frame, top lists) of one variant of a run folder;
+    the last successful variant of the run when `variant` is None."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists():
+        raise ABError(f"{run_dir}: not a run folder (no metrics.json)")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ok = [name for name, result in metrics["variants"].items() if result.get("status") == "ok"]
+    variant = variant or (ok[-1] if ok else None)
+    if variant not in ok:
+        raise ABError(f"{run_dir}: no successful variant {variant!r}; it has {ok}")
+    frame = pd.read_csv(run_dir / "per_user" / f"{_file_name(variant)}.csv")
+    top_file = run_dir / "top" / f"{_file_name(variant)}.npy"
+    top = np.load(top_file) if top_file.exists() else None
+    return metrics, variant, frame, top
+
+
+def paired_bootstrap_ci(differences: np.ndarray, resamples: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean of paired per-user differences (users resampled)."""
+    rng = np.random.default_rng(seed)
+    n = len(differences)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 200):  # 200 resamples at a time bounds memory
+        count = min(200, resamples - start)
+        means[start:start + count] = differences[rng.integers(n, size=(count, n))].mean(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Wilcoxon signed-rank and paired t-test p-values (1.0 where A and B never differ)."""
+    from scipy import stats
+
+    if np.allclose(a, b):
+        return {"wilcoxon_p": 1.0, "paired_t_p": 1.0}
+    return {"wilcoxon_p": float(stats.wilcoxon(b, a).pvalue),
+            "paired_t_p": float(stats.ttest_rel(b, a).pvalue)}
+
+
+def compare_metric(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float]:
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    low, high = paired_bootstrap_ci(b - a, seed=seed)
+    return {"a": mean_a, "b": mean_b, "lift": mean_b - mean_a,
+            "relative_lift": (mean_b - mean_a) / mean_a if mean_a else float("nan"),
+            "ci95_low": low, "ci95_high": high, **paired_test(a, b)}
+
+
+def segment_of_users(train: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+    """Activity tertiles of the users' training interaction counts: low, mid, high."""
+    counts = np.diff(train.indptr)[users]
+    edges = np.quantile(counts, [1 / 3, 2 / 3])
+    return np.array(ACTIVITY_SEGMENTS)[np.searchsorted(edges, counts, side="right")]
+
+
+def popularity_segments(train: sp.csr_matrix) -> np.ndarray:
+    """Per item: head (most popular items holding 1/3 of training interactions), torso (the
+    next third), tail (the rest, including items never interacted with)."""
+    popularity = np.asarray((train > 0).sum(axis=0)).ravel()
+    order = np.argsort(-popularity, kind="stable")
+    share = np.cumsum(popularity[order]) / max(popularity.sum(), 1)
+    labels = np.empty(len(popularity), dtype=object)
+    labels[order] = np.array(POPULARITY_SEGMENTS)[np.searchsorted([1 / 3, 2 / 3], share,
+                                                                   side="left").clip(0, 2)]
+    return labels
+
+
+def recall_by_item_segment(top: np.ndarray, users: np.ndarray, test: sp.csr_matrix,
+                           item_segment: np.ndarray, k: int = 20) -> dict[str, np.ndarray]:
+    """Per user, Recall@k over the test items of each popularity segment (NaN without any)."""
+    hits = rows_contain(test, users, top[:, :k])
+    out = {}
+    sub = test[users]
+    for name in POPULARITY_SEGMENTS:
+        in_segment = np.zeros(test.shape[1], dtype=bool)
+        in_segment[item_segment == name] = True
+        relevant = np.asarray(sub[:, in_segment].sum(axis=1)).ravel()
+        segment_hits = (hits & in_segment[np.maximum(top[:, :k], 0)]).sum(1)
+        out[name] = np.where(relevant > 0, segment_hits / np.maximum(relevant, 1), np.nan)
+    return out
+
+
+def list_statistics(top: np.ndarray, train: sp.csr_matrix, k: int = 20) -> dict[str, float]:
+    """Catalogue coverage and popularity bias of the top-k lists."""
+    popularity = np.asarray((train > 0).sum(axis=0)).ravel()
+    shown = top[:, :k][top[:, :k] >= 0]
+    return {"coverage@%d" % k: float(len(np.unique(shown)) / train.shape[1]),
+            "mean_item_popularity@%d" % k: float(popularity[shown].mean()) if len(shown) else 0.0,
+            "catalogue_mean_popularity": float(popularity.mean())}
+
+
+def ab_compare(run_a: Path, run_b: Path, variant_a: str | None, variant_b: str | None,
+               train: sp.csr_matrix, test: sp.csr_matrix, seed: int = 0) -> dict:
+    """Everything the A/B report shows, as one dict (written as ab.json)."""
+    metrics_a, variant_a, frame_a, top_a = load_run_variant(run_a, variant_a)
+    metrics_b, variant_b, frame_b, top_b = load_run_variant(run_b, variant_b)
+    if metrics_a["dataset"] != metrics_b["dataset"]:
+        raise ABError(f"runs are on different datasets or splits: {run_a} has "
+                      f"{_split_line(metrics_a['dataset'])}, {run_b} has "
+                      f"{_split_line(metrics_b['dataset'])}")
+    if not np.array_equal(frame_a["user"].to_numpy(), frame_b["user"].to_numpy()):
+        raise ABError("the runs evaluated different test users; they cannot be paired")
+    users = frame_a["user"].to_numpy()
+    metric_columns = [c for c in frame_a.columns if "@" in c]
+    report = {"a": {"run": str(run_a), "variant": variant_a},
+              "b": {"run": str(run_b), "variant": variant_b},
+              "dataset": metrics_a["dataset"], "users": int(len(users)),
+              "metrics": {c: compare_metric(frame_a[c].to_numpy(), frame_b[c].to_numpy(), seed)
+                          for c in metric_columns}}
+    activity = segment_of_users(train, users)
+    report["by_user_activity"] = {
+        name: {"users": int((activity == name).sum()),
+               **compare_metric(frame_a["ndcg@20"].to_numpy()[activity == name],
+                                frame_b["ndcg@20"].to_numpy()[activity == name], seed)}
+        for name in ACTIVITY_SEGMENTS if (activity == name).sum() > 1}
+    if top_a is not None and top_b is not None:
+        item_segment = popularity_segments(train)
+        per_a = recall_by_item_segment(top_a, users, test, item_segment)
+        per_b = recall_by_item_segment(top_b, users, test, item_segment)
+        report["by_item_popularity"] = {}
+        for name in POPULARITY_SEGMENTS:
+            has = ~np.isnan(per_a[name])
+            if has.sum() > 1:
+                report["by_item_popularity"][name] = {
+                    "users": int(has.sum()),
+                    **compare_metric(per_a[name][has], per_b[name][has], seed)}
+        report["lists"] = {"a": list_statistics(top_a, train), "b": list_statistics(top_b, train)}
+    return report
+
+
+def _split_line(summary: dict) -> str:
+    counts = summary["interactions"]
+    return (f"{summary['dataset']} {summary['users']}x{summary['items']}, "
+            f"train/val/test {counts['train']}/{counts['val']}/{counts['test']}")
+
+
+def write_ab_report(report: dict, out_dir: Path) -> Path:
+    """report.md, report.html (plots inlined), ab.json and the PNG plots, atomically."""
+    import base64
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        plots = {"curves": _plot_curves(report, tmp / "metric_curves.png"),
+                 "segments": _plot_segments(report, tmp / "lift_by_segment.png")}
+        write_json_atomic(tmp / "ab.json", report)
+        markdown = render_ab_markdown(report)
+        write_text_atomic(tmp / "report.md", markdown + "\n![curves](metric_curves.png)\n"
+                          "![segments](lift_by_segment.png)\n")
+        images = "".join(
+            f'<img alt="{name}" src="data:image/png;base64,'
+            f'{base64.b64encode(path.read_bytes()).decode()}">' for name, path in plots.items())
+        write_text_atomic(tmp / "report.html", _html_page(markdown, images))
+    return out_dir
+
+
+def render_ab_markdown(report: dict) -> str:
+    a, b = report["a"], report["b"]
+    lines = [f"# Offline A/B: {b['variant']} (B) vs {a['variant']} (A)", "",
+             f"- A: `{a['run']}` ({a['variant']})", f"- B: `{b['run']}` ({b['variant']})",
+             f"- {report['dataset']['dataset']}: {report['users']:,} paired test users; full "
+             "ranking, training items excluded; 95% CI: paired bootstrap over users "
+             "(2,000 resamples); p: Wilcoxon signed-rank and paired t-test.", "",
+             "| metric | A | B | lift | relative | 95% CI of lift | Wilcoxon p | paired t p |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [_ab_row(name, values) for name, values in report["metrics"].items()]
+    for title, key in (("NDCG@20 by user activity (training interactions, tertiles)",
+                        "by_user_activity"),
+                       ("Recall@20 by test-item popularity (head/torso/tail by share of "
+                        "training interactions)", "by_item_popularity")):
+        if report.get(key):
+            lines += ["", f"## {title}", "",
+                      "| segment | users | A | B | lift | relative | 95% CI of lift | "
+                      "Wilcoxon p | paired t p |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [_ab_row(f"{name} | {values['users']:,}", values)
+                      for name, values in report[key].items()]
+    if report.get("lists"):
+        lines += ["", "## Lists (top 20)", "", "| run | coverage of catalogue | mean popularity "
+                  "of shown items | catalogue mean popularity |", "|---|---|---|---|"]
+        for side in ("a", "b"):
+            values = report["lists"][side]
+            lines.append(f"| {side.upper()} | {values['coverage@20']:.3f} | "
+                         f"{values['mean_item_popularity@20']:.1f} | "
+                         f"{values['catalogue_mean_popularity']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ab_row(label: str, values: dict) -> str:
+    return (f"| {label} | {values['a']:.4f} | {values['b']:.4f} | {values['lift']:+.4f} | "
+            f"{values['relative_lift']:+.1%} | [{values['ci95_low']:+.4f}, "
+            f"{values['ci95_high']:+.4f}] | {values['wilcoxon_p']:.3g} | "
+            f"{values['paired_t_p']:.3g} |")
+
+
+def _plot_curves(report: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, metric in zip(axes, ("recall", "ndcg")):
+        names = [n for n in report["metrics"] if n.startswith(metric + "@")]
+        ks = [int(n.split("@")[1]) for n in names]
+        for side, style in (("a", "o-"), ("b", "s-")):
+            label = f"{side.upper()}: {report[side]['variant']}"
+            axis.plot(ks, [report["metrics"][n][side] for n in names], style, label=label)
+        axis.set_xlabel("K")
+        axis.set_title(f"{metric.upper()}@K")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _plot_segments(report: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"activity: {name}", v) for name, v in report.get("by_user_activity", {}).items()]
+    rows += [(f"items: {name}", v) for name, v in report.get("by_item_popularity", {}).items()]
+    figure, axis = plt.subplots(figsize=(7, 0.5 + 0.45 * max(len(rows), 1)))
+    for position, (label, values) in enumerate(rows):
+        axis.errorbar(values["lift"], position, fmt="o", color="tab:blue",
+                      xerr=[[values["lift"] - values["ci95_low"]],
+                            [values["ci95_high"] - values["lift"]]], capsize=4)
+    axis.axvline(0, color="grey", linewidth=1)
+    axis.set_yticks(range(len(rows)), [label for label, _ in rows])
+    axis.set_xlabel("lift of B over A (NDCG@20 by activity, Recall@20 by item popularity), 95% CI")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _html_page(markdown: str, images: str) -> str:
+    """A minimal, dependency-free rendering of the report's Markdown tables and headings."""
+    import html
+
+    body, table = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-"):
+                table.append(line)
+            continue
+        if table:
+            cells = [[html.escape(c.strip()) for c in row.strip("|").split("|")] for row in table]
+            head = "".join(f"<th>{c}</th>" for c in cells[0])
+            rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                           for row in cells[1:])
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+            table = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<p>{html.escape(line[2:]).replace('`', '')}</p>")
+    style = ("body{font-family:sans-serif;margin:24px;max-width:1100px}"
+             "table{border-collapse:collapse;margin:8px 0 16px}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:8px 0}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Offline A/B report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}{images}</body></html>\n")

@@ -344,5 +344,34 @@ def bench(**opts) -> None:
         raise click.ClickException(str(error))
 
 
+@cli.command()
+@click.option("--a", "run_a", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder of the baseline (A).")
+@click.option("--b", "run_b", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder of the treatment (B); may be the same folder as A.")
+@click.option("--a-variant", default=None, help="Variant of run A [default: its last row].")
+@click.option("--b-variant", default=None, help="Variant of run B [default: its last row].")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.md, report.html, ab.json and the plots.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+def ab(run_a: str, run_b: str, a_variant: str | None, b_variant: str | None, out: str,
+       seed: int) -> None:
+    """Offline A/B report of two runs on the same data and split (per-user metrics)."""
+    import json
+
+    from evaluation import ABError, ab_compare, render_ab_markdown, write_ab_report
+
+    try:
+        config = json.loads((Path(run_a) / "config.json").read_text())
+        dataset = load_data(config)
+        report = ab_compare(Path(run_a), Path(run_b), a_variant, b_variant, dataset.train,
+                            dataset.test, seed)
+    except (ABError, DataError, FileNotFoundError) as error:
+        raise click.ClickException(str(error))
+    write_ab_report(report, Path(out))
+    click.echo(render_ab_markdown(report))
+    click.echo(f"report written to {out}/report.html")
+
+
 if __name__ == "__main__":
     cli()
