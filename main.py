@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from dataHandler import DataError, load_dataset, prepare_dataset  # noqa: E402
 from evaluation import (format_table, per_user_metrics, segment_metrics,  # noqa: E402
                         summarise, users_with_test_items, write_run)
-from parser import (RECALL_VARIANTS, data_options, encoder_options,  # noqa: E402
+from parser import (RECALL_VARIANTS, _int_list, data_options, encoder_options,  # noqa: E402
                     graph_options, rank_options, run_options)
 from utils import log, peak_memory_mb, pick_device, set_seed, timed  # noqa: E402
 
@@ -152,7 +152,8 @@ def run_text(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
     ctx.vectors["text"] = (user_vectors, item_vectors)
     top = ctx.retrieve(user_vectors, item_vectors, np.flatnonzero(recall.item_has_text))
     top[recall.user_kind[ctx.users] == "none"] = -1  # no text and no history: nothing to score
-    info = {"encoder": recall.encoder.describe(), "encode_seconds": round(recall.encode_seconds, 2),
+    info = {"encoder": recall.encoder.describe(), "encoder_fingerprint": recall.encoder.fingerprint(),
+            "encode_seconds": round(recall.encode_seconds, 2),
             "device": recall.encoder.device,
             "items_without_text_excluded": int((~recall.item_has_text).sum()),
             "test_users_by_user_vector": {k: int(v) for k, v in zip(
@@ -342,6 +343,90 @@ def bench(**opts) -> None:
         run_benchmarks(opts)
     except DataError as error:
         raise click.ClickException(str(error))
+
+
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder (runs/DATASET/TIMESTAMP).")
+@click.option("--variant", default="fused", show_default=True,
+              help="Which variant's vectors to export (text, deepwalk, graphsage, lightgcn, "
+                   "fused).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder to write (replaced atomically).")
+@click.option("--format", "storage", default="float32", show_default=True,
+              type=click.Choice(["float32", "float16", "int8"]),
+              help="Storage of the embedding matrices.")
+def export(run_dir: str, variant: str, out: str, storage: str) -> None:
+    """Export a run's vectors, FAISS index, id maps and manifest as a recall bundle."""
+    import json
+
+    from model.bundle import BundleError, export_bundle
+
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        export_bundle(Path(run_dir), variant, load_data(config), Path(out), storage)
+    except (BundleError, DataError, FileNotFoundError, KeyError) as error:
+        raise click.ClickException(str(error))
+    click.echo(f"bundle written to {out}")
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--user", default=None, help="Known user id: their top items, seen items excluded.")
+@click.option("--profile", default=None, help="Profile text of a new (cold-start) user.")
+@click.option("--similar-items", "item", default=None, help="Item id: the most similar items.")
+@click.option("--lookalike", default=None, help="User id: the most similar users.")
+@click.option("-k", "k", default=20, show_default=True, type=int)
+def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str | None,
+              lookalike: str | None, k: int) -> None:
+    """Answer from a bundle alone: recommendations, similar items, look-alike users."""
+    from model.bundle import Bundle, BundleError
+
+    asked = [q for q in (user, profile, item, lookalike) if q is not None]
+    if len(asked) != 1:
+        raise click.UsageError("give exactly one of --user, --profile, --similar-items, "
+                               "--lookalike")
+    try:
+        bundle = Bundle(bundle_dir)
+        if user is not None:
+            rows, kind = bundle.recommend(user, k), "item"
+        elif profile is not None:
+            rows, kind = bundle.recommend_for_vector(bundle.embed_profile(profile), k), "item"
+        elif item is not None:
+            rows, kind = bundle.similar_items(item, k), "item"
+        else:
+            rows, kind = bundle.lookalike_users(lookalike, k), "user"
+    except BundleError as error:
+        raise click.ClickException(str(error))
+    click.echo(f"rank\t{kind}\tscore")
+    for rank, (identifier, score) in enumerate(rows, start=1):
+        click.echo(f"{rank}\t{identifier}\t{score:.4f}")
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--ks", default="5,10,20,50", show_default=True, callback=_int_list)
+def evaluate(bundle_dir: str, ks: tuple[int, ...]) -> None:
+    """Re-evaluate a bundle's recall on its data set's test split (reproducibility check)."""
+    from model import FaissRetriever
+    from model.bundle import Bundle, BundleError
+
+    try:
+        bundle = Bundle(bundle_dir)
+        dataset = load_data({**bundle.manifest["data"], "data_url": None, "seed": 2023})
+    except (BundleError, DataError) as error:
+        raise click.ClickException(str(error))
+    if dataset.summary() != bundle.manifest["dataset"]:
+        raise click.ClickException("the data set on disk differs from the one the bundle was "
+                                   "exported from")
+    users = users_with_test_items(dataset.test)
+    top, _ = FaissRetriever("flat").fit(bundle.items).search(bundle.users, max(ks),
+                                                             bundle.seen, users)
+    now = summarise(per_user_metrics(top, users, dataset.test, ks), ks)
+    then = bundle.manifest["metrics_at_export"]
+    click.echo("| metric | bundle now | at export |\n|---|---|---|")
+    for name, value in now.items():
+        click.echo(f"| {name} | {value:.4f} | {then.get(name, float('nan')):.4f} |")
 
 
 @cli.command()

@@ -1,0 +1,101 @@
+"""Recall bundles: export round trip, integrity checks, queries, storage formats."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from main import cli
+from model.bundle import Bundle, BundleError
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_roberta):
+    root = tmp_path_factory.mktemp("bundle")
+    args = ["run", "--dataset", "demo", "--model", "all", "--base-model", str(tiny_roberta),
+            "--layers", "2", "--no-quantize", "--epochs", "2", "--dw-epochs", "1",
+            "--data-root", str(root / "data"), "--runs-dir", str(root / "runs"),
+            "--cache-dir", str(root / "cache")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = [l for l in result.output.splitlines() if l.startswith("run written to ")][-1][15:]
+    for variant in ("fused", "lightgcn", "text"):
+        out = CliRunner().invoke(cli, ["export", "--run", run, "--variant", variant,
+                                       "--out", str(root / variant)], catch_exceptions=False)
+        assert out.exit_code == 0, out.output
+    return root, run
+
+
+def test_bundle_reproduces_the_runs_metrics(exported):
+    root, run = exported
+    result = CliRunner().invoke(cli, ["evaluate", "--bundle", str(root / "fused")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / run / "metrics.json").read_text())["variants"]["fused"]
+    row = [l for l in result.output.splitlines() if l.startswith("| recall@20 |")][0]
+    now, then = (float(x) for x in row.strip("|").split("|")[1:3])
+    assert now == pytest.approx(metrics["metrics"]["recall@20"], abs=1e-4) and now == then
+
+
+def test_queries_answer_from_the_bundle_alone(exported):
+    root, _ = exported
+    bundle = Bundle(root / "fused")
+    seen = set(bundle.seen[3].indices.tolist())
+    top = bundle.recommend("3", k=10)
+    assert len(top) == 10 and not seen & {int(i) for i, _ in top}
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    assert "7" not in [i for i, _ in bundle.similar_items("7", k=5)]
+    assert "3" not in [u for u, _ in bundle.lookalike_users("3", k=5)]
+    with pytest.raises(BundleError, match="unknown user id 'nobody'"):
+        bundle.recommend("nobody")
+    with pytest.raises(BundleError, match="cannot embed a new profile: variant 'lightgcn'"):
+        Bundle(root / "lightgcn").embed_profile("anything")
+
+
+def test_cold_start_profile_uses_the_runs_encoder(exported):
+    from model import TextEncoder
+
+    root, _ = exported
+    bundle = Bundle(root / "text")
+    recipe = bundle.manifest["text_encoder"]
+    vector = bundle.embed_profile("This user enjoys Thai places in Tucson.")
+    encoder = TextEncoder.from_pretrained(recipe["base"], layers=recipe["layers"],
+                                          quantize=False)
+    assert np.allclose(vector, encoder.encode(["This user enjoys Thai places in Tucson."],
+                                              show_progress=False)[0], atol=1e-6)
+    cold = bundle.recommend_for_vector(vector, 5)
+    scores = np.sort(bundle.items @ vector)[::-1][:5]  # ties may come in any order
+    assert np.allclose([s for _, s in cold], scores, atol=1e-5)
+
+
+def test_corrupted_or_incomplete_bundles_are_refused(exported, tmp_path):
+    root, _ = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "fused", broken)
+    vectors = np.load(broken / "item_embeddings.npy")
+    vectors[0, 0] += 1.0
+    np.save(broken / "item_embeddings.npy", vectors)
+    with pytest.raises(BundleError, match="item_embeddings.npy: checksum mismatch"):
+        Bundle(broken)
+    (broken / "item_embeddings.npy").unlink()
+    with pytest.raises(BundleError, match="listed in the manifest but missing"):
+        Bundle(broken)
+    with pytest.raises(BundleError, match="not a bundle"):
+        Bundle(tmp_path)
+    result = CliRunner().invoke(cli, ["recommend", "--bundle", str(broken), "--user", "1"])
+    assert result.exit_code != 0 and "missing" in result.output
+
+
+def test_int8_storage_keeps_the_ranking_close(exported, tmp_path):
+    root, run = exported
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(cli, ["export", "--run", run, "--variant", "fused", "--out",
+                                      str(out), "--format", "int8"], catch_exceptions=False)
+    assert result.exit_code == 0
+    exact, small = Bundle(root / "fused"), Bundle(out)
+    assert np.load(out / "item_embeddings.npy").dtype == np.int8
+    assert np.abs(exact.items - small.items).max() < 0.02 * np.abs(exact.items).max()
+    overlap = [len({i for i, _ in exact.recommend(u, 20)} & {i for i, _ in small.recommend(u, 20)})
+               for u in ("1", "2", "3", "4")]
+    assert np.mean(overlap) >= 16
