@@ -314,3 +314,142 @@ def train_ranker(ranker, features,
     ranker.load_state_dict(best["state"])
     return {"best_epoch": best["epoch"], "best_val_ndcg@20": round(best["ndcg"], 5),
             "history": history}
+
+
+# ---------------------------------------------------------------- contrastive fine-tuning
+
+
+def info_nce(users: "torch.Tensor", items: "torch.Tensor", temperature: float) -> "torch.Tensor":
+    """Symmetric InfoNCE with in-batch negatives: row r of `users` matches row r of `items`."""
+    import torch.nn.functional as F
+
+    logits = users @ items.T / temperature
+    target = torch_arange(len(users), logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def torch_arange(n: int, device) -> "torch.Tensor":
+    import torch
+
+    return torch.arange(n, device=device)
+
+
+def profile_pairs(dataset, rng: np.random.Generator) -> np.ndarray:
+    """(user, item) training pairs where the user has a *written* profile and the item has
+    text. Built user profiles are left out: they quote their own training items."""
+    coo = dataset.train.tocoo()
+    written = dataset.user_profile_source[coo.row] == "written"
+    has_text = np.array([p is not None for p in dataset.item_profiles])[coo.col]
+    pairs = np.stack([coo.row[written & has_text], coo.col[written & has_text]], axis=1)
+    return pairs[rng.permutation(len(pairs))]
+
+
+class ValidationProbe:
+    """Validation Recall@20 for users with written profiles over a fixed item pool (their
+    validation items plus random items), training items excluded: cheap enough to run
+    during fine-tuning, and it never reads the test split."""
+
+    def __init__(self, dataset, max_users: int = 500, extra_items: int = 1500,
+                 seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        val_users = np.flatnonzero((np.diff(dataset.val.indptr) > 0)
+                                   & (dataset.user_profile_source == "written"))
+        self.users = np.sort(rng.permutation(val_users)[:max_users])
+        has_text = np.flatnonzero([p is not None for p in dataset.item_profiles])
+        pool = set(dataset.val[self.users].indices.tolist()) & set(has_text.tolist())
+        pool |= set(rng.choice(has_text, min(extra_items, len(has_text)), replace=False).tolist())
+        self.items = np.array(sorted(pool))
+        self.dataset = dataset
+
+    def recall(self, encoder) -> float:
+        from evaluation import per_user_metrics
+        from model import FaissRetriever
+
+        if len(self.users) == 0:
+            return float("nan")
+        data = self.dataset
+        item_vectors = np.zeros((data.n_items, encoder.dim), dtype=np.float32)
+        item_vectors[self.items] = encoder.encode([data.item_profiles[i] for i in self.items],
+                                                  show_progress=False)
+        user_vectors = np.zeros((data.n_users, encoder.dim), dtype=np.float32)
+        user_vectors[self.users] = encoder.encode([data.user_profiles[u] for u in self.users],
+                                                  show_progress=False)
+        top, _ = FaissRetriever("flat", use_gpu=False).fit(item_vectors, self.items).search(
+            user_vectors, 20, data.train, self.users)
+        return float(per_user_metrics(top, self.users, data.val, (20,))["recall@20"].mean())
+
+
+def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object, dict]:
+    """Contrastive fine-tuning of `encoder` on (written user profile, item profile) pairs.
+
+    Returns a new TextEncoder (LoRA merged) and a log with trainable parameter counts and
+    the validation Recall@20 history; the best checkpoint by that metric is kept.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from model.finetune import count_parameters, finished, prepare
+    from model.text import TextEncoder, pool
+    from utils import log
+
+    torch.manual_seed(opts["seed"])
+    rng = np.random.default_rng(opts["seed"])
+    pairs = profile_pairs(dataset, rng)
+    if len(pairs) == 0:
+        raise ValueError("no training pairs: fine-tuning needs users with written profiles")
+    trainable = prepare(encoder.model, method)
+    parameters = count_parameters(trainable)
+    optimiser = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad],
+                                  lr=opts["ft_lr"] or {"full": 2e-5, "bitfit": 1e-3,
+                                                       "lora": 5e-4, "adapter": 1e-3}[method])
+    settings = dict(pooling=encoder.pooling, max_length=encoder.max_length,
+                    batch_size=encoder.batch_size, device=encoder.device)
+    probe = ValidationProbe(dataset, seed=opts["seed"])
+
+    def snapshot_recall() -> float:
+        recall = probe.recall(TextEncoder(trainable, encoder.tokenizer, **settings))
+        trainable.train()
+        return recall
+
+    best = {"recall": snapshot_recall(), "step": 0,
+            "state": {k: v.detach().clone() for k, v in trainable.state_dict().items()}}
+    history = [{"step": 0, "val_recall@20": round(best["recall"], 5)}]
+    log(f"fine-tune ({method}): {len(pairs):,} pairs, {parameters['trainable']:,} of "
+        f"{parameters['total']:,} parameters trainable; zero-shot probe R@20 {best['recall']:.4f}")
+    trainable.train()
+    batch = opts["ft_batch"]
+    for step in tqdm(range(1, opts["ft_steps"] + 1), desc=f"fine-tune {method}", disable=None):
+        rows = pairs[rng.integers(len(pairs), size=batch)]
+        _, first = np.unique(rows[:, 1], return_index=True)  # one pair per item: no false negatives
+        rows = rows[first]
+        sides = []
+        for texts in ([dataset.user_profiles[u] for u in rows[:, 0]],
+                      [dataset.item_profiles[i] for i in rows[:, 1]]):
+            tokens = encoder.tokenizer(texts, padding=True, truncation=True,
+                                       max_length=opts["ft_max_length"], return_tensors="pt")
+            tokens = {k: v.to(encoder.device) for k, v in tokens.items()}
+            hidden = trainable(**tokens).last_hidden_state
+            sides.append(torch.nn.functional.normalize(
+                pool(hidden, tokens["attention_mask"], encoder.pooling), dim=-1))
+        loss = info_nce(sides[0], sides[1], opts["ft_temperature"])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % opts["ft_eval_every"] == 0 or step == opts["ft_steps"]:
+            recall = snapshot_recall()
+            history.append({"step": step, "loss": round(loss.item(), 4),
+                            "val_recall@20": round(recall, 5)})
+            log(f"fine-tune ({method}) step {step}: loss {loss.item():.4f}  probe R@20 {recall:.4f}")
+            if recall > best["recall"]:
+                best = {"recall": recall, "step": step,
+                        "state": {k: v.detach().clone() for k, v in trainable.state_dict().items()}}
+    trainable.load_state_dict(best["state"])
+    model = finished(trainable, method).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    tuned = TextEncoder(model, encoder.tokenizer, quantize=encoder.quantize,
+                        name=f"{encoder.name}+{method}", **settings)
+    return tuned, {"method": method, "trainable_parameters": parameters["trainable"],
+                   "total_parameters": parameters["total"], "pairs": int(len(pairs)),
+                   "best_step": best["step"], "best_val_recall@20": round(best["recall"], 5),
+                   "history": history}

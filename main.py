@@ -16,7 +16,7 @@ from dataHandler import DataError, load_dataset, prepare_dataset  # noqa: E402
 from evaluation import (format_table, per_user_metrics, segment_metrics,  # noqa: E402
                         summarise, users_with_test_items, write_run)
 from parser import (RECALL_VARIANTS, _int_list, data_options, encoder_options,  # noqa: E402
-                    graph_options, rank_options, run_options)
+                    finetune_options, graph_options, rank_options, run_options)
 from utils import log, peak_memory_mb, pick_device, set_seed, timed  # noqa: E402
 
 
@@ -177,6 +177,29 @@ def run_fused(ctx: RunContext) -> tuple[dict, np.ndarray, dict]:
         ctx.retrieve(*fusion.embeddings()), {}
 
 
+def run_finetuned(ctx: RunContext, method: str) -> tuple[dict, np.ndarray, dict]:
+    """Fine-tune a fresh copy of the encoder with `method`, save it, run text recall."""
+    from coreMethod import finetune_encoder
+    from model import TextRecall
+
+    opts, data = ctx.opts, ctx.dataset
+    if not (data.user_profile_source == "written").any():
+        raise VariantUnavailable("fine-tuning needs users with written profiles")
+    text_or_none(ctx)  # raises VariantUnavailable when there is no item text
+    with timed() as clock:
+        tuned, log_ = finetune_encoder(build_encoder({**opts, "quantize": False}), data,
+                                       method, opts)
+    folder = Path(opts["runs_dir"]) / data.name / "encoders" / f"{ctx.stamp}-{method}"
+    tuned.save(folder)
+    recall = TextRecall(tuned, opts["cache_dir"], opts["user_text"]).fit(data)
+    user_vectors, item_vectors = recall.embeddings()
+    ctx.vectors[f"text-{method}"] = (user_vectors, item_vectors)
+    top = ctx.retrieve(user_vectors, item_vectors, np.flatnonzero(recall.item_has_text))
+    top[recall.user_kind[ctx.users] == "none"] = -1
+    return {"encoder_path": str(folder), "train_seconds": round(clock["seconds"], 1), **log_}, \
+        top, {"user_vector": recall.user_kind}
+
+
 def run_ranking(ctx: RunContext, mode: str) -> tuple[dict, np.ndarray, dict]:
     """Re-rank the recall candidates of --rank-on with a Wide&Deep ranker."""
     from coreMethod import ranking_pairs, rerank, train_ranker
@@ -235,10 +258,15 @@ def run_experiment(opts: dict) -> Path:
     dataset = load_data(opts)
     summary = dataset.summary()
     ctx = RunContext(dataset, opts)
+    ctx.stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
         f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
     variants = list(RECALL_VARIANTS if opts["variants"] == "all" else (opts["variants"],))
     runners = dict(RUNNERS)
+    for offset, method in enumerate(opts.get("finetune", []), start=1):
+        variants.insert(variants.index("text") + offset if "text" in variants else len(variants),
+                        f"text ({method})")
+        runners[f"text ({method})"] = (lambda m: lambda c: run_finetuned(c, m))(method)
     if opts.get("rank", "none") == "widedeep":
         modes = ["widedeep", "wide", "deep"] if opts["rank_ablations"] else ["widedeep"]
         names = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
@@ -268,8 +296,7 @@ def run_experiment(opts: dict) -> Path:
                             "segments": {name: segment_metrics(frame, values, opts["ks"])
                                          for name, values in labels.items()}}
     notes = _protocol_notes(dataset)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    run_dir = write_run(Path(opts["runs_dir"]) / summary["dataset"] / stamp,
+    run_dir = write_run(Path(opts["runs_dir"]) / summary["dataset"] / ctx.stamp,
                         {**opts, "command": " ".join(sys.argv)}, summary, results, per_user,
                         notes, top_lists, ctx.vectors)
     print(format_table(results, opts["ks"]))
@@ -292,6 +319,7 @@ def _protocol_notes(dataset) -> list[str]:
 @run_options
 @graph_options
 @rank_options
+@finetune_options
 def run(**opts) -> None:
     """Prepare data, encode profiles, retrieve, evaluate; write runs/DATASET/TIMESTAMP/."""
     try:

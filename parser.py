@@ -186,3 +186,31 @@ rank_options = _apply([
     click.option("--random-negatives", default=2, show_default=True, type=int,
                  help="Uniformly drawn negatives per positive."),
 ])
+
+
+def _methods(ctx, param, value: str) -> list[str]:
+    methods = [m.strip() for m in value.split(",") if m.strip() and m.strip() != "none"]
+    unknown = set(methods) - {"full", "bitfit", "lora", "adapter"}
+    if unknown:
+        raise click.BadParameter(f"methods are full, bitfit, lora, adapter; got {value!r}")
+    return methods
+
+
+finetune_options = _apply([
+    click.option("--finetune", default="none", show_default=True, callback=_methods,
+                 help="Contrastively fine-tune the shrunken encoder and add a text row per "
+                      "method: comma-separated full, bitfit, lora, adapter."),
+    click.option("--ft-steps", default=300, show_default=True, type=int,
+                 help="Fine-tuning steps (batches)."),
+    click.option("--ft-batch", default=32, show_default=True, type=int,
+                 help="Pairs per step; the other pairs of a batch are the negatives."),
+    click.option("--ft-lr", default=None, type=float,
+                 help="Learning rate [default: full 2e-5, bitfit 1e-3, lora 5e-4, "
+                      "adapter 1e-3]."),
+    click.option("--ft-max-length", default=64, show_default=True, type=int,
+                 help="Tokens per profile while fine-tuning."),
+    click.option("--ft-temperature", default=0.05, show_default=True, type=float,
+                 help="InfoNCE temperature."),
+    click.option("--ft-eval-every", default=100, show_default=True, type=int,
+                 help="Steps between validation Recall@20 probes (best step kept)."),
+])

@@ -87,6 +87,9 @@ class TextEncoder:
             options = {**json.loads(saved.read_text()), **options}
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
+        from model.finetune import ADAPTER_FILE, load_adapters
+        if (Path(path) / ADAPTER_FILE).exists():  # fine-tuned with bottleneck adapters
+            load_adapters(model, Path(path))
         total = len(getattr(*_layer_list(model)))
         if layers is not None and layers < total:
             kept = shrink_model(model, layers, strategy)
@@ -150,8 +153,17 @@ class TextEncoder:
 
     def save(self, path: str | Path) -> None:
         """A folder that `TextEncoder.from_pretrained(path)` loads back (pooling included)."""
+        from model.finetune import rewrap_adapters, save_adapters, unwrap_adapters
+
         with atomic_path(path) as tmp:
+            tmp.mkdir()
+            wrapped = unwrap_adapters(self.model)
+            if wrapped:
+                rewrap_adapters(self.model, wrapped)
+                save_adapters(self.model, tmp)
+                unwrap_adapters(self.model)
             self.model.save_pretrained(tmp)
+            rewrap_adapters(self.model, wrapped)
             self.tokenizer.save_pretrained(tmp)
             (tmp / ENCODER_CONFIG).write_text(json.dumps(self.settings(), indent=2))
 

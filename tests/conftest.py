@@ -62,18 +62,22 @@ def easyrec_folder(tmp_path: Path) -> Path:
 def tiny_roberta(tmp_path_factory) -> Path:
     """A 4-layer RoBERTa with a byte-level BPE tokenizer trained on the fly: no download."""
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-roberta")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS * 4, vocab_size=400, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe.save_model(str(folder))
-    tokenizer = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"),
-                                     merges_file=str(folder / "merges.txt"))
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")),
+                                                      ("<s>", bpe.token_to_id("<s>")))
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                     eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                     mask_token="<mask>")
+    assert len(tokenizer("likes thai curry")["input_ids"]) > 4  # real tokens, not just <s></s>
     import torch
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4,
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
                            num_attention_heads=2, intermediate_size=64,
                            max_position_embeddings=140, pad_token_id=tokenizer.pad_token_id)
     RobertaModel(config).save_pretrained(folder)

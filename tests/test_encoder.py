@@ -45,6 +45,7 @@ def test_embeddings_are_normalised_and_keep_input_order(tiny_roberta):
     batched = encoder.encode(texts, show_progress=False)
     one_by_one = np.vstack([encoder.encode([t], show_progress=False) for t in texts])
     assert np.allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert np.max(batched @ batched.T - np.eye(len(texts))) < 0.9999  # texts are told apart
     # length-sorted batches and padding must not change any text's embedding
     assert np.allclose(batched, one_by_one, atol=1e-5)
 
