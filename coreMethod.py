@@ -389,7 +389,7 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
     from tqdm import tqdm
 
     from model.finetune import count_parameters, finished, prepare
-    from model.text import TextEncoder, pool
+    from model.text import TextEncoder, embed_tokens
     from utils import log
 
     torch.manual_seed(opts["seed"])
@@ -400,8 +400,7 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
     trainable = prepare(encoder.model, method)
     parameters = count_parameters(trainable)
     optimiser = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad],
-                                  lr=opts["ft_lr"] or {"full": 2e-5, "bitfit": 1e-3,
-                                                       "lora": 5e-4, "adapter": 1e-3}[method])
+                                  lr=opts["ft_lr"])
     settings = dict(pooling=encoder.pooling, max_length=encoder.max_length,
                     batch_size=encoder.batch_size, device=encoder.device)
     probe = ValidationProbe(dataset, seed=opts["seed"])
@@ -428,9 +427,8 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
             tokens = encoder.tokenizer(texts, padding=True, truncation=True,
                                        max_length=opts["ft_max_length"], return_tensors="pt")
             tokens = {k: v.to(encoder.device) for k, v in tokens.items()}
-            hidden = trainable(**tokens).last_hidden_state
             sides.append(torch.nn.functional.normalize(
-                pool(hidden, tokens["attention_mask"], encoder.pooling), dim=-1))
+                embed_tokens(trainable, tokens, encoder.pooling), dim=-1))
         loss = info_nce(sides[0], sides[1], opts["ft_temperature"])
         optimiser.zero_grad()
         loss.backward()
@@ -449,7 +447,8 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
         parameter.requires_grad = False
     tuned = TextEncoder(model, encoder.tokenizer, quantize=encoder.quantize,
                         name=f"{encoder.name}+{method}", **settings)
-    return tuned, {"method": method, "trainable_parameters": parameters["trainable"],
+    return tuned, {"method": method, "learning_rate": opts["ft_lr"],
+                   "trainable_parameters": parameters["trainable"],
                    "total_parameters": parameters["total"], "pairs": int(len(pairs)),
                    "best_step": best["step"], "best_val_recall@20": round(best["recall"], 5),
                    "history": history}

@@ -15,8 +15,8 @@ import numpy as np  # noqa: E402
 from dataHandler import DataError, load_dataset, prepare_dataset  # noqa: E402
 from evaluation import (format_table, per_user_metrics, segment_metrics,  # noqa: E402
                         summarise, users_with_test_items, write_run)
-from parser import (RECALL_VARIANTS, _int_list, data_options, encoder_options,  # noqa: E402
-                    finetune_options, graph_options, rank_options, run_options)
+from parser import (FT_LEARNING_RATES, RECALL_VARIANTS, _int_list, data_options,  # noqa: E402
+                    encoder_options, finetune_options, graph_options, rank_options, run_options)
 from utils import log, peak_memory_mb, pick_device, set_seed, timed  # noqa: E402
 
 
@@ -187,8 +187,9 @@ def run_finetuned(ctx: RunContext, method: str) -> tuple[dict, np.ndarray, dict]
         raise VariantUnavailable("fine-tuning needs users with written profiles")
     text_or_none(ctx)  # raises VariantUnavailable when there is no item text
     with timed() as clock:
+        settings = {**opts, "ft_lr": opts["ft_lr"] or FT_LEARNING_RATES[method]}
         tuned, log_ = finetune_encoder(build_encoder({**opts, "quantize": False}), data,
-                                       method, opts)
+                                       method, settings)
     folder = Path(opts["runs_dir"]) / data.name / "encoders" / f"{ctx.stamp}-{method}"
     tuned.save(folder)
     recall = TextRecall(tuned, opts["cache_dir"], opts["user_text"]).fit(data)

@@ -188,25 +188,29 @@ rank_options = _apply([
 ])
 
 
+FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3,
+                     "prompt": 1e-2, "prefix": 5e-3}
+
+
 def _methods(ctx, param, value: str) -> list[str]:
     methods = [m.strip() for m in value.split(",") if m.strip() and m.strip() != "none"]
-    unknown = set(methods) - {"full", "bitfit", "lora", "adapter"}
+    unknown = set(methods) - set(FT_LEARNING_RATES)
     if unknown:
-        raise click.BadParameter(f"methods are full, bitfit, lora, adapter; got {value!r}")
+        raise click.BadParameter(f"methods are {', '.join(FT_LEARNING_RATES)}; got {value!r}")
     return methods
 
 
 finetune_options = _apply([
     click.option("--finetune", default="none", show_default=True, callback=_methods,
                  help="Contrastively fine-tune the shrunken encoder and add a text row per "
-                      "method: comma-separated full, bitfit, lora, adapter."),
+                      "method: comma-separated full, bitfit, lora, adapter, prompt, prefix."),
     click.option("--ft-steps", default=300, show_default=True, type=int,
                  help="Fine-tuning steps (batches)."),
     click.option("--ft-batch", default=32, show_default=True, type=int,
                  help="Pairs per step; the other pairs of a batch are the negatives."),
     click.option("--ft-lr", default=None, type=float,
-                 help="Learning rate [default: full 2e-5, bitfit 1e-3, lora 5e-4, "
-                      "adapter 1e-3]."),
+                 help="Learning rate [default: " + ", ".join(
+                     f"{m} {lr:g}" for m, lr in FT_LEARNING_RATES.items()) + "]."),
     click.option("--ft-max-length", default=64, show_default=True, type=int,
                  help="Tokens per profile while fine-tuning."),
     click.option("--ft-temperature", default=0.05, show_default=True, type=float,

@@ -1,13 +1,15 @@
-"""Parameter selection for fine-tuning the shrunken encoder: full, BitFit, LoRA (peft) and
-bottleneck adapters, plus saving the result so `TextEncoder.from_pretrained` loads it."""
+"""Parameter selection for fine-tuning the shrunken encoder: full, BitFit, LoRA, prompt and
+prefix tuning (peft) and bottleneck adapters, plus saving the result so
+`TextEncoder.from_pretrained` loads it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-METHODS = ("full", "bitfit", "lora", "adapter")
+METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
 ADAPTER_FILE = "adapters.pt"
+PROMPT_DIR = "prompt"  # peft prompt/prefix weights beside the (unchanged) base model
 
 
 class BottleneckAdapter(torch.nn.Module):
@@ -48,7 +50,7 @@ def add_adapters(model: torch.nn.Module, bottleneck: int = 32) -> list[Bottlenec
 
 
 def prepare(model: torch.nn.Module, method: str, lora_rank: int = 8,
-            adapter_bottleneck: int = 32) -> torch.nn.Module:
+            adapter_bottleneck: int = 32, virtual_tokens: int = 16) -> torch.nn.Module:
     """Return the module to train with only the method's parameters trainable."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method '{method}' ({', '.join(METHODS)})")
@@ -67,16 +69,37 @@ def prepare(model: torch.nn.Module, method: str, lora_rank: int = 8,
             for parameter in adapter.parameters():
                 parameter.requires_grad = True
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
+                      get_peft_model)
 
-    targets = ["query", "value"]
-    return get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
-                                            target_modules=targets, lora_dropout=0.0))
+    if method == "prompt":  # soft tokens prepended to the input, started from real words
+        config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+                                    num_virtual_tokens=virtual_tokens,
+                                    prompt_tuning_init="SAMPLE_VOCAB")
+    elif method == "prefix":  # learned keys/values in every layer, started near a no-op
+        config = PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+                                    num_virtual_tokens=virtual_tokens, init_weights="zero")
+    else:
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
+                            target_modules=["query", "value"], lora_dropout=0.0)
+    return get_peft_model(model, config)
 
 
 def finished(trained: torch.nn.Module, method: str) -> torch.nn.Module:
-    """The plain transformer to save: LoRA merged into the base weights."""
+    """The model to save: LoRA merged into the base weights; prompt and prefix tuning cannot
+    be merged, so they stay a peft model (saved as base + PROMPT_DIR)."""
     return trained.merge_and_unload() if method == "lora" else trained
+
+
+def load_prompt(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder / PROMPT_DIR))
+
+
+def is_prompt_model(model: torch.nn.Module) -> bool:
+    return getattr(model, "active_peft_config", None) is not None \
+        and model.active_peft_config.is_prompt_learning
 
 
 def count_parameters(module: torch.nn.Module) -> dict[str, int]:

@@ -53,6 +53,10 @@ def shrink_model(model: torch.nn.Module, keep: int, strategy: str = "even") -> l
     layers = getattr(owner, attr)
     kept = choose_layers(len(layers), keep, strategy)
     setattr(owner, attr, torch.nn.ModuleList(layers[i] for i in kept))
+    for position, layer in enumerate(getattr(owner, attr)):
+        for module in layer.modules():  # attention caches (prefix tuning) index by position
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
     model.config.num_hidden_layers = len(kept)
     previous = getattr(model.config, "kept_layers", None)
     model.config.kept_layers = [previous[i] for i in kept] if previous else kept
@@ -87,14 +91,20 @@ class TextEncoder:
             options = {**json.loads(saved.read_text()), **options}
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
-        from model.finetune import ADAPTER_FILE, load_adapters
+        from model.finetune import ADAPTER_FILE, PROMPT_DIR, load_adapters, load_prompt
         if (Path(path) / ADAPTER_FILE).exists():  # fine-tuned with bottleneck adapters
             load_adapters(model, Path(path))
         total = len(getattr(*_layer_list(model)))
+        prompt_tuned = (Path(path) / PROMPT_DIR).exists()
         if layers is not None and layers < total:
+            if prompt_tuned:
+                raise ValueError(f"{path}: a prompt/prefix-tuned encoder cannot be shrunk "
+                                 "further (its prompts are trained for these layers)")
             kept = shrink_model(model, layers, strategy)
             log(f"shrunk {base}: kept layers {kept} of {total}")
         model.config.shrunk_from = getattr(model.config, "shrunk_from", None) or base
+        if prompt_tuned:
+            model = load_prompt(model, Path(path))
         return cls(model, tokenizer, name=base, **options)
 
     def _quantized(self) -> torch.nn.Module:
@@ -146,17 +156,23 @@ class TextEncoder:
                 batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                                        max_length=self.max_length, return_tensors="pt")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                hidden = self._runtime(**batch).last_hidden_state
-                pooled = pool(hidden, batch["attention_mask"], self.pooling)
+                pooled = embed_tokens(self._runtime, batch, self.pooling)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
 
     def save(self, path: str | Path) -> None:
         """A folder that `TextEncoder.from_pretrained(path)` loads back (pooling included)."""
-        from model.finetune import rewrap_adapters, save_adapters, unwrap_adapters
+        from model.finetune import (PROMPT_DIR, is_prompt_model, rewrap_adapters,
+                                    save_adapters, unwrap_adapters)
 
         with atomic_path(path) as tmp:
             tmp.mkdir()
+            if is_prompt_model(self.model):
+                self.model.save_pretrained(tmp / PROMPT_DIR)
+                self.model.get_base_model().save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / ENCODER_CONFIG).write_text(json.dumps(self.settings(), indent=2))
+                return
             wrapped = unwrap_adapters(self.model)
             if wrapped:
                 rewrap_adapters(self.model, wrapped)
@@ -166,6 +182,19 @@ class TextEncoder:
             rewrap_adapters(self.model, wrapped)
             self.tokenizer.save_pretrained(tmp)
             (tmp / ENCODER_CONFIG).write_text(json.dumps(self.settings(), indent=2))
+
+
+def embed_tokens(model: torch.nn.Module, tokens: dict, pooling: str) -> torch.Tensor:
+    """Pooled, unnormalised output for a tokenised batch. A prompt-tuned (peft) model
+    prepends its soft tokens to the output: they are left out of the pooling."""
+    from model.finetune import is_prompt_model
+
+    skip = 0
+    if is_prompt_model(model) and model.active_peft_config.peft_type == "PROMPT_TUNING":
+        skip = model.active_peft_config.num_virtual_tokens
+        tokens = {k: v for k, v in tokens.items() if k != "token_type_ids"}  # length differs
+    hidden = model(**tokens).last_hidden_state[:, skip:]
+    return pool(hidden, tokens["attention_mask"], pooling)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
