@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from datetime import datetime
 from pathlib import Path
 
@@ -427,9 +428,11 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
             rows, kind = bundle.lookalike_users(lookalike, k), "user"
     except BundleError as error:
         raise click.ClickException(str(error))
-    click.echo(f"rank\t{kind}\tscore")
+    described = kind == "item" and bundle.item_profiles is not None
+    click.echo(f"rank\t{kind}\tscore" + ("\tprofile" if described else ""))
     for rank, (identifier, score) in enumerate(rows, start=1):
-        click.echo(f"{rank}\t{identifier}\t{score:.4f}")
+        text = "\t" + textwrap.shorten(bundle.item_profile(identifier), 100) if described else ""
+        click.echo(f"{rank}\t{identifier}\t{score:.4f}{text}")
 
 
 @cli.command()

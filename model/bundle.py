@@ -61,8 +61,10 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
         np.save(tmp / "item_embeddings.npy", stored_items)
         pd.DataFrame({"row": np.arange(len(users)), "id": _ids(dataset.user_ids, len(users))}
                      ).to_parquet(tmp / "users.parquet", index=False)
-        pd.DataFrame({"row": np.arange(len(items)), "id": _ids(dataset.item_ids, len(items))}
-                     ).to_parquet(tmp / "items.parquet", index=False)
+        item_table = {"row": np.arange(len(items)), "id": _ids(dataset.item_ids, len(items))}
+        if any(p is not None for p in dataset.item_profiles):  # lets answers show what an id is
+            item_table["profile"] = [p or "" for p in dataset.item_profiles]
+        pd.DataFrame(item_table).to_parquet(tmp / "items.parquet", index=False)
         index = faiss.IndexFlatIP(items.shape[1])
         index.add(np.ascontiguousarray(_restore(stored_items, item_scale)))
         faiss.write_index(index, str(tmp / "items.faiss"))
@@ -165,11 +167,17 @@ class Bundle:
                 raise BundleError(f"{self.folder}: {name} vectors are "
                                   f"{getattr(self, name).shape}, manifest says {tuple(shape)}")
         self.user_ids = pd.read_parquet(self.folder / "users.parquet")["id"].astype(str).tolist()
-        self.item_ids = pd.read_parquet(self.folder / "items.parquet")["id"].astype(str).tolist()
+        item_table = pd.read_parquet(self.folder / "items.parquet")
+        self.item_ids = item_table["id"].astype(str).tolist()
+        self.item_profiles = item_table["profile"].tolist() if "profile" in item_table else None
         self.seen = sp.load_npz(self.folder / "seen.npz").tocsr()
         self.index = faiss.read_index(str(self.folder / "items.faiss"))
         self._user_row = {uid: row for row, uid in enumerate(self.user_ids)}
         self._item_row = {iid: row for row, iid in enumerate(self.item_ids)}
+
+    def item_profile(self, item: str) -> str:
+        """The item's profile text as exported ('' when the bundle holds none)."""
+        return self.item_profiles[self.item_row(item)] if self.item_profiles else ""
 
     def user_row(self, user: str) -> int:
         if user not in self._user_row:

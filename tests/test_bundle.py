@@ -67,6 +67,12 @@ def test_cold_start_profile_uses_the_runs_encoder(exported):
     cold = bundle.recommend_for_vector(vector, 5)
     scores = np.sort(bundle.items @ vector)[::-1][:5]  # ties may come in any order
     assert np.allclose([s for _, s in cold], scores, atol=1e-5)
+    shown = CliRunner().invoke(cli, ["recommend", "--bundle", str(root / "text"), "--profile",
+                                     "This user enjoys Thai places in Tucson.", "-k", "5"])
+    header, first = shown.output.strip().splitlines()[-6:-4]
+    assert header == "rank\titem\tscore\tprofile"
+    item = first.split("\t")[1]
+    assert first.split("\t")[3][:40] == bundle.item_profile(item)[:40] != ""
 
 
 def test_corrupted_or_incomplete_bundles_are_refused(exported, tmp_path):
