@@ -344,43 +344,83 @@ def profile_pairs(dataset, rng: np.random.Generator) -> np.ndarray:
     return pairs[rng.permutation(len(pairs))]
 
 
-class ValidationProbe:
-    """Validation Recall@20 for users with written profiles over a fixed item pool (their
-    validation items plus random items), training items excluded: cheap enough to run
-    during fine-tuning, and it never reads the test split."""
+def sample_item_pairs(train: sp.csr_matrix, has_text: np.ndarray, size: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(item, item) pairs from the same user's training items, both with text, distinct.
 
-    def __init__(self, dataset, max_users: int = 500, extra_items: int = 1500,
-                 seed: int = 0) -> None:
+    Users without a written profile are represented by the mean of their items, so teaching
+    the encoder which items are visited together helps them too (and carries what profiles
+    do not say, such as the city)."""
+    coo = train.tocoo()
+    keep = has_text[coo.col]
+    rows, anchors = coo.row[keep], coo.col[keep]
+    pick = rng.integers(len(rows), size=size)
+    users = rows[pick]
+    start, degree = train.indptr[users], np.diff(train.indptr)[users]
+    partners = train.indices[start + (rng.random(size) * degree).astype(np.int64)]
+    pairs = np.stack([anchors[pick], partners], axis=1)
+    return pairs[(pairs[:, 0] != pairs[:, 1]) & has_text[pairs[:, 1]]]
+
+
+def one_pair_per_item(pairs: np.ndarray) -> np.ndarray:
+    """Drop pairs whose item (second column) already occurs: a repeated item would be its own
+    in-batch negative."""
+    _, first = np.unique(pairs[:, 1], return_index=True)
+    return pairs[np.sort(first)]
+
+
+class ValidationProbe:
+    """Validation Recall@20 over a fixed item pool (the probe users' validation items plus
+    random items), training items excluded, for two kinds of users as the text model serves
+    them: users with a written profile (encoded) and users without one (mean of their
+    encoded training items). Cheap enough to run during fine-tuning; never reads the test
+    split."""
+
+    def __init__(self, dataset, max_users: int = 500, max_mean_users: int = 200,
+                 extra_items: int = 1500, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        val_users = np.flatnonzero((np.diff(dataset.val.indptr) > 0)
-                                   & (dataset.user_profile_source == "written"))
-        self.users = np.sort(rng.permutation(val_users)[:max_users])
-        has_text = np.flatnonzero([p is not None for p in dataset.item_profiles])
-        pool = set(dataset.val[self.users].indices.tolist()) & set(has_text.tolist())
-        pool |= set(rng.choice(has_text, min(extra_items, len(has_text)), replace=False).tolist())
-        self.items = np.array(sorted(pool))
+        has_text = np.array([p is not None for p in dataset.item_profiles])
+        with_val = np.diff(dataset.val.indptr) > 0
+        written = dataset.user_profile_source == "written"
+        has_text_train = np.asarray((dataset.train > 0) @ has_text.astype(np.float32)).ravel() > 0
+        self.users = np.sort(rng.permutation(np.flatnonzero(with_val & written))[:max_users])
+        self.mean_users = np.sort(rng.permutation(
+            np.flatnonzero(with_val & ~written & has_text_train))[:max_mean_users])
+        probe_users = np.concatenate([self.users, self.mean_users])
+        pool = set(dataset.val[probe_users].indices.tolist())
+        pool |= set(rng.choice(np.flatnonzero(has_text), min(extra_items, int(has_text.sum())),
+                               replace=False).tolist())
+        self.items = np.array(sorted(i for i in pool if has_text[i]))
+        self.encoded_items = np.union1d(self.items, np.flatnonzero(
+            has_text & (np.asarray(dataset.train[self.mean_users].sum(0)).ravel() > 0)))
         self.dataset = dataset
 
     def recall(self, encoder) -> float:
         from evaluation import per_user_metrics
         from model import FaissRetriever
 
-        if len(self.users) == 0:
-            return float("nan")
         data = self.dataset
+        probe_users = np.concatenate([self.users, self.mean_users])
+        if len(probe_users) == 0:
+            return float("nan")
         item_vectors = np.zeros((data.n_items, encoder.dim), dtype=np.float32)
-        item_vectors[self.items] = encoder.encode([data.item_profiles[i] for i in self.items],
-                                                  show_progress=False)
+        item_vectors[self.encoded_items] = encoder.encode(
+            [data.item_profiles[i] for i in self.encoded_items], show_progress=False)
+        usable = np.zeros(data.n_items, dtype=bool)
+        usable[self.encoded_items] = True
         user_vectors = np.zeros((data.n_users, encoder.dim), dtype=np.float32)
+        user_vectors[self.mean_users] = mean_of_items(data.train[self.mean_users], item_vectors,
+                                                      usable)
         user_vectors[self.users] = encoder.encode([data.user_profiles[u] for u in self.users],
                                                   show_progress=False)
         top, _ = FaissRetriever("flat", use_gpu=False).fit(item_vectors, self.items).search(
-            user_vectors, 20, data.train, self.users)
-        return float(per_user_metrics(top, self.users, data.val, (20,))["recall@20"].mean())
+            user_vectors, 20, data.train, probe_users)
+        return float(per_user_metrics(top, probe_users, data.val, (20,))["recall@20"].mean())
 
 
 def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object, dict]:
-    """Contrastive fine-tuning of `encoder` on (written user profile, item profile) pairs.
+    """Contrastive fine-tuning of `encoder` on (written user profile, item profile) pairs,
+    plus (item, item) pairs from the same user's training items when `ft_item_weight` > 0.
 
     Returns a new TextEncoder (LoRA merged) and a log with trainable parameter counts and
     the validation Recall@20 history; the best checkpoint by that metric is kept.
@@ -395,6 +435,7 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
     torch.manual_seed(opts["seed"])
     rng = np.random.default_rng(opts["seed"])
     pairs = profile_pairs(dataset, rng)
+    has_text = np.array([p is not None for p in dataset.item_profiles])
     if len(pairs) == 0:
         raise ValueError("no training pairs: fine-tuning needs users with written profiles")
     trainable = prepare(encoder.model, method)
@@ -415,21 +456,27 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
     history = [{"step": 0, "val_recall@20": round(best["recall"], 5)}]
     log(f"fine-tune ({method}): {len(pairs):,} pairs, {parameters['trainable']:,} of "
         f"{parameters['total']:,} parameters trainable; zero-shot probe R@20 {best['recall']:.4f}")
+    def embed(texts: list[str]) -> torch.Tensor:
+        tokens = encoder.tokenizer(texts, padding=True, truncation=True,
+                                   max_length=opts["ft_max_length"], return_tensors="pt")
+        tokens = {k: v.to(encoder.device) for k, v in tokens.items()}
+        return torch.nn.functional.normalize(embed_tokens(trainable, tokens, encoder.pooling),
+                                             dim=-1)
+
+    def item_texts(items: np.ndarray) -> list[str]:
+        return [dataset.item_profiles[i] for i in items]
+
     trainable.train()
-    batch = opts["ft_batch"]
+    batch, item_weight = opts["ft_batch"], opts["ft_item_weight"]
     for step in tqdm(range(1, opts["ft_steps"] + 1), desc=f"fine-tune {method}", disable=None):
-        rows = pairs[rng.integers(len(pairs), size=batch)]
-        _, first = np.unique(rows[:, 1], return_index=True)  # one pair per item: no false negatives
-        rows = rows[first]
-        sides = []
-        for texts in ([dataset.user_profiles[u] for u in rows[:, 0]],
-                      [dataset.item_profiles[i] for i in rows[:, 1]]):
-            tokens = encoder.tokenizer(texts, padding=True, truncation=True,
-                                       max_length=opts["ft_max_length"], return_tensors="pt")
-            tokens = {k: v.to(encoder.device) for k, v in tokens.items()}
-            sides.append(torch.nn.functional.normalize(
-                embed_tokens(trainable, tokens, encoder.pooling), dim=-1))
-        loss = info_nce(sides[0], sides[1], opts["ft_temperature"])
+        rows = one_pair_per_item(pairs[rng.integers(len(pairs), size=batch)])
+        users = embed([dataset.user_profiles[u] for u in rows[:, 0]])
+        loss = info_nce(users, embed(item_texts(rows[:, 1])), opts["ft_temperature"])
+        if item_weight > 0:
+            items = one_pair_per_item(sample_item_pairs(dataset.train, has_text, batch, rng))
+            item_loss = info_nce(embed(item_texts(items[:, 0])), embed(item_texts(items[:, 1])),
+                                 opts["ft_temperature"])
+            loss = loss + item_weight * item_loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

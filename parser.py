@@ -215,6 +215,9 @@ finetune_options = _apply([
                  help="Tokens per profile while fine-tuning."),
     click.option("--ft-temperature", default=0.05, show_default=True, type=float,
                  help="InfoNCE temperature."),
+    click.option("--ft-item-weight", default=1.0, show_default=True, type=float,
+                 help="Weight of an item-item InfoNCE term on items from the same user's "
+                      "training interactions (0: user-item pairs only)."),
     click.option("--ft-eval-every", default=100, show_default=True, type=int,
                  help="Steps between validation Recall@20 probes (best step kept)."),
 ])

@@ -118,3 +118,19 @@ def test_prompt_tuned_encoder_trains_only_its_prompts_and_round_trips(tiny_rober
     assert not np.allclose(embeddings, plain.encode(CORPUS, False), atol=1e-4)
     with pytest.raises(ValueError, match="cannot be shrunk"):
         TextEncoder.from_pretrained(str(tmp_path / "tuned"), layers=1)
+
+
+def test_item_pairs_come_from_one_users_training_items():
+    import scipy.sparse as sp
+
+    from coreMethod import one_pair_per_item, sample_item_pairs
+
+    train = sp.csr_matrix(np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]))
+    has_text = np.array([True, True, True, False, True])
+    pairs = sample_item_pairs(train, has_text, 2000, np.random.default_rng(0))
+    together = {(0, 1), (1, 0), (2, 4), (4, 2)}  # item 3 has no text; user 2 has one item
+    assert set(map(tuple, pairs.tolist())) == together
+    counts = {p: int((pairs == p).all(1).sum()) for p in together}
+    assert min(counts.values()) > 0.1 * len(pairs)
+    kept = one_pair_per_item(np.array([[0, 1], [2, 1], [4, 2]]))
+    assert kept.tolist() == [[0, 1], [4, 2]]
