@@ -80,3 +80,18 @@ def test_saved_encoder_keeps_its_pooling(tmp_path, tiny_roberta):
             "quantize": False, "encoder_path": str(tmp_path / "enc")}
     encoder = build_encoder(opts)
     assert encoder.pooling == "cls" and encoder.model.config.num_hidden_layers == 2
+
+
+def test_finetuned_encoder_is_saved_and_reused_with_encoder(tmp_path, tiny_roberta):
+    tiny = ["--base-model", str(tiny_roberta), "--layers", "2", "--no-quantize"]
+    run_dir = run_cli("--dataset", "demo", "--model", "text", "--finetune", "prefix",
+                      "--ft-steps", "4", "--ft-eval-every", "2", "--ft-batch", "8", *tiny,
+                      *common(tmp_path))
+    tuned = json.loads((run_dir / "metrics.json").read_text())["variants"]["text (prefix)"]
+    assert tuned["status"] == "ok" and tuned["trainable_parameters"] == 16 * 2 * 2 * 32
+    assert [h["step"] for h in tuned["history"]] == [0, 2, 4]
+    assert 0 <= tuned["best_step"] <= 4
+    again = run_cli("--dataset", "demo", "--model", "text", "--encoder", tuned["encoder_path"],
+                    "--no-quantize", *common(tmp_path, cache="cache2"))
+    reused = json.loads((again / "metrics.json").read_text())["variants"]["text"]
+    assert reused["metrics"]["ndcg@20"] == tuned["metrics"]["ndcg@20"]
