@@ -418,6 +418,18 @@ class ValidationProbe:
         return float(per_user_metrics(top, probe_users, data.val, (20,))["recall@20"].mean())
 
 
+def mixed_precision(device: str, enabled: bool):
+    """(autocast context, gradient scaler) for a training step: bf16 autocast on GPUs that
+    support it, fp16 with loss scaling on older ones, plain fp32 on CPU or when disabled."""
+    import torch
+
+    on_cuda = enabled and str(device).startswith("cuda") and torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=on_cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
+    return autocast, scaler
+
+
 def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object, dict]:
     """Contrastive fine-tuning of `encoder` on (written user profile, item profile) pairs,
     plus (item, item) pairs from the same user's training items when `ft_item_weight` > 0.
@@ -468,18 +480,21 @@ def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object,
 
     trainable.train()
     batch, item_weight = opts["ft_batch"], opts["ft_item_weight"]
+    autocast, scaler = mixed_precision(encoder.device, opts["ft_amp"])
     for step in tqdm(range(1, opts["ft_steps"] + 1), desc=f"fine-tune {method}", disable=None):
         rows = one_pair_per_item(pairs[rng.integers(len(pairs), size=batch)])
-        users = embed([dataset.user_profiles[u] for u in rows[:, 0]])
-        loss = info_nce(users, embed(item_texts(rows[:, 1])), opts["ft_temperature"])
-        if item_weight > 0:
-            items = one_pair_per_item(sample_item_pairs(dataset.train, has_text, batch, rng))
-            item_loss = info_nce(embed(item_texts(items[:, 0])), embed(item_texts(items[:, 1])),
-                                 opts["ft_temperature"])
-            loss = loss + item_weight * item_loss
+        with autocast:
+            users = embed([dataset.user_profiles[u] for u in rows[:, 0]])
+            loss = info_nce(users, embed(item_texts(rows[:, 1])), opts["ft_temperature"])
+            if item_weight > 0:
+                items = one_pair_per_item(sample_item_pairs(dataset.train, has_text, batch, rng))
+                item_loss = info_nce(embed(item_texts(items[:, 0])),
+                                     embed(item_texts(items[:, 1])), opts["ft_temperature"])
+                loss = loss + item_weight * item_loss
         optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
         if step % opts["ft_eval_every"] == 0 or step == opts["ft_steps"]:
             recall = snapshot_recall()
             history.append({"step": step, "loss": round(loss.item(), 4),

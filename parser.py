@@ -220,4 +220,7 @@ finetune_options = _apply([
                       "training interactions (0: user-item pairs only)."),
     click.option("--ft-eval-every", default=100, show_default=True, type=int,
                  help="Steps between validation Recall@20 probes (best step kept)."),
+    click.option("--ft-amp/--no-ft-amp", default=True, show_default=True,
+                 help="Mixed precision while fine-tuning on CUDA (bf16 where the GPU has it, "
+                      "else fp16 with loss scaling); no effect on CPU."),
 ])
