@@ -1,16 +1,20 @@
-"""Shared computations over the interaction data: aggregation, losses, sampling and
-training loops used by the model components."""
+"""Shared computations over the interaction data: aggregation, random walks, samplers,
+losses, the one training loop with early stopping, and the fusion-weight search.
+
+A leaf: it imports numpy, scipy, torch and `utils` only. What a loop optimises and how it
+is validated come in as callbacks, so models and evaluation stay out of here."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from utils import pair_values, rows_contain
-
-if TYPE_CHECKING:
-    import torch
+from utils import log, pair_values, rows_contain
 
 
 def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,
@@ -83,10 +87,8 @@ def sample_bpr_triples(train: sp.csr_matrix, size: int,
     return users, positives, negatives
 
 
-def bpr_loss(user: "torch.Tensor", positive: "torch.Tensor", negative: "torch.Tensor",
-             weight_decay: float = 0.0) -> "torch.Tensor":
-    import torch.nn.functional as F
-
+def bpr_loss(user: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+             weight_decay: float = 0.0) -> torch.Tensor:
     margin = (user * positive).sum(-1) - (user * negative).sum(-1)
     loss = F.softplus(-margin).mean()
     if weight_decay:
@@ -95,72 +97,83 @@ def bpr_loss(user: "torch.Tensor", positive: "torch.Tensor", negative: "torch.Te
     return loss
 
 
-def validation_recall(user_vectors: np.ndarray, item_vectors: np.ndarray,
-                      train: sp.csr_matrix, val: sp.csr_matrix, k: int = 20,
-                      max_users: int = 4000, seed: int = 0) -> float:
-    """Recall@k on (a fixed sample of) validation users; training items excluded."""
-    from evaluation import per_user_metrics, users_with_test_items
-    from model import FaissRetriever
 
-    users = users_with_test_items(val)
-    if len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    top, _ = FaissRetriever("flat", use_gpu=False).fit(item_vectors).search(
-        user_vectors, k, train, users)
-    return float(per_user_metrics(top, users, val, (k,))[f"recall@{k}"].mean())
+def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+              optimiser: torch.optim.Optimizer, train: sp.csr_matrix, batch: int,
+              weight_decay: float, rng: np.random.Generator, device: str = "cpu",
+              desc: str = "bpr") -> float:
+    """One pass of BPR steps over about `train.nnz` sampled triples; `embed()` returns the
+    (user, item) vectors of all nodes (full batch). Returns the mean loss."""
+    module.train()
+    steps = max(1, train.nnz // batch)
+    total = 0.0
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+        users, positives, negatives = (torch.as_tensor(a, device=device)
+                                       for a in sample_bpr_triples(train, batch, rng))
+        user_vectors, item_vectors = embed()
+        loss = bpr_loss(user_vectors[users], item_vectors[positives], item_vectors[negatives],
+                        weight_decay)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        total += loss.item()
+    return total / steps
 
 
-def train_with_early_stopping(model, embed, train: sp.csr_matrix, val: sp.csr_matrix,
-                              opts: dict, label: str) -> dict:
-    """Generic BPR loop: `embed()` returns (user, item) tensors for all nodes (full batch).
+class BestState:
+    """The best weights of `module` seen so far, by a score where higher is better."""
 
-    Evaluates validation Recall@20 every `eval_every` epochs, keeps the best weights, stops
-    after `patience` evaluations without improvement. Never reads the test split.
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.score, self.round, self.state = -np.inf, None, None
+
+    def offer(self, score: float, round_: int) -> bool:
+        """Keep a copy of the weights if `score` beats the best; True when it did."""
+        if not score > self.score:
+            return False
+        self.score, self.round = score, round_
+        self.state = copy.deepcopy({k: v.detach() for k, v in self.module.state_dict().items()})
+        return True
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.module.load_state_dict(self.state)
+
+
+def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], float],
+                               best: BestState, rounds: int, patience: int | None = None,
+                               score_first: bool = False, metric: str = "val_recall@20",
+                               label: str = "train") -> dict:
+    """Run `step(round)` (one round of training; returns what to log, e.g. epoch and loss)
+    then `score()` (validation, higher is better) for up to `rounds` rounds; stop after
+    `patience` rounds without improvement; restore the best weights.
+
+    With `score_first`, the untrained state is scored as round 0 and kept if nothing beats
+    it (a ranker that never beats the recall order, a fine-tune that never beats zero-shot).
     """
-    import torch
-    from tqdm import tqdm
-
-    from utils import log
-
-    rng = np.random.default_rng(opts["seed"])
-    optimiser = torch.optim.Adam(model.parameters(), lr=opts["lr"])
-    steps = max(1, train.nnz // opts["train_batch"])
-    best = {"recall": -1.0, "epoch": 0, "state": None}
-    history, waited = [], 0
-    for epoch in range(1, opts["epochs"] + 1):
-        model.train()
-        total = 0.0
-        for _ in tqdm(range(steps), desc=f"{label} epoch {epoch}", leave=False,
-                      disable=None if opts.get("progress", True) else True):
-            users, positives, negatives = (torch.as_tensor(a) for a in sample_bpr_triples(
-                train, opts["train_batch"], rng))
-            user_vectors, item_vectors = embed()
-            loss = bpr_loss(user_vectors[users], item_vectors[positives],
-                            item_vectors[negatives], opts["weight_decay"])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item()
-        if epoch % opts["eval_every"] and epoch != opts["epochs"]:
-            continue
-        model.eval()
-        with torch.no_grad():
-            user_vectors, item_vectors = (t.cpu().numpy() for t in embed())
-        recall = validation_recall(user_vectors, item_vectors, train, val)
-        history.append({"epoch": epoch, "loss": round(total / steps, 5),
-                        "val_recall@20": round(recall, 5)})
-        log(f"{label} epoch {epoch}: loss {total / steps:.4f}  val R@20 {recall:.4f}")
-        if recall > best["recall"]:
-            best = {"recall": recall, "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    history = []
+    if score_first:
+        value = score()
+        best.offer(value, 0)
+        history.append({"round": 0, metric: round(value, 5)})
+        log(f"{label}: before training {metric} {value:.4f}")
+    waited = 0
+    for round_ in range(1, rounds + 1):
+        logged = step(round_)
+        value = score()
+        history.append({"round": round_, **logged, metric: round(value, 5)})
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in logged.items())
+        log(f"{label} {shown}  {metric} {value:.4f}")
+        if best.offer(value, round_):
             waited = 0
         else:
             waited += 1
-            if waited >= opts["patience"]:
+            if patience is not None and waited >= patience:
                 break
-    model.load_state_dict(best["state"])
-    model.eval()
-    return {"best_epoch": best["epoch"], "best_val_recall@20": round(best["recall"], 5),
+    best.restore()
+    best.module.eval()
+    return {"best_round": best.round, f"best_{metric}": round(float(best.score), 5),
             "history": history}
 
 
@@ -182,25 +195,19 @@ def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray
     return np.hstack(scaled).astype(np.float32)
 
 
-def search_fusion_weights(user_parts: list[np.ndarray], item_parts: list[np.ndarray],
-                          train: sp.csr_matrix, val: sp.csr_matrix,
+def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],
                           grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0),
                           rounds: int = 2) -> tuple[list[float], float]:
-    """Weights per part by validation Recall@20: start from the best single part (weight 1,
-    others 0), then coordinate ascent over `grid` for the others. The result is never worse
-    on validation than the best part alone."""
-    def score(candidate: list[float]) -> float:
-        return validation_recall(weighted_concat(user_parts, candidate),
-                                 weighted_concat(item_parts, candidate), train, val)
-
-    singles = [score([1.0 if p == q else 0.0 for q in range(len(user_parts))])
-               for p in range(len(user_parts))]
+    """Weights per part by a validation score of the weighted parts: start from the best
+    single part (weight 1, others 0), then coordinate ascent over `grid` for the others.
+    The result is never worse on validation than the best part alone."""
+    singles = [score([1.0 if p == q else 0.0 for q in range(n_parts)]) for p in range(n_parts)]
     anchor = int(np.argmax(singles))
-    weights = [1.0 if p == anchor else 0.0 for p in range(len(user_parts))]
+    weights = [1.0 if p == anchor else 0.0 for p in range(n_parts)]
     best = singles[anchor]
     for _ in range(rounds):
         improved = False
-        for part in range(len(weights)):
+        for part in range(n_parts):
             if part == anchor:
                 continue
             for value in grid:
@@ -257,81 +264,25 @@ def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.nd
     return all_users[order], all_items[order], ranks[order], labels[order]
 
 
-def rerank(ranker, features, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Candidates of each user reordered by the ranker's score (padding stays last)."""
+def rerank(score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+           users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Candidates of each user (row r is users[r]'s) reordered by
+    `score(users, items, recall ranks)`; padding (-1) stays last."""
     ranks = np.tile(np.arange(candidates.shape[1]), len(users))
-    scores = ranker.score(features, np.repeat(users, candidates.shape[1]), candidates.ravel(),
-                          ranks)
+    scores = score(np.repeat(users, candidates.shape[1]), candidates.ravel(), ranks)
+    scores = np.where(candidates.ravel() >= 0, scores, -np.inf)
     order = np.argsort(-scores.reshape(candidates.shape), axis=1, kind="stable")
     return np.take_along_axis(candidates, order, axis=1)
-
-
-def ndcg_at(top: np.ndarray, users: np.ndarray, truth: sp.csr_matrix, k: int = 20) -> float:
-    from evaluation import per_user_metrics
-
-    return float(per_user_metrics(top[:, :k], users, truth, (k,))[f"ndcg@{k}"].mean())
-
-
-def train_ranker(ranker, features,
-                 pairs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                 check_users: np.ndarray, check_candidates: np.ndarray,
-                 check_truth: sp.csr_matrix, opts: dict, label: str = "ranker") -> dict:
-    """Logistic loss with Adam; after each epoch, NDCG@20 of the re-ranked candidates of
-    held-out check users against `check_truth` (validation items). The best epoch is kept;
-    best_epoch 0 means no epoch beat the recall order, which the caller should then keep."""
-    import torch
-    from tqdm import tqdm
-
-    from utils import log
-
-    users, items, ranks, labels = pairs
-    ranker.set_dense_scaling(features.build(users[:50000], items[:50000], ranks[:50000])["dense"])
-    optimiser = torch.optim.Adam(ranker.parameters(), lr=opts["rank_lr"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    best = {"ndcg": ndcg_at(check_candidates, check_users, check_truth), "epoch": 0,
-            "state": {k: v.clone() for k, v in ranker.state_dict().items()}}
-    history = [{"epoch": 0, "val_ndcg@20": round(best["ndcg"], 5)}]
-    log(f"{label}: {len(labels):,} pairs ({int(labels.sum()):,} positive); "
-        f"recall-only val NDCG@20 {best['ndcg']:.4f}")
-    batch = opts["rank_batch"]
-    for epoch in range(1, opts["rank_epochs"] + 1):
-        ranker.train()
-        for start in tqdm(range(0, len(labels), batch), desc=f"{label} epoch {epoch}",
-                          leave=False, disable=None):
-            rows = slice(start, start + batch)
-            logits = ranker(features.build(users[rows], items[rows], ranks[rows]))
-            loss = loss_fn(logits, torch.as_tensor(labels[rows]))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        ndcg = ndcg_at(rerank(ranker, features, check_users, check_candidates), check_users,
-                       check_truth)
-        history.append({"epoch": epoch, "val_ndcg@20": round(ndcg, 5)})
-        log(f"{label} epoch {epoch}: val NDCG@20 {ndcg:.4f}")
-        if ndcg > best["ndcg"]:
-            best = {"ndcg": ndcg, "epoch": epoch,
-                    "state": {k: v.clone() for k, v in ranker.state_dict().items()}}
-    ranker.load_state_dict(best["state"])
-    return {"best_epoch": best["epoch"], "best_val_ndcg@20": round(best["ndcg"], 5),
-            "history": history}
 
 
 # ---------------------------------------------------------------- contrastive fine-tuning
 
 
-def info_nce(users: "torch.Tensor", items: "torch.Tensor", temperature: float) -> "torch.Tensor":
+def info_nce(users: torch.Tensor, items: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE with in-batch negatives: row r of `users` matches row r of `items`."""
-    import torch.nn.functional as F
-
     logits = users @ items.T / temperature
-    target = torch_arange(len(users), logits.device)
+    target = torch.arange(len(users), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
-def torch_arange(n: int, device) -> "torch.Tensor":
-    import torch
-
-    return torch.arange(n, device=device)
 
 
 def profile_pairs(dataset, rng: np.random.Generator) -> np.ndarray:
@@ -369,148 +320,11 @@ def one_pair_per_item(pairs: np.ndarray) -> np.ndarray:
     return pairs[np.sort(first)]
 
 
-class ValidationProbe:
-    """Validation Recall@20 over a fixed item pool (the probe users' validation items plus
-    random items), training items excluded, for two kinds of users as the text model serves
-    them: users with a written profile (encoded) and users without one (mean of their
-    encoded training items). Cheap enough to run during fine-tuning; never reads the test
-    split."""
-
-    def __init__(self, dataset, max_users: int = 500, max_mean_users: int = 200,
-                 extra_items: int = 1500, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        has_text = np.array([p is not None for p in dataset.item_profiles])
-        with_val = np.diff(dataset.val.indptr) > 0
-        written = dataset.user_profile_source == "written"
-        has_text_train = np.asarray((dataset.train > 0) @ has_text.astype(np.float32)).ravel() > 0
-        self.users = np.sort(rng.permutation(np.flatnonzero(with_val & written))[:max_users])
-        self.mean_users = np.sort(rng.permutation(
-            np.flatnonzero(with_val & ~written & has_text_train))[:max_mean_users])
-        probe_users = np.concatenate([self.users, self.mean_users])
-        pool = set(dataset.val[probe_users].indices.tolist())
-        pool |= set(rng.choice(np.flatnonzero(has_text), min(extra_items, int(has_text.sum())),
-                               replace=False).tolist())
-        self.items = np.array(sorted(i for i in pool if has_text[i]))
-        self.encoded_items = np.union1d(self.items, np.flatnonzero(
-            has_text & (np.asarray(dataset.train[self.mean_users].sum(0)).ravel() > 0)))
-        self.dataset = dataset
-
-    def recall(self, encoder) -> float:
-        from evaluation import per_user_metrics
-        from model import FaissRetriever
-
-        data = self.dataset
-        probe_users = np.concatenate([self.users, self.mean_users])
-        if len(probe_users) == 0:
-            return float("nan")
-        item_vectors = np.zeros((data.n_items, encoder.dim), dtype=np.float32)
-        item_vectors[self.encoded_items] = encoder.encode(
-            [data.item_profiles[i] for i in self.encoded_items], show_progress=False)
-        usable = np.zeros(data.n_items, dtype=bool)
-        usable[self.encoded_items] = True
-        user_vectors = np.zeros((data.n_users, encoder.dim), dtype=np.float32)
-        user_vectors[self.mean_users] = mean_of_items(data.train[self.mean_users], item_vectors,
-                                                      usable)
-        user_vectors[self.users] = encoder.encode([data.user_profiles[u] for u in self.users],
-                                                  show_progress=False)
-        top, _ = FaissRetriever("flat", use_gpu=False).fit(item_vectors, self.items).search(
-            user_vectors, 20, data.train, probe_users)
-        return float(per_user_metrics(top, probe_users, data.val, (20,))["recall@20"].mean())
-
-
 def mixed_precision(device: str, enabled: bool):
     """(autocast context, gradient scaler) for a training step: bf16 autocast on GPUs that
     support it, fp16 with loss scaling on older ones, plain fp32 on CPU or when disabled."""
-    import torch
-
     on_cuda = enabled and str(device).startswith("cuda") and torch.cuda.is_available()
     dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast("cuda", dtype=dtype, enabled=on_cuda)
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and dtype == torch.float16)
     return autocast, scaler
-
-
-def finetune_encoder(encoder, dataset, method: str, opts: dict) -> tuple[object, dict]:
-    """Contrastive fine-tuning of `encoder` on (written user profile, item profile) pairs,
-    plus (item, item) pairs from the same user's training items when `ft_item_weight` > 0.
-
-    Returns a new TextEncoder (LoRA merged) and a log with trainable parameter counts and
-    the validation Recall@20 history; the best checkpoint by that metric is kept.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from model.finetune import count_parameters, finished, prepare
-    from model.text import TextEncoder, embed_tokens
-    from utils import log
-
-    torch.manual_seed(opts["seed"])
-    rng = np.random.default_rng(opts["seed"])
-    pairs = profile_pairs(dataset, rng)
-    has_text = np.array([p is not None for p in dataset.item_profiles])
-    if len(pairs) == 0:
-        raise ValueError("no training pairs: fine-tuning needs users with written profiles")
-    trainable = prepare(encoder.model, method)
-    parameters = count_parameters(trainable)
-    optimiser = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad],
-                                  lr=opts["ft_lr"])
-    settings = dict(pooling=encoder.pooling, max_length=encoder.max_length,
-                    batch_size=encoder.batch_size, device=encoder.device)
-    probe = ValidationProbe(dataset, seed=opts["seed"])
-
-    def snapshot_recall() -> float:
-        recall = probe.recall(TextEncoder(trainable, encoder.tokenizer, **settings))
-        trainable.train()
-        return recall
-
-    best = {"recall": snapshot_recall(), "step": 0,
-            "state": {k: v.detach().clone() for k, v in trainable.state_dict().items()}}
-    history = [{"step": 0, "val_recall@20": round(best["recall"], 5)}]
-    log(f"fine-tune ({method}): {len(pairs):,} pairs, {parameters['trainable']:,} of "
-        f"{parameters['total']:,} parameters trainable; zero-shot probe R@20 {best['recall']:.4f}")
-    def embed(texts: list[str]) -> torch.Tensor:
-        tokens = encoder.tokenizer(texts, padding=True, truncation=True,
-                                   max_length=opts["ft_max_length"], return_tensors="pt")
-        tokens = {k: v.to(encoder.device) for k, v in tokens.items()}
-        return torch.nn.functional.normalize(embed_tokens(trainable, tokens, encoder.pooling),
-                                             dim=-1)
-
-    def item_texts(items: np.ndarray) -> list[str]:
-        return [dataset.item_profiles[i] for i in items]
-
-    trainable.train()
-    batch, item_weight = opts["ft_batch"], opts["ft_item_weight"]
-    autocast, scaler = mixed_precision(encoder.device, opts["ft_amp"])
-    for step in tqdm(range(1, opts["ft_steps"] + 1), desc=f"fine-tune {method}", disable=None):
-        rows = one_pair_per_item(pairs[rng.integers(len(pairs), size=batch)])
-        with autocast:
-            users = embed([dataset.user_profiles[u] for u in rows[:, 0]])
-            loss = info_nce(users, embed(item_texts(rows[:, 1])), opts["ft_temperature"])
-            if item_weight > 0:
-                items = one_pair_per_item(sample_item_pairs(dataset.train, has_text, batch, rng))
-                item_loss = info_nce(embed(item_texts(items[:, 0])),
-                                     embed(item_texts(items[:, 1])), opts["ft_temperature"])
-                loss = loss + item_weight * item_loss
-        optimiser.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
-        if step % opts["ft_eval_every"] == 0 or step == opts["ft_steps"]:
-            recall = snapshot_recall()
-            history.append({"step": step, "loss": round(loss.item(), 4),
-                            "val_recall@20": round(recall, 5)})
-            log(f"fine-tune ({method}) step {step}: loss {loss.item():.4f}  probe R@20 {recall:.4f}")
-            if recall > best["recall"]:
-                best = {"recall": recall, "step": step,
-                        "state": {k: v.detach().clone() for k, v in trainable.state_dict().items()}}
-    trainable.load_state_dict(best["state"])
-    model = finished(trainable, method).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad = False
-    tuned = TextEncoder(model, encoder.tokenizer, quantize=encoder.quantize,
-                        name=f"{encoder.name}+{method}", **settings)
-    return tuned, {"method": method, "learning_rate": opts["ft_lr"],
-                   "trainable_parameters": parameters["trainable"],
-                   "total_parameters": parameters["total"], "pairs": int(len(pairs)),
-                   "best_step": best["step"], "best_val_recall@20": round(best["recall"], 5),
-                   "history": history}

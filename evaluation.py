@@ -1,5 +1,6 @@
-"""Recall@K and NDCG@K under the RLMRec/EasyRec protocol, per user and averaged, and the
-run report (metrics.json, per-user metrics, report.md)."""
+"""Recall@K and NDCG@K under the RLMRec/EasyRec protocol, per user and averaged; the one
+`Evaluator` (split, exclusion mask, users) every stage, bundle and A/B report uses; the run
+report (metrics.json, per-user metrics, report.md); and the A/B statistics."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from model.retrieval import FaissRetriever
 from utils import atomic_path, rows_contain, write_json_atomic, write_text_atomic
 
 DEFAULT_KS = (5, 10, 20, 50)
@@ -55,6 +57,67 @@ def segment_metrics(per_user: pd.DataFrame, labels: np.ndarray,
             for name in sorted(set(segments))}
 
 
+class Evaluator:
+    """One split's evaluation under the full-ranking protocol: the users averaged over
+    (those with at least one truth item, or a fixed sample of them), the truth matrix, and
+    what is excluded from every list (the training items)."""
+
+    def __init__(self, truth: sp.csr_matrix, exclude: sp.csr_matrix,
+                 ks: tuple[int, ...] = DEFAULT_KS, users: np.ndarray | None = None) -> None:
+        self.truth, self.exclude, self.ks = truth.tocsr(), exclude.tocsr(), tuple(ks)
+        self.users = users_with_test_items(self.truth) if users is None else np.asarray(users)
+
+    @classmethod
+    def on_test(cls, dataset, ks: tuple[int, ...] = DEFAULT_KS) -> "Evaluator":
+        return cls(dataset.test, dataset.train, ks)
+
+    @classmethod
+    def on_validation(cls, dataset, ks: tuple[int, ...] = (20,), max_users: int | None = 4000,
+                      seed: int = 0) -> "Evaluator":
+        """Validation users (a fixed sample of `max_users` of them, to keep early stopping
+        cheap); never the test split."""
+        users = users_with_test_items(dataset.val)
+        if max_users is not None and len(users) > max_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+        return cls(dataset.val, dataset.train, ks, users)
+
+    def restricted(self, users: np.ndarray) -> "Evaluator":
+        return Evaluator(self.truth, self.exclude, self.ks, np.asarray(users))
+
+    @property
+    def k(self) -> int:
+        return max(self.ks)
+
+    def top_of(self, model, k: int | None = None) -> np.ndarray:
+        """The ranked lists of a fitted recall model for this split's users."""
+        return model.recommend(self.users, k or self.k)[0]
+
+    def top_of_vectors(self, user_vectors: np.ndarray, item_vectors: np.ndarray,
+                       k: int | None = None, items: np.ndarray | None = None) -> np.ndarray:
+        """Exact inner-product lists over `items` (all items by default)."""
+        top, _ = FaissRetriever("flat").fit(item_vectors, items).search(
+            user_vectors, k or self.k, self.exclude, self.users)
+        return top
+
+    def per_user(self, top: np.ndarray) -> pd.DataFrame:
+        return per_user_metrics(top, self.users, self.truth, self.ks)
+
+    def metrics(self, top: np.ndarray) -> dict[str, float]:
+        return summarise(self.per_user(top), self.ks)
+
+    def mean(self, top: np.ndarray, metric: str = "recall", k: int = 20) -> float:
+        """One metric averaged over the users, unrounded (for early stopping)."""
+        if len(self.users) == 0:
+            return float("nan")
+        frame = per_user_metrics(top[:, :k], self.users, self.truth, (k,))
+        return float(frame[f"{metric}@{k}"].mean())
+
+    def vector_recall(self, user_vectors: np.ndarray, item_vectors: np.ndarray,
+                      k: int = 20) -> float:
+        """Recall@k of inner-product retrieval over these vectors."""
+        return self.mean(self.top_of_vectors(user_vectors, item_vectors, k), "recall", k)
+
+
 def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:
     """Markdown table with a row per variant; unavailable variants say why."""
     metric_columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
@@ -72,35 +135,27 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> 
     return "\n".join(lines)
 
 
-def write_run(run_dir: Path, config: dict, dataset_summary: dict, results: dict[str, dict],
+def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[str, dict],
               per_user: dict[str, pd.DataFrame], notes: list[str],
-              top_lists: dict[str, np.ndarray] | None = None,
-              vectors: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
-    """Write the run folder atomically: metrics.json, config.json, per_user/*.csv (rows in
-    test-user order), top/*.npy (the ranked lists of those users), embeddings/*.npz (user
-    and item vectors of each embedding variant), report.md."""
-    with atomic_path(run_dir) as tmp:
-        tmp.mkdir(parents=True)
-        for folder, arrays in (("top", top_lists or {}), ("embeddings", vectors or {})):
-            (tmp / folder).mkdir()
-            for variant, array in arrays.items():
-                if folder == "top":
-                    np.save(tmp / folder / f"{_file_name(variant)}.npy", array)
-                else:
-                    np.savez(tmp / folder / f"{_file_name(variant)}.npz",
-                             users=array[0].astype(np.float32),
-                             items=array[1].astype(np.float32))
-        write_json_atomic(tmp / "metrics.json", {"dataset": dataset_summary, "variants": results})
-        write_json_atomic(tmp / "config.json", config)
-        (tmp / "per_user").mkdir()
-        for variant, frame in per_user.items():
-            frame.to_csv(tmp / "per_user" / f"{_file_name(variant)}.csv", index=False,
-                         float_format="%.6g")
-        write_text_atomic(tmp / "report.md", render_report(config, dataset_summary, results, notes))
-    return run_dir
+              top_lists: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a run's results into `folder` (a staging folder the caller renames into place):
+    metrics.json, config.json, per_user/*.csv (rows in test-user order), top/*.npy (the
+    ranked lists of those users), report.md."""
+    folder = Path(folder)
+    (folder / "top").mkdir(parents=True, exist_ok=True)
+    for variant, array in (top_lists or {}).items():
+        np.save(folder / "top" / f"{file_name(variant)}.npy", array)
+    write_json_atomic(folder / "metrics.json", {"dataset": dataset_summary, "variants": results})
+    write_json_atomic(folder / "config.json", config)
+    (folder / "per_user").mkdir(exist_ok=True)
+    for variant, frame in per_user.items():
+        frame.to_csv(folder / "per_user" / f"{file_name(variant)}.csv", index=False,
+                     float_format="%.6g")
+    write_text_atomic(folder / "report.md", render_report(config, dataset_summary, results, notes))
+    return folder
 
 
-def _file_name(variant: str) -> str:
+def file_name(variant: str) -> str:
     """'fused + Wide&Deep' -> 'fused_wide_deep': a safe file name for a variant."""
     return "_".join("".join(c if c.isalnum() else " " for c in variant.lower()).split())
 
@@ -148,8 +203,8 @@ def load_run_variant(run_dir: Path, variant: str | None) -> tuple[dict, str, pd.
     variant = variant or (ok[-1] if ok else None)
     if variant not in ok:
         raise ABError(f"{run_dir}: no successful variant {variant!r}; it has {ok}")
-    frame = pd.read_csv(run_dir / "per_user" / f"{_file_name(variant)}.csv")
-    top_file = run_dir / "top" / f"{_file_name(variant)}.npy"
+    frame = pd.read_csv(run_dir / "per_user" / f"{file_name(variant)}.csv")
+    top_file = run_dir / "top" / f"{file_name(variant)}.npy"
     top = np.load(top_file) if top_file.exists() else None
     return metrics, variant, frame, top
 
@@ -229,8 +284,10 @@ def list_statistics(top: np.ndarray, train: sp.csr_matrix, k: int = 20) -> dict[
 
 
 def ab_compare(run_a: Path, run_b: Path, variant_a: str | None, variant_b: str | None,
-               train: sp.csr_matrix, test: sp.csr_matrix, seed: int = 0) -> dict:
-    """Everything the A/B report shows, as one dict (written as ab.json)."""
+               evaluator: Evaluator, seed: int = 0) -> dict:
+    """Everything the A/B report shows, as one dict (written as ab.json). `evaluator` is the
+    test split the runs were evaluated on (its exclusion mask gives the training counts)."""
+    train, test = evaluator.exclude, evaluator.truth
     metrics_a, variant_a, frame_a, top_a = load_run_variant(run_a, variant_a)
     metrics_b, variant_b, frame_b, top_b = load_run_variant(run_b, variant_b)
     if metrics_a["dataset"] != metrics_b["dataset"]:

@@ -1,8 +1,11 @@
-"""Production recall bundles: export a run's user and item vectors with their FAISS index,
-id maps and the recipe to embed a new profile; load them back with every checksum verified."""
+"""Production bundles: one recall model of a run (its user and item vectors, FAISS index,
+id maps, seen items), the encoder to embed a new profile where the model has text, and the
+Wide&Deep ranker trained on that model's candidates, so a two-stage recommendation can be
+made from the bundle alone. Every file's checksum is verified on load."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,10 +14,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from utils import atomic_path, sha256_file
+from evaluation import Evaluator, file_name
+from model.base import Recommender
+from model.config import ExperimentConfig
+from model.ranking import WideDeepRanker
+from model.retrieval import FaissRetriever
+from model.text import load_encoder
+from utils import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RANKER_DIR, ENCODER_DIR = "ranker", "encoder"
 
 
 class BundleError(ValueError):
@@ -38,142 +48,159 @@ def _quantise(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, float]:
     return np.clip(np.round(vectors / scale), -127, 127).astype(np.int8), scale
 
 
-def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
-                  storage: str = "float32") -> Path:
-    """Write the bundle of one embedding variant of a run to `out` (atomically)."""
-    import faiss
-
-    run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
-    vectors_file = run_dir / "embeddings" / f"{variant}.npz"
-    if not vectors_file.exists():
-        saved = sorted(p.stem for p in (run_dir / "embeddings").glob("*.npz"))
-        raise BundleError(f"{run_dir}: no vectors saved for variant '{variant}' (saved: {saved})")
-    vectors = np.load(vectors_file)
-    users, items = vectors["users"], vectors["items"]
-    result = metrics["variants"][variant]
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        stored_users, user_scale = _quantise(users, storage)
-        stored_items, item_scale = _quantise(items, storage)
-        np.save(tmp / "user_embeddings.npy", stored_users)
-        np.save(tmp / "item_embeddings.npy", stored_items)
-        pd.DataFrame({"row": np.arange(len(users)), "id": _ids(dataset.user_ids, len(users))}
-                     ).to_parquet(tmp / "users.parquet", index=False)
-        item_table = {"row": np.arange(len(items)), "id": _ids(dataset.item_ids, len(items))}
-        if any(p is not None for p in dataset.item_profiles):  # lets answers show what an id is
-            item_table["profile"] = [p or "" for p in dataset.item_profiles]
-        pd.DataFrame(item_table).to_parquet(tmp / "items.parquet", index=False)
-        index = faiss.IndexFlatIP(items.shape[1])
-        index.add(np.ascontiguousarray(_restore(stored_items, item_scale)))
-        faiss.write_index(index, str(tmp / "items.faiss"))
-        sp.save_npz(tmp / "seen.npz", (dataset.train > 0).astype(np.float32).tocsr())
-        manifest = {
-            "format_version": FORMAT_VERSION, "variant": variant,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "code_version": _code_version(), "source_run": str(run_dir),
-            "dataset": metrics["dataset"],
-            "data": {k: config.get(k) for k in ("dataset", "data_root", "data_source")},
-            "users": int(users.shape[0]), "items": int(items.shape[0]),
-            "dim": int(items.shape[1]), "storage": storage,
-            "scales": {"users": user_scale, "items": item_scale},
-            "normalised": bool(np.allclose(np.linalg.norm(items[np.abs(items).sum(1) > 0],
-                                                          axis=1), 1, atol=1e-3)),
-            "metric": "inner_product", "index": {"file": "items.faiss", "type": "IndexFlatIP"},
-            "metrics_at_export": result["metrics"],
-            "text_encoder": _encoder_recipe(variant, result, metrics, config, users.shape[1]),
-        }
-        if manifest["text_encoder"] is None:
-            manifest["text_encoder_unavailable"] = _no_text_reason(variant, result, metrics)
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
+def _restore(stored: np.ndarray, scale: float) -> np.ndarray:
+    return stored.astype(np.float32) * np.float32(scale)
 
 
 def _ids(ids: list[str], count: int) -> list[str]:
     return list(ids) if len(ids) == count else [str(i) for i in range(count)]
 
 
-def _restore(stored: np.ndarray, scale: float) -> np.ndarray:
-    return stored.astype(np.float32) * np.float32(scale)
+def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
+                  storage: str = "float32") -> Path:
+    """Write the bundle of one recall variant of a run to `out` (atomically)."""
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model_dir = run_dir / "models" / file_name(variant)
+    if not model_dir.exists():
+        saved = sorted(p.name for p in (run_dir / "models").glob("*"))
+        raise BundleError(f"{run_dir}: no model saved for variant '{variant}' (saved: {saved})")
+    model = Recommender.load(model_dir)
+    if not model.has_vectors():
+        raise BundleError(f"variant '{variant}' has no vectors to export")
+    config = json.loads((run_dir / "config.json").read_text())
+    users, items = model.embeddings()
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        stored_users, user_scale = _quantise(users, storage)
+        stored_items, item_scale = _quantise(items, storage)
+        np.save(tmp / "user_embeddings.npy", stored_users)
+        np.save(tmp / "item_embeddings.npy", stored_items)
+        _write_id_tables(tmp, dataset, len(users), len(items))
+        indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
+            else np.arange(len(items))
+        FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
+                                                  indexed).save(tmp / "items.faiss")
+        np.save(tmp / "index_items.npy", indexed)
+        sp.save_npz(tmp / "seen.npz", model.seen)
+        text = _copy_encoder(run_dir, variant, model, tmp)
+        ranker = _copy_ranker(run_dir, variant, tmp)
+        data = config.get("data", config)
+        manifest = {
+            "format_version": FORMAT_VERSION, "variant": variant, "model_class": type(model).__name__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "code_version": _code_version(), "source_run": str(run_dir),
+            "dataset": metrics["dataset"],
+            "data": {k: data.get(k) for k in ("dataset", "data_root", "data_source")},
+            "users": int(users.shape[0]), "items": int(items.shape[0]),
+            "dim": int(items.shape[1]), "storage": storage,
+            "scales": {"users": user_scale, "items": item_scale},
+            "metric": "inner_product", "index": {"file": "items.faiss", "type": "IndexFlatIP"},
+            "metrics_at_export": metrics["variants"][variant]["metrics"],
+            "text_encoder": text, "ranker": ranker}
+        if text is None:
+            manifest["text_encoder_unavailable"] = _no_text_reason(variant, model)
+        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p)
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return out
 
 
-def _encoder_recipe(variant: str, result: dict, metrics: dict, config: dict,
-                    dim: int) -> dict | None:
-    """How to embed a new profile into this variant's user space, or None if it has no text.
+def _write_id_tables(folder: Path, dataset, n_users: int, n_items: int) -> None:
+    pd.DataFrame({"row": np.arange(n_users), "id": _ids(dataset.user_ids, n_users)}
+                 ).to_parquet(folder / "users.parquet", index=False)
+    item_table = {"row": np.arange(n_items), "id": _ids(dataset.item_ids, n_items)}
+    if any(p is not None for p in dataset.item_profiles):  # lets answers show what an id is
+        item_table["profile"] = [p or "" for p in dataset.item_profiles]
+    pd.DataFrame(item_table).to_parquet(folder / "items.parquet", index=False)
 
-    Text variant: the encoder output itself. Fused: the text block (first columns, scaled by
-    sqrt(weight) / mean row norm) with the graph blocks left at zero: a cold-start vector.
-    """
-    text = metrics["variants"].get("text", {})
-    encoder = text.get("encoder")
-    if encoder is None:
+
+def _copy_encoder(run_dir: Path, variant: str, model: Recommender, folder: Path) -> dict | None:
+    """Copy the encoder that embeds a new profile into this variant's user space: the text
+    model's own, or for a concat fusion with a text part, the text model's (its block of
+    the fused vector; the graph blocks stay zero: a cold-start vector)."""
+    block = getattr(model, "text_block", None)
+    if (run_dir / "models" / file_name(variant) / ENCODER_DIR).exists():
+        source, block = run_dir / "models" / file_name(variant) / ENCODER_DIR, None
+    elif block:
+        source = run_dir / "models" / "text" / ENCODER_DIR
+    else:
         return None
-    recipe = {"base": config.get("encoder_path") or config.get("base_model"),
-              "layers": config.get("layers"), "layer_strategy": config.get("layer_strategy"),
-              "weights_sha256": text.get("encoder_fingerprint"), **encoder}
-    if variant == "text":
-        return {**recipe, "block": [0, encoder["dim"]], "scale": 1.0}
-    parts = result.get("parts", [])
-    weights = result.get("fusion_weights", {})
-    if variant == "fused" and result.get("method") == "concat" and parts[:1] == ["text"] \
-            and weights.get("text", 0) > 0:
-        return {**recipe, "block": [0, encoder["dim"]], "scale": float(np.sqrt(weights["text"])),
-                "total_dim": dim}
-    return None
+    shutil.copytree(source, folder / ENCODER_DIR)
+    if block is None:
+        dim = model.embeddings()[0].shape[1]
+        return {"folder": ENCODER_DIR, "block": [0, dim], "scale": 1.0}
+    return {"folder": ENCODER_DIR, "block": block[:2], "scale": block[2]}
 
 
-def _no_text_reason(variant: str, result: dict, metrics: dict) -> str:
-    if "encoder" not in metrics["variants"].get("text", {}):
-        return "the run has no text model (no profiles, or the text variant was not run)"
-    if variant == "fused" and result.get("method") != "concat":
+def _copy_ranker(run_dir: Path, variant: str, folder: Path) -> dict | None:
+    source = run_dir / "models" / file_name(f"{variant} + Wide&Deep")
+    if not source.exists():
+        return None
+    shutil.copytree(source, folder / RANKER_DIR)
+    description = json.loads((source / "ranker.json").read_text())
+    return {"folder": RANKER_DIR, "candidates": description["params"]["candidates"],
+            "kept_recall_order": description["kept_recall_order"]}
+
+
+def _no_text_reason(variant: str, model: Recommender) -> str:
+    if getattr(model, "method", None) == "projection":
         return "a learned-projection fusion has no separate text block"
     if variant == "fused":
-        return "the fusion gave the text part weight 0 on validation"
+        return "the fusion has no text part, or gave it weight 0 on validation"
     return f"variant '{variant}' is not built from text"
 
 
 class Bundle:
-    """A loaded, verified bundle: vectors, ids, seen items and the item index."""
+    """A loaded, verified bundle: vectors, ids, seen items, the item index, and (when the
+    run had them) the text encoder and the Wide&Deep ranker."""
 
     def __init__(self, folder: str | Path) -> None:
-        import faiss
-
         self.folder = Path(folder)
-        manifest_file = self.folder / MANIFEST
-        if not manifest_file.exists():
-            raise BundleError(f"{self.folder}: not a bundle (no {MANIFEST})")
-        try:
-            self.manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as error:
-            raise BundleError(f"{manifest_file}: malformed JSON ({error.msg})") from error
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{manifest_file}: unsupported format version "
-                              f"{self.manifest.get('format_version')}")
-        for name, expected in self.manifest["files"].items():
-            path = self.folder / name
-            if not path.exists():
-                raise BundleError(f"{path}: listed in the manifest but missing")
-            if sha256_file(path) != expected:
-                raise BundleError(f"{path}: checksum mismatch (file changed or corrupted)")
+        self.manifest = self._verified_manifest()
         scales = self.manifest["scales"]
         self.users = _restore(np.load(self.folder / "user_embeddings.npy"), scales["users"])
         self.items = _restore(np.load(self.folder / "item_embeddings.npy"), scales["items"])
-        expected_shapes = {"users": (self.manifest["users"], self.manifest["dim"]),
-                           "items": (self.manifest["items"], self.manifest["dim"])}
-        for name, shape in expected_shapes.items():
-            if getattr(self, name).shape != tuple(shape):
+        for name in ("users", "items"):
+            shape = (self.manifest[name], self.manifest["dim"])
+            if getattr(self, name).shape != shape:
                 raise BundleError(f"{self.folder}: {name} vectors are "
-                                  f"{getattr(self, name).shape}, manifest says {tuple(shape)}")
+                                  f"{getattr(self, name).shape}, manifest says {shape}")
         self.user_ids = pd.read_parquet(self.folder / "users.parquet")["id"].astype(str).tolist()
         item_table = pd.read_parquet(self.folder / "items.parquet")
         self.item_ids = item_table["id"].astype(str).tolist()
         self.item_profiles = item_table["profile"].tolist() if "profile" in item_table else None
         self.seen = sp.load_npz(self.folder / "seen.npz").tocsr()
-        self.index = faiss.read_index(str(self.folder / "items.faiss"))
+        self.retriever = FaissRetriever.load(self.folder / "items.faiss",
+                                             np.load(self.folder / "index_items.npy"))
         self._user_row = {uid: row for row, uid in enumerate(self.user_ids)}
         self._item_row = {iid: row for row, iid in enumerate(self.item_ids)}
+        self._ranker: WideDeepRanker | None = None
+
+    def _verified_manifest(self) -> dict:
+        manifest_file = self.folder / MANIFEST
+        if not manifest_file.exists():
+            raise BundleError(f"{self.folder}: not a bundle (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as error:
+            raise BundleError(f"{manifest_file}: malformed JSON ({error.msg})") from error
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{manifest_file}: unsupported format version "
+                              f"{manifest.get('format_version')} (this code reads "
+                              f"{FORMAT_VERSION}; export the run again)")
+        for name, expected in manifest["files"].items():
+            path = self.folder / name
+            if not path.exists():
+                raise BundleError(f"{path}: listed in the manifest but missing")
+            if sha256_file(path) != expected:
+                raise BundleError(f"{path}: checksum mismatch (file changed or corrupted)")
+        return manifest
+
+    def data_config(self) -> ExperimentConfig:
+        """The data set and split the bundle was exported from."""
+        return ExperimentConfig().updated({k: v for k, v in self.manifest["data"].items()
+                                           if v is not None})
 
     def item_profile(self, item: str) -> str:
         """The item's profile text as exported ('' when the bundle holds none)."""
@@ -191,52 +218,73 @@ class Bundle:
                               f"{len(self.item_ids):,} items, e.g. {self.item_ids[0]!r})")
         return self._item_row[item]
 
-    def _search(self, query: np.ndarray, k: int, exclude: np.ndarray) -> list[tuple[str, float]]:
-        scores, rows = self.index.search(query[None, :].astype(np.float32), k + len(exclude))
-        keep = [(self.item_ids[r], float(s)) for r, s in zip(rows[0], scores[0])
-                if r >= 0 and r not in set(exclude.tolist())]
-        return keep[:k]
+    def _named(self, rows: np.ndarray, scores: np.ndarray) -> list[tuple[str, float]]:
+        return [(self.item_ids[r], float(s)) for r, s in zip(rows, scores) if r >= 0]
 
-    def recommend(self, user: str, k: int = 20) -> list[tuple[str, float]]:
-        row = self.user_row(user)
-        seen = self.seen.indices[self.seen.indptr[row]:self.seen.indptr[row + 1]]
-        return self._search(self.users[row], k, seen)
+    @property
+    def ranker(self) -> WideDeepRanker:
+        if self.manifest.get("ranker") is None:
+            raise BundleError(f"this '{self.manifest['variant']}' bundle has no ranker (run "
+                              f"with --rank widedeep --rank-on {self.manifest['variant']}, "
+                              "then export)")
+        if self._ranker is None:
+            self._ranker = WideDeepRanker.load(self.folder / RANKER_DIR)
+        return self._ranker
+
+    def recommend(self, user: str, k: int = 20, rank: bool = False) -> list[tuple[str, float]]:
+        """Top-k items for a known user, seen items excluded; with `rank`, the ranker's
+        order of the recall stage's candidates (scores are then the ranker's)."""
+        row = np.array([self.user_row(user)])
+        if not rank:
+            items, scores = self.retriever.search(self.users, k, self.seen, row)
+            return self._named(items[0], scores[0])
+        ranker = self.ranker
+        candidates, _ = self.retriever.search(self.users, max(k, ranker.candidates), self.seen,
+                                              row)
+        ordered = ranker.rerank(row, candidates)[0][:k]
+        ranks = np.array([int(np.flatnonzero(candidates[0] == i)[0]) for i in ordered])
+        scores = ranker.score(np.repeat(row, len(ordered)), ordered, ranks)
+        return self._named(ordered, scores)
 
     def recommend_for_vector(self, vector: np.ndarray, k: int = 20) -> list[tuple[str, float]]:
-        return self._search(vector, k, np.zeros(0, dtype=np.int64))
+        items, scores = self.retriever.search(vector[None, :].astype(np.float32), k)
+        return self._named(items[0], scores[0])
 
     def similar_items(self, item: str, k: int = 20) -> list[tuple[str, float]]:
         row = self.item_row(item)
-        return self._search(self.items[row], k, np.array([row]))
+        itself = sp.csr_matrix(([1.0], ([0], [row])), shape=(1, len(self.items)))
+        items, scores = self.retriever.search(self.items[row][None, :], k, itself)
+        return self._named(items[0], scores[0])
 
     def lookalike_users(self, user: str, k: int = 20) -> list[tuple[str, float]]:
-        import faiss
-
         row = self.user_row(user)
-        index = faiss.IndexFlatIP(self.users.shape[1])
-        index.add(self.users)
-        scores, rows = index.search(self.users[row][None, :], k + 1)
-        return [(self.user_ids[r], float(s)) for r, s in zip(rows[0], scores[0])
-                if r >= 0 and r != row][:k]
+        if not hasattr(self, "_user_index"):
+            self._user_index = FaissRetriever("flat", use_gpu=False).fit(self.users)
+        itself = sp.csr_matrix(([1.0], ([0], [row])), shape=(1, len(self.users)))
+        rows, scores = self._user_index.search(self.users[row][None, :], k, itself)
+        return [(self.user_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
 
     def embed_profile(self, text: str) -> np.ndarray:
         """A cold-start user vector from profile text, with the encoder the run used."""
-        from model.text import TextEncoder
-
         recipe = self.manifest.get("text_encoder")
         if recipe is None:
             reason = self.manifest.get("text_encoder_unavailable", "no text part")
             raise BundleError(f"this '{self.manifest['variant']}' bundle cannot embed a new "
                               f"profile: {reason}")
-        encoder = TextEncoder.from_pretrained(
-            recipe["base"], layers=recipe["layers"], strategy=recipe["layer_strategy"],
-            pooling=recipe["pooling"], max_length=recipe["max_length"],
-            quantize=recipe["quantize"])
-        if recipe.get("weights_sha256") and encoder.fingerprint() != recipe["weights_sha256"]:
-            raise BundleError(f"the encoder rebuilt from {recipe['base']!r} differs from the one "
-                              "this bundle was made with (weights hash mismatch)")
-        text_vector = encoder.encode([text], show_progress=False)[0] * recipe["scale"]
+        try:
+            encoder = load_encoder(self.folder / recipe["folder"])
+        except Exception as error:  # a rebuilt encoder that differs is refused with the reason
+            raise BundleError(f"{self.folder / recipe['folder']}: {error}") from error
         vector = np.zeros(self.manifest["dim"], dtype=np.float32)
         start, end = recipe["block"]
-        vector[start:end] = text_vector
+        vector[start:end] = encoder.encode([text], show_progress=False)[0] * recipe["scale"]
         return vector
+
+    def evaluate(self, dataset, ks: tuple[int, ...]) -> tuple[dict, dict]:
+        """(metrics now, metrics at export) on the data set's test split."""
+        if dataset.summary() != self.manifest["dataset"]:
+            raise BundleError("the data set on disk differs from the one the bundle was "
+                              "exported from")
+        evaluator = Evaluator.on_test(dataset, ks)
+        top, _ = self.retriever.search(self.users, evaluator.k, self.seen, evaluator.users)
+        return evaluator.metrics(top), self.manifest["metrics_at_export"]

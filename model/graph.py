@@ -1,35 +1,48 @@
-"""Graph recall models on the training interaction graph (DeepWalk, GraphSAGE, LightGCN)
-and the fusion of several signals into one user and one item vector."""
+"""Graph recall models on the training interaction graph: DeepWalk (random walks + gensim
+skip-gram), GraphSAGE (PyG SAGEConv over text features and id embeddings, inductive for
+new nodes) and LightGCN (PyG). Trained models stop early on validation Recall@20."""
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from gensim.models import Word2Vec
+from torch_geometric.nn import LightGCN as PygLightGCN
+from torch_geometric.nn import SAGEConv
 
-from utils import log
+from coreMethod import (BestState, bipartite_graph, bpr_epoch, random_walks,
+                        train_until_no_improvement)
+from evaluation import Evaluator
+from model.base import Recommender, register
+from model.config import TrainConfig
+from utils import log, pick_device
+
+STATE_FILE = "state.pt"
 
 
-class DeepWalk:
+@register
+class DeepWalk(Recommender):
     """Weighted random walks on the training graph (edge weight = visit count), fed to
     gensim's skip-gram. Users and items share one vector space."""
 
+    _name = "deepwalk"
+
     def __init__(self, dim: int = 64, walks_per_node: int = 10, walk_length: int = 20,
                  window: int = 5, epochs: int = 5, workers: int = 1, seed: int = 2023) -> None:
+        super().__init__()
         self.dim, self.walks_per_node, self.walk_length = dim, walks_per_node, walk_length
         self.window, self.epochs, self.workers, self.seed = window, epochs, workers, seed
-        self.vectors = None
-        self.n_users = 0
+
+    def params(self) -> dict:
+        return {"dim": self.dim, "walks_per_node": self.walks_per_node,
+                "walk_length": self.walk_length, "window": self.window, "epochs": self.epochs,
+                "workers": self.workers, "seed": self.seed}
 
     def fit(self, dataset) -> "DeepWalk":
-        import tempfile
-
-        from gensim.models import Word2Vec
-
-        from coreMethod import bipartite_graph, random_walks
-
         graph = bipartite_graph(dataset.train)
         walks = random_walks(graph, self.walks_per_node, self.walk_length, self.seed)
         log(f"deepwalk: {len(walks):,} walks x {self.walk_length} steps")
@@ -39,14 +52,12 @@ class DeepWalk:
             skipgram = Word2Vec(corpus_file=str(corpus), vector_size=self.dim, window=self.window,
                                 sg=1, negative=5, min_count=1, workers=self.workers,
                                 epochs=self.epochs, seed=self.seed)
-        self.vectors = np.zeros((graph.shape[0], self.dim), dtype=np.float32)
+        vectors = np.zeros((graph.shape[0], self.dim), dtype=np.float32)
         keys = np.array([int(k) for k in skipgram.wv.index_to_key])
-        self.vectors[keys] = skipgram.wv.vectors
-        self.n_users = dataset.n_users
+        vectors[keys] = skipgram.wv.vectors
+        self.user_vectors, self.item_vectors = vectors[:dataset.n_users], vectors[dataset.n_users:]
+        self._fitted_on(dataset)
         return self
-
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.vectors[: self.n_users], self.vectors[self.n_users:]
 
 
 class SAGENet(torch.nn.Module):
@@ -58,27 +69,27 @@ class SAGENet(torch.nn.Module):
     """
 
     def __init__(self, n_nodes: int, feature_dim: int, id_dim: int, hidden: int,
-                 layers: int, has_edges: torch.Tensor) -> None:
-        from torch_geometric.nn import SAGEConv
-
+                 layers: int) -> None:
         super().__init__()
         if feature_dim + id_dim == 0:
             raise ValueError("GraphSAGE needs text features, id embeddings, or both")
         self.id_embedding = torch.nn.Embedding(n_nodes, id_dim) if id_dim else None
         if self.id_embedding is not None:
             torch.nn.init.normal_(self.id_embedding.weight, std=0.1)
-        self.register_buffer("id_mask", has_edges.float().unsqueeze(1))
+        self.register_buffer("id_mask", torch.ones(n_nodes, 1))
         self.project = torch.nn.Linear(feature_dim + id_dim, hidden)
         self.convs = torch.nn.ModuleList(SAGEConv(hidden, hidden) for _ in range(layers))
 
     def forward(self, features: torch.Tensor | None, adjacency: torch.Tensor,
-                node_ids: torch.Tensor | None = None) -> torch.Tensor:
+                new_nodes: int | None = None) -> torch.Tensor:
+        """All nodes of the training graph, or (`new_nodes` rows of `features`) nodes that
+        are not in it: those get no id vector."""
         parts = [] if features is None else [features]
         if self.id_embedding is not None:
-            if node_ids is None:
+            if new_nodes is None:
                 parts.append(self.id_embedding.weight * self.id_mask)
-            else:  # new nodes beyond the table: no id vector
-                parts.append(torch.zeros(len(features), self.id_embedding.embedding_dim))
+            else:
+                parts.append(features.new_zeros(new_nodes, self.id_embedding.embedding_dim))
         hidden = self.project(torch.cat(parts, dim=1))
         for position, conv in enumerate(self.convs):
             hidden = conv(hidden, adjacency)
@@ -87,89 +98,162 @@ class SAGENet(torch.nn.Module):
         return hidden
 
 
-class GraphSAGE:
-    """GraphSAGE (full batch) trained on link prediction with BPR, early stopping on
-    validation Recall@20. Input features: text embeddings and/or learned id embeddings."""
+class _BPRGraphModel(Recommender):
+    """Shared by GraphSAGE and LightGCN: a torch network over the training graph, trained
+    with BPR full batch, early-stopped on validation Recall@20, saved as a state dict."""
 
-    def __init__(self, opts: dict) -> None:
-        self.opts = opts
-        self.net = None
-        self.training_log: dict = {}
+    def __init__(self, dim: int = 64, train: TrainConfig | dict | None = None,
+                 seed: int = 2023, device: str = "auto") -> None:
+        super().__init__()
+        self.dim, self.train_config = dim, TrainConfig.coerce(train)
+        self.seed, self.device = seed, device
+        self.net: torch.nn.Module | None = None
 
-    def fit(self, dataset, user_text: np.ndarray | None = None,
-            item_text: np.ndarray | None = None) -> "GraphSAGE":
-        from coreMethod import train_with_early_stopping
+    def params(self) -> dict:
+        return {"dim": self.dim, "train": vars(self.train_config), "seed": self.seed,
+                "device": self.device}
 
-        torch.manual_seed(self.opts["seed"])
-        adjacency = graph_adjacency(dataset.train, normalize=False)
-        self.n_users, n_nodes = dataset.n_users, dataset.n_users + dataset.n_items
-        self.features = None if user_text is None else torch.as_tensor(
-            np.vstack([user_text, item_text]), dtype=torch.float32)
-        has_edges = torch.as_tensor(np.diff(dataset.train.indptr).tolist()
-                                    + np.diff(dataset.train.tocsc().indptr).tolist()) > 0
-        feature_dim = 0 if self.features is None else self.features.shape[1]
-        self.net = SAGENet(n_nodes, feature_dim, self.opts["sage_id_dim"], self.opts["dim"],
-                           self.opts["sage_layers"], has_edges)
-        def embed():
-            out = self.net(self.features, adjacency)
-            return out[: self.n_users], out[self.n_users:]
+    def _train(self, dataset, embed, device: str) -> None:
+        config = self.train_config
+        rng = np.random.default_rng(self.seed)
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        validation = Evaluator.on_validation(dataset)
 
-        self.training_log = train_with_early_stopping(self.net, embed, dataset.train,
-                                                      dataset.val, self.opts, "graphsage")
+        def step(round_: int) -> dict:
+            first = (round_ - 1) * config.eval_every + 1
+            last = min(round_ * config.eval_every, config.epochs)
+            for epoch in range(first, last + 1):
+                loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
+                                 config.weight_decay, rng, device, f"{self.name} epoch {epoch}")
+            return {"epoch": last, "loss": round(loss, 5)}
+
+        def score() -> float:
+            self.net.eval()
+            with torch.no_grad():
+                users, items = (t.float().cpu().numpy() for t in embed())
+            return validation.vector_recall(users, items)
+
+        rounds = -(-config.epochs // config.eval_every)
+        log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
+                                          config.patience, label=self.name)
+        best = next(h for h in log_["history"] if h["round"] == log_["best_round"])
+        self.training_log = {"best_epoch": best["epoch"],
+                             "best_val_recall@20": log_["best_val_recall@20"],
+                             "history": log_["history"], "device": device}
         with torch.no_grad():
-            self.user_vectors, self.item_vectors = (t.numpy() for t in embed())
+            self.user_vectors, self.item_vectors = (t.cpu().numpy() for t in embed())
+
+    def _save_extra(self, folder: Path) -> None:
+        torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, folder / STATE_FILE)
+
+
+@register
+class GraphSAGE(_BPRGraphModel):
+    """GraphSAGE (full batch) trained on link prediction with BPR. Input features: text
+    embeddings (pass a fitted text model to `fit`) and/or learned id embeddings."""
+
+    _name = "graphsage"
+
+    def __init__(self, dim: int = 64, layers: int = 2, id_dim: int = 64,
+                 train: TrainConfig | dict | None = None, seed: int = 2023,
+                 device: str = "auto") -> None:
+        super().__init__(dim, train, seed, device)
+        self.layers, self.id_dim = layers, id_dim
+        self.feature_dim = 0
+
+    def params(self) -> dict:
+        return {**super().params(), "layers": self.layers, "id_dim": self.id_dim}
+
+    def fit(self, dataset, text: Recommender | tuple[np.ndarray, np.ndarray] | None = None
+            ) -> "GraphSAGE":
+        """`text`: a fitted text model, or its (user, item) vectors, as input features."""
+        device = pick_device(self.device)
+        torch.manual_seed(self.seed)
+        adjacency = graph_adjacency(dataset.train, normalize=False).to(device)
+        features = None
+        if text is not None:
+            vectors = text if isinstance(text, tuple) else text.embeddings()
+            features = torch.as_tensor(np.vstack(vectors), dtype=torch.float32,
+                                       device=device)
+        self.feature_dim = 0 if features is None else features.shape[1]
+        n_users, n_nodes = dataset.n_users, dataset.n_users + dataset.n_items
+        self.net = SAGENet(n_nodes, self.feature_dim, self.id_dim, self.dim, self.layers)
+        degree = np.diff(bipartite_graph(dataset.train).indptr)
+        self.net.id_mask.copy_(torch.as_tensor(degree > 0, dtype=torch.float32).unsqueeze(1))
+        self.net.to(device)
+
+        def embed():
+            out = self.net(features, adjacency)
+            return out[:n_users], out[n_users:]
+
+        self._train(dataset, embed, device)
+        self._fitted_on(dataset)
         return self
 
     def embed_new(self, features: np.ndarray) -> np.ndarray:
-        """Vectors for unseen users or items from their text embeddings alone."""
+        """Vectors for users or items outside the training graph, from their text alone."""
+        device = next(self.net.parameters()).device
         with torch.no_grad():
-            tensor = torch.as_tensor(features, dtype=torch.float32)
-            empty = torch.empty((2, 0), dtype=torch.long)
-            return self.net(tensor, empty, node_ids=torch.arange(len(tensor))).numpy()
+            tensor = torch.as_tensor(features, dtype=torch.float32, device=device)
+            empty = torch.empty((2, 0), dtype=torch.long, device=device)
+            return self.net(tensor, empty, new_nodes=len(tensor)).cpu().numpy()
 
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.user_vectors, self.item_vectors
+    def _state(self) -> dict:
+        return {"feature_dim": self.feature_dim}
+
+    def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
+        self.feature_dim = state["feature_dim"]
+        self.net = SAGENet(self.n_users + self.n_items, self.feature_dim, self.id_dim, self.dim,
+                           self.layers)
+        self.net.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
+        self.net.eval()
 
 
-class LightGCNRecall:
-    """torch-geometric's LightGCN on the binary training graph, BPR loss, early stopping."""
+@register
+class LightGCN(_BPRGraphModel):
+    """PyG's LightGCN on the binary training graph, BPR loss, early stopping."""
 
-    def __init__(self, opts: dict) -> None:
-        self.opts = opts
-        self.training_log: dict = {}
+    _name = "lightgcn"
 
-    def fit(self, dataset) -> "LightGCNRecall":
-        from torch_geometric.nn import LightGCN
+    def __init__(self, dim: int = 64, layers: int = 3, train: TrainConfig | dict | None = None,
+                 seed: int = 2023, device: str = "auto") -> None:
+        super().__init__(dim, train, seed, device)
+        self.layers = layers
 
-        from coreMethod import train_with_early_stopping
+    def params(self) -> dict:
+        return {**super().params(), "layers": self.layers}
 
-        torch.manual_seed(self.opts["seed"])
-        adjacency = graph_adjacency(dataset.train, normalize=True)
+    def _network(self, n_nodes: int) -> PygLightGCN:
+        net = PygLightGCN(n_nodes, self.dim, self.layers)
+        for conv in net.convs:
+            conv.normalize = False  # the adjacency is normalised once, in graph_adjacency
+        return net
+
+    def fit(self, dataset) -> "LightGCN":
+        device = pick_device(self.device)
+        torch.manual_seed(self.seed)
+        adjacency = graph_adjacency(dataset.train, normalize=True).to(device)
         n_users = dataset.n_users
-        self.net = LightGCN(n_users + dataset.n_items, self.opts["dim"], self.opts["lgn_layers"])
-        for conv in self.net.convs:
-            conv.normalize = False  # the adjacency is normalised once, above
+        self.net = self._network(n_users + dataset.n_items).to(device)
 
         def embed():
             out = self.net.get_embedding(adjacency)
             return out[:n_users], out[n_users:]
 
-        self.training_log = train_with_early_stopping(self.net, embed, dataset.train,
-                                                      dataset.val, self.opts, "lightgcn")
-        with torch.no_grad():
-            self.user_vectors, self.item_vectors = (t.numpy() for t in embed())
+        self._train(dataset, embed, device)
+        self._fitted_on(dataset)
         return self
 
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.user_vectors, self.item_vectors
+    def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
+        self.net = self._network(self.n_users + self.n_items)
+        self.net.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
+        self.net.eval()
 
 
 def graph_adjacency(train: sp.csr_matrix, normalize: bool) -> torch.Tensor:
     """The symmetric user+item adjacency as a torch sparse CSR tensor (items offset by the
     number of users). One sparse matrix product per layer is several times faster on CPU
     than edge-list message passing. `normalize`: D^-1/2 A D^-1/2, as LightGCN uses."""
-    from coreMethod import bipartite_graph
-
     graph = bipartite_graph((train > 0).astype(np.float32))
     if normalize:
         degree = np.asarray(graph.sum(axis=1)).ravel()
@@ -182,58 +266,3 @@ def graph_adjacency(train: sp.csr_matrix, normalize: bool) -> torch.Tensor:
                                        torch.as_tensor(graph.indices, dtype=torch.long),
                                        torch.as_tensor(graph.data), size=graph.shape,
                                        check_invariants=True)
-
-
-class ProjectionFusion(torch.nn.Module):
-    """Learned fusion: one linear map for users and one for items over the concatenated,
-    normalised parts, trained with BPR on training edges."""
-
-    def __init__(self, user_parts: np.ndarray, item_parts: np.ndarray, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("users", torch.as_tensor(user_parts))
-        self.register_buffer("items", torch.as_tensor(item_parts))
-        self.user_map = torch.nn.Linear(user_parts.shape[1], dim, bias=False)
-        self.item_map = torch.nn.Linear(item_parts.shape[1], dim, bias=False)
-
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.user_map(self.users), self.item_map(self.items)
-
-
-class Fusion:
-    """One user and one item vector from several signals (text, DeepWalk, GraphSAGE).
-
-    'concat': weighted concatenation of the L2-normalised parts, weights picked by
-    coordinate ascent on validation Recall@20. 'projection': a learned linear map.
-    """
-
-    def __init__(self, method: str, opts: dict) -> None:
-        if method not in ("concat", "projection"):
-            raise ValueError(f"unknown fusion '{method}' (concat or projection)")
-        self.method, self.opts = method, opts
-        self.weights: dict[str, float] = {}
-        self.training_log: dict = {}
-
-    def fit(self, dataset, parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> "Fusion":
-        from coreMethod import search_fusion_weights, train_with_early_stopping, weighted_concat
-
-        names = list(parts)
-        user_parts = [parts[n][0] for n in names]
-        item_parts = [parts[n][1] for n in names]
-        weights, val_recall = search_fusion_weights(user_parts, item_parts, dataset.train,
-                                                    dataset.val)
-        self.weights = dict(zip(names, weights))
-        self.training_log = {"fusion_weights": self.weights,
-                             "best_val_recall@20": round(val_recall, 5)}
-        self.user_vectors = weighted_concat(user_parts, weights)
-        self.item_vectors = weighted_concat(item_parts, weights)
-        if self.method == "projection":
-            torch.manual_seed(self.opts["seed"])
-            net = ProjectionFusion(self.user_vectors, self.item_vectors, self.opts["dim"])
-            self.training_log.update(train_with_early_stopping(
-                net, net, dataset.train, dataset.val, self.opts, "fusion"))
-            with torch.no_grad():
-                self.user_vectors, self.item_vectors = (t.numpy() for t in net())
-        return self
-
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.user_vectors, self.item_vectors

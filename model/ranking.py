@@ -1,9 +1,18 @@
-"""The ranking stage: features of (user, candidate item) pairs and the Wide&Deep ranker."""
+"""The ranking stage: features of (user, candidate item) pairs, the Wide&Deep network, and
+`WideDeepRanker` (fit on a recall model's candidates, score, rerank, save, load)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import faiss
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from coreMethod import BestState, ranking_pairs, rerank, train_until_no_improvement
+from evaluation import Evaluator, users_with_test_items
+from utils import atomic_path, log, pick_device, write_json_atomic
 
 HASH_SIZE = 1 << 18
 N_BUCKETS = 5
@@ -31,6 +40,8 @@ class RankingFeatures:
 
     def __init__(self, train: sp.csr_matrix, signals: dict[str, tuple[np.ndarray, np.ndarray]],
                  primary: str, n_segments: int = 32, seed: int = 2023) -> None:
+        if train is None:  # filled by `load`
+            return
         binary = train > 0
         self.activity = np.log1p(np.asarray(binary.sum(axis=1)).ravel()).astype(np.float32)
         self.popularity = np.log1p(np.asarray(binary.sum(axis=0)).ravel()).astype(np.float32)
@@ -44,11 +55,30 @@ class RankingFeatures:
 
     @staticmethod
     def _segments(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
-        import faiss
-
         kmeans = faiss.Kmeans(vectors.shape[1], k, niter=15, seed=seed, verbose=False)
         kmeans.train(vectors)
         return kmeans.index.search(vectors, 1)[1].ravel().astype(np.int64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {name: getattr(self, name) for name in self._ARRAYS}
+        for position, (user_vectors, item_vectors) in enumerate(self.signals.values()):
+            out[f"signal{position}_users"], out[f"signal{position}_items"] = user_vectors, item_vectors
+        return out
+
+    _ARRAYS = ("activity", "popularity", "activity_bucket", "popularity_bucket",
+               "user_segment", "item_segment")
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], names: list[str], primary: str,
+                    n_segments: int) -> "RankingFeatures":
+        features = cls(None, {}, primary)
+        for name in cls._ARRAYS:
+            setattr(features, name, arrays[name])
+        features.signals = {name: (arrays[f"signal{p}_users"], arrays[f"signal{p}_items"])
+                            for p, name in enumerate(names)}
+        features.user_vectors, features.item_vectors = features.signals[primary]
+        features.n_segments = n_segments
+        return features
 
     @property
     def n_dense(self) -> int:
@@ -139,9 +169,154 @@ class WideDeep(torch.nn.Module):
         """Scores of pairs (users[r], items[r]) at recall rank ranks[r]; -inf where
         items[r] is -1 (padding)."""
         self.eval()
+        device = self.bias.device
         out = np.full(len(users), -np.inf, dtype=np.float32)
         valid = np.flatnonzero(items >= 0)
         for start in range(0, len(valid), chunk):
             rows = valid[start:start + chunk]
-            out[rows] = self(features.build(users[rows], items[rows], ranks[rows])).numpy()
+            batch = on_device(features.build(users[rows], items[rows], ranks[rows]), device)
+            out[rows] = self(batch).float().cpu().numpy()
         return out
+
+
+def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+RANKER_FILE = "ranker.json"
+
+
+class WideDeepRanker:
+    """The ranking stage: re-orders a recall model's top `candidates` items per user.
+
+    Trained without leakage: features from training interactions only; positives are the
+    validation items the recall model retrieved for half of the validation users (or
+    training pairs with positives='train'); negatives are their other candidates (hard) and
+    random items; the other half of the validation users checks NDCG@20 after every epoch.
+    If no epoch beats the recall order on validation, the recall order is kept.
+    """
+
+    def __init__(self, mode: str = "widedeep", candidates: int = 200, positives: str = "val",
+                 hard_negatives: int = 4, random_negatives: int = 2, epochs: int = 10,
+                 lr: float = 1e-3, batch: int = 512, seed: int = 2023,
+                 device: str = "auto") -> None:
+        if positives not in ("val", "train"):
+            raise ValueError(f"positives must be 'val' or 'train', got {positives!r}")
+        self.mode, self.candidates, self.positives = mode, candidates, positives
+        self.hard_negatives, self.random_negatives = hard_negatives, random_negatives
+        self.epochs, self.lr, self.batch, self.seed, self.device = epochs, lr, batch, seed, device
+        self.net: WideDeep | None = None
+        self.features: RankingFeatures | None = None
+        self.recall_name, self.kept_recall_order = "", False
+        self.training_log: dict = {}
+
+    def params(self) -> dict:
+        return {"mode": self.mode, "candidates": self.candidates, "positives": self.positives,
+                "hard_negatives": self.hard_negatives, "random_negatives": self.random_negatives,
+                "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed,
+                "device": self.device}
+
+    def fit(self, dataset, recall) -> "WideDeepRanker":
+        """Train on the candidates of `recall` (a fitted recall model)."""
+        device = pick_device(self.device)
+        self.recall_name = recall.name
+        self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
+                                        seed=self.seed)
+        rng = np.random.default_rng(self.seed)
+        val_users = users_with_test_items(dataset.val)
+        rng.shuffle(val_users)
+        check_users = np.sort(val_users[: min(3000, len(val_users) // 2)])
+        if self.positives == "val":
+            fit_users, positives = np.sort(val_users[len(check_users):]), dataset.val
+        else:
+            fit_users, positives = np.flatnonzero(np.diff(dataset.train.indptr) > 0), dataset.train
+        fit_candidates = recall.recommend(fit_users, self.candidates)[0]
+        check_candidates = recall.recommend(check_users, self.candidates)[0]
+        pairs = ranking_pairs(positives, fit_users, fit_candidates, self.hard_negatives,
+                              self.random_negatives, rng, within_candidates=self.positives == "val")
+        torch.manual_seed(self.seed)
+        self.net = WideDeep(self.features, self.mode).to(device)
+        self.training_log = self._train(pairs, check_users, check_candidates,
+                                        Evaluator.on_validation(dataset, max_users=None), device)
+        self.training_log.update(recall_model=recall.name, mode=self.mode,
+                                 candidates=self.candidates, positives=self.positives,
+                                 training_pairs=int(len(pairs[-1])), device=device)
+        return self
+
+    def _train(self, pairs, check_users: np.ndarray, check_candidates: np.ndarray,
+               validation: Evaluator, device: str) -> dict:
+        users, items, ranks, labels = pairs
+        self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
+                                                       ranks[:50000])["dense"].to(device))
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        check = validation.restricted(check_users)
+        log(f"ranker ({self.mode}): {len(labels):,} pairs ({int(labels.sum()):,} positive)")
+
+        trained = []
+
+        def epoch(round_: int) -> dict:
+            trained.append(round_)
+            self.net.train()
+            for start in range(0, len(labels), self.batch):
+                rows = slice(start, start + self.batch)
+                batch = on_device(self.features.build(users[rows], items[rows], ranks[rows]),
+                                  device)
+                loss = loss_fn(self.net(batch), torch.as_tensor(labels[rows], device=device))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+            return {"epoch": round_}
+
+        def score() -> float:  # before the first epoch: the recall order itself
+            self.kept_recall_order = not trained
+            return check.mean(self.rerank(check_users, check_candidates), "ndcg", 20)
+
+        log_ = train_until_no_improvement(epoch, score, BestState(self.net), self.epochs,
+                                          score_first=True, metric="val_ndcg@20",
+                                          label=f"ranker ({self.mode})")
+        self.kept_recall_order = log_["best_round"] == 0
+        return {"best_epoch": log_["best_round"], "best_val_ndcg@20": log_["best_val_ndcg@20"],
+                "kept_recall_order": self.kept_recall_order, "history": log_["history"]}
+
+    def score(self, users: np.ndarray, items: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """Scores of (users[r], items[r]) found at recall rank ranks[r]; -inf for padding."""
+        return self.net.score(self.features, users, items, ranks)
+
+    def rerank(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Each row of `candidates` (the recall order for users[r]) in ranker order."""
+        if self.kept_recall_order:
+            return candidates
+        return rerank(self.score, users, candidates)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            np.savez(tmp / "features.npz", **self.features.arrays())
+            torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, tmp / "state.pt")
+            write_json_atomic(tmp / RANKER_FILE, {
+                "params": self.params(), "recall_model": self.recall_name,
+                "signals": list(self.features.signals), "n_segments": self.features.n_segments,
+                "kept_recall_order": self.kept_recall_order, "training_log": self.training_log})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto") -> "WideDeepRanker":
+        folder = Path(folder)
+        if not (folder / RANKER_FILE).exists():
+            raise ValueError(f"{folder}: not a saved ranker (no {RANKER_FILE})")
+        description = json.loads((folder / RANKER_FILE).read_text())
+        ranker = cls(**{**description["params"], "device": device})
+        with np.load(folder / "features.npz", allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        ranker.recall_name = description["recall_model"]
+        ranker.features = RankingFeatures.from_arrays(arrays, description["signals"],
+                                                      ranker.recall_name,
+                                                      description["n_segments"])
+        ranker.net = WideDeep(ranker.features, ranker.mode)
+        ranker.net.load_state_dict(torch.load(folder / "state.pt", weights_only=True))
+        ranker.net.to(pick_device(device)).eval()
+        ranker.kept_recall_order = description["kept_recall_order"]
+        ranker.training_log = description.get("training_log", {})
+        return ranker

@@ -1,4 +1,5 @@
-"""Top-K retrieval: FAISS inner-product search with seen items excluded, and popularity."""
+"""Top-K retrieval: FAISS inner-product search with seen items excluded. One retriever
+serves the pipeline, the evaluator and bundles."""
 from __future__ import annotations
 
 import os
@@ -8,26 +9,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from utils import atomic_path, rows_contain
-
-
-class Popularity:
-    """Most-interacted training items first; ties broken by lower item id."""
-
-    def fit(self, dataset) -> "Popularity":
-        counts = np.asarray((dataset.train > 0).sum(axis=0)).ravel()
-        self.order = np.lexsort((np.arange(len(counts)), -counts))
-        self.counts = counts
-        return self
-
-    def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None) -> np.ndarray:
-        top = np.full((len(users), k), -1, dtype=np.int64)
-        head = self.order[: k + (int(np.diff(exclude.indptr).max()) if exclude is not None else 0)]
-        for row, user in enumerate(users):
-            seen = exclude.indices[exclude.indptr[user]:exclude.indptr[user + 1]] \
-                if exclude is not None else ()
-            kept = head[~np.isin(head, seen)][:k]
-            top[row, : len(kept)] = kept
-        return top
 
 
 class FaissRetriever:
@@ -105,3 +86,16 @@ class FaissRetriever:
             else self.index
         with atomic_path(path) as tmp:
             faiss.write_index(index, str(tmp))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, row_to_item: np.ndarray | None = None,
+             use_gpu: bool | None = None) -> "FaissRetriever":
+        """An index written by `save` (or by faiss.write_index); `row_to_item` maps index
+        rows to item ids (identity by default)."""
+        index = faiss.read_index(str(path))
+        retriever = cls("flat" if isinstance(index, faiss.IndexFlat) else
+                        "hnsw" if isinstance(index, faiss.IndexHNSW) else "ivf", use_gpu=False)
+        retriever.index = index
+        retriever.row_to_item = np.arange(index.ntotal, dtype=np.int64) if row_to_item is None \
+            else np.asarray(row_to_item, dtype=np.int64)
+        return retriever

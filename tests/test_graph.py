@@ -74,10 +74,10 @@ def test_graphsage_gives_isolated_nodes_vectors_from_text_alone():
     dataset = tiny_dataset(train, val)
     user_text = rng.normal(size=(20, 8)).astype(np.float32)
     item_text = rng.normal(size=(15, 8)).astype(np.float32)
-    opts = {"seed": 0, "dim": 16, "sage_id_dim": 4, "sage_layers": 2, "lr": 0.01,
-            "epochs": 2, "train_batch": 64, "weight_decay": 0.0, "eval_every": 1,
-            "patience": 5, "progress": False}
-    sage = GraphSAGE(opts).fit(dataset, user_text, item_text)
+    training = {"epochs": 2, "batch": 64, "lr": 0.01, "weight_decay": 0.0, "eval_every": 1,
+                "patience": 5}
+    sage = GraphSAGE(dim=16, layers=2, id_dim=4, train=training, seed=0, device="cpu").fit(
+        dataset, (user_text, item_text))
     users, items = sage.embeddings()
     assert users.shape == (20, 16) and items.shape == (15, 16)
     assert np.isfinite(items[14]).all() and np.abs(items[14]).sum() > 0
@@ -109,7 +109,8 @@ def test_weighted_concat_shapes_and_geometry():
 
 
 def test_fusion_search_is_never_worse_than_the_best_part():
-    from coreMethod import search_fusion_weights, validation_recall
+    from coreMethod import search_fusion_weights, weighted_concat
+    from evaluation import Evaluator
 
     rng = np.random.default_rng(2)
     truth = rng.normal(size=(30, 4)), rng.normal(size=(25, 4))
@@ -117,14 +118,20 @@ def test_fusion_search_is_never_worse_than_the_best_part():
     val = sp.csr_matrix((scores >= np.sort(scores, axis=1)[:, [-3]]).astype(np.float32))
     train = sp.csr_matrix((30, 25), dtype=np.float32)
     noise = rng.normal(size=(30, 4)), rng.normal(size=(25, 4))
-    weights, best = search_fusion_weights([noise[0], truth[0]], [noise[1], truth[1]], train, val)
+    validation = Evaluator(val, train, (20,))
+    users, items = [noise[0], truth[0]], [noise[1], truth[1]]
+
+    def score(weights):
+        return validation.vector_recall(weighted_concat(users, weights),
+                                        weighted_concat(items, weights))
+    weights, best = search_fusion_weights(2, score)
     assert weights[1] == 1.0
-    assert best >= validation_recall(truth[0], truth[1], train, val) - 1e-9
+    assert best >= validation.vector_recall(truth[0], truth[1]) - 1e-9
 
 
 def test_lightgcn_learns_a_block_structure():
-    from coreMethod import validation_recall
-    from model import LightGCNRecall
+    from evaluation import Evaluator
+    from model import LightGCN
 
     # two user groups, each interacting only with its own half of the items
     rng = np.random.default_rng(1)
@@ -133,10 +140,10 @@ def test_lightgcn_learns_a_block_structure():
     block[20:, 10:] = rng.random((20, 10)) < 0.6
     holdout = block * (rng.random(block.shape) < 0.3)
     dataset = tiny_dataset(block - holdout, holdout)
-    opts = {"seed": 0, "dim": 8, "lgn_layers": 2, "lr": 0.05, "epochs": 20, "train_batch": 128,
-            "weight_decay": 0.0, "eval_every": 5, "patience": 5, "progress": False}
-    model = LightGCNRecall(opts).fit(dataset)
+    training = {"epochs": 20, "batch": 128, "lr": 0.05, "weight_decay": 0.0, "eval_every": 5,
+                "patience": 5}
+    model = LightGCN(dim=8, layers=2, train=training, seed=0, device="cpu").fit(dataset)
     users, items = model.embeddings()
     in_block = (users[:20] @ items[:10].T).mean() - (users[:20] @ items[10:].T).mean()
     assert in_block > 0
-    assert validation_recall(users, items, dataset.train, dataset.val, k=5) > 0.6
+    assert Evaluator(dataset.val, dataset.train, (5,)).vector_recall(users, items, k=5) > 0.6

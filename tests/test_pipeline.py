@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from conftest import write_easyrec
 from main import cli
-from parser import RECALL_VARIANTS
+from model.config import RECALL_VARIANTS, ExperimentConfig
 
 
 def run_cli(*args: str) -> Path:
@@ -37,7 +37,7 @@ def test_demo_run_writes_a_complete_run_folder(tmp_path):
     assert len(per_user) == metrics["dataset"]["test_users"]
     assert np.isclose(per_user["ndcg@20"].mean(), variants["text"]["metrics"]["ndcg@20"], atol=1e-5)
     assert "| text |" in (run_dir / "report.md").read_text()
-    assert json.loads((run_dir / "config.json").read_text())["dataset"] == "demo"
+    assert json.loads((run_dir / "config.json").read_text())["data"]["dataset"] == "demo"
 
 
 def test_two_runs_with_the_same_seed_agree(tmp_path, tiny_roberta):
@@ -72,13 +72,13 @@ def test_bad_data_is_a_clear_cli_error(tmp_path):
 
 
 def test_saved_encoder_keeps_its_pooling(tmp_path, tiny_roberta):
-    from main import build_encoder
     from model import TextEncoder
+    from model.pipeline import build_encoder
 
     TextEncoder.from_pretrained(str(tiny_roberta), layers=2, pooling="cls").save(tmp_path / "enc")
-    opts = {"device": "cpu", "pooling": "mean", "max_length": 128, "batch_size": 8,
-            "quantize": False, "encoder_path": str(tmp_path / "enc")}
-    encoder = build_encoder(opts)
+    config = ExperimentConfig().updated({"device": "cpu", "pooling": "mean", "batch_size": 8,
+                                         "quantize": False, "encoder_path": str(tmp_path / "enc")})
+    encoder = build_encoder(config)
     assert encoder.pooling == "cls" and encoder.model.config.num_hidden_layers == 2
 
 

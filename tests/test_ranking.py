@@ -54,7 +54,8 @@ def test_wide_part_learns_a_crossed_feature_and_reorders_candidates():
     good = [i for i in range(40) if (features.user_segment[user] + features.item_segment[i]) % 2 == 0]
     bad = [i for i in range(40) if i not in good]
     hand_made = np.array([[bad[0], good[0], bad[1], good[1], bad[2], good[2]]])
-    reordered = rerank(ranker, features, np.array([user]), hand_made)[0]
+    reordered = rerank(lambda *pairs: ranker.score(features, *pairs), np.array([user]),
+                       hand_made)[0]
     assert set(reordered[:3]) == set(good[:3])  # every positive cross above every negative
 
 
@@ -64,6 +65,7 @@ def test_padding_stays_last():
     features = RankingFeatures(sp.csr_matrix(np.ones((3, 5), np.float32)),
                                {"x": (users, items)}, "x", n_segments=2)
     ranker = WideDeep(features)
-    reordered = rerank(ranker, features, np.array([0, 1]), np.array([[3, -1, 1], [-1, 4, 0]]))
+    reordered = rerank(lambda *pairs: ranker.score(features, *pairs), np.array([0, 1]),
+                       np.array([[3, -1, 1], [-1, 4, 0]]))
     assert reordered[0, -1] == -1 and reordered[1, -1] == -1
     assert sorted(reordered[0, :2]) == [1, 3] and sorted(reordered[1, :2]) == [0, 4]

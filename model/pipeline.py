@@ -1,0 +1,246 @@
+"""`Experiment`: load -> fit -> embed -> retrieve -> rank -> evaluate -> report, from one
+`ExperimentConfig`. Every variant is a row of one table, evaluated by the same test
+`Evaluator`; every fitted model is saved under the run folder's `models/`."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dataHandler import Dataset, load_dataset, prepare_dataset
+from evaluation import (Evaluator, file_name, format_table, segment_metrics, summarise,
+                        write_run)
+from model.base import Recommender, Unavailable
+from model.classic import Popularity
+from model.config import RECALL_VARIANTS, ExperimentConfig
+from model.contrastive import finetune_encoder
+from model.fusion import Fusion
+from model.graph import DeepWalk, GraphSAGE, LightGCN
+from model.ranking import WideDeepRanker
+from model.text import ENCODER_CONFIG, TextEncoder, TextRecall
+from utils import atomic_path, log, peak_memory_mb, pick_device, set_seed, timed
+
+RANK_MODES = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
+
+
+def load_data(config: ExperimentConfig) -> Dataset:
+    """Prepare (copy, download or generate) and load the configured data set."""
+    data = config.data
+    folder = prepare_dataset(data.dataset, data.data_root, data.data_source, data.data_url,
+                             config.run.seed)
+    return load_dataset(folder, Path(data.dataset).name)
+
+
+def build_encoder(config: ExperimentConfig, quantize: bool | None = None) -> TextEncoder:
+    """The shrunken encoder the config describes (or the saved one at `encoder_path`)."""
+    enc = config.encoder
+    settings = dict(pooling=enc.pooling, max_length=enc.max_length, batch_size=enc.batch_size,
+                    quantize=enc.quantize if quantize is None else quantize,
+                    device=pick_device(config.run.device))
+    if enc.encoder_path:
+        if (Path(enc.encoder_path) / ENCODER_CONFIG).exists():
+            for saved in ("pooling", "max_length"):  # the encoder was trained with these
+                settings.pop(saved)
+        return TextEncoder.from_pretrained(enc.encoder_path, **settings)
+    return TextEncoder.from_pretrained(enc.base_model, layers=enc.layers,
+                                       strategy=enc.layer_strategy, **settings)
+
+
+class RecallModels:
+    """The run's recall models, each fitted once on first use, in dependency order (text
+    feeds GraphSAGE; fusion combines the others). A model the data does not allow raises
+    `Unavailable` with the reason."""
+
+    def __init__(self, dataset: Dataset, config: ExperimentConfig) -> None:
+        self.dataset, self.config = dataset, config
+        self.device = pick_device(config.run.device)
+        self._fitted: dict[str, Recommender | Unavailable] = {}
+
+    def _once(self, name: str, fit: Callable[[], Recommender]) -> Recommender:
+        if name not in self._fitted:
+            try:
+                model = fit()
+                self._fitted[name] = model.with_index(self.config.run.index,
+                                                      self.config.run.nprobe)
+            except Unavailable as reason:
+                self._fitted[name] = reason
+        found = self._fitted[name]
+        if isinstance(found, Unavailable):
+            raise found
+        return found
+
+    def get(self, name: str) -> Recommender:
+        return getattr(self, name)()
+
+    def popularity(self) -> Popularity:
+        return self._once("popularity", lambda: Popularity().fit(self.dataset))
+
+    def text(self) -> TextRecall:
+        return self._once("text", lambda: TextRecall(
+            build_encoder(self.config), self.config.run.cache_dir,
+            self.config.run.user_text).fit(self.dataset))
+
+    def text_or_none(self) -> TextRecall | None:
+        try:
+            return self.text()
+        except Unavailable:
+            return None
+
+    def deepwalk(self) -> DeepWalk:
+        g, seed = self.config.graph, self.config.run.seed
+        return self._once("deepwalk", lambda: DeepWalk(
+            g.dim, g.dw_walks, g.dw_length, g.dw_window, g.dw_epochs, g.workers,
+            seed).fit(self.dataset))
+
+    def graphsage(self) -> GraphSAGE:
+        g = self.config.graph
+
+        def fit() -> GraphSAGE:
+            text = self.text_or_none()
+            if text is None and not g.sage_id_dim:
+                raise Unavailable("no text features and --sage-id-dim 0")
+            return GraphSAGE(g.dim, g.sage_layers, g.sage_id_dim, g.training(),
+                             self.config.run.seed, self.device).fit(self.dataset, text)
+        return self._once("graphsage", fit)
+
+    def lightgcn(self) -> LightGCN:
+        g = self.config.graph
+        return self._once("lightgcn", lambda: LightGCN(
+            g.dim, g.lgn_layers, g.training(), self.config.run.seed,
+            self.device).fit(self.dataset))
+
+    def fused(self) -> Fusion:
+        g = self.config.graph
+
+        def fit() -> Fusion:
+            names = [n for n in g.fuse_parts if n != "text" or self.text_or_none() is not None]
+            return Fusion(g.fusion, g.dim, g.training(), self.config.run.seed,
+                          self.device).fit(self.dataset, {n: self.get(n) for n in names})
+        return self._once("fused", fit)
+
+
+class Experiment:
+    """One run: every configured variant as a row, evaluated on the test split."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+
+    def rows(self) -> list[tuple[str, Callable]]:
+        run, rank = self.config.run, self.config.rank
+        names = list(RECALL_VARIANTS if run.variants == "all" else (run.variants,))
+        rows = [(name, self._recall_row(name)) for name in names]
+        at = names.index("text") + 1 if "text" in names else len(names)
+        rows[at:at] = [(f"text ({m})", self._finetuned_row(m)) for m in self.config.finetune.finetune]
+        if rank.rank == "widedeep":
+            modes = list(RANK_MODES) if rank.rank_ablations else ["widedeep"]
+            rows += [(f"{rank.rank_on} + {RANK_MODES[m]}", self._ranking_row(m)) for m in modes]
+        return rows
+
+    def run(self) -> Path:
+        config = self.config
+        set_seed(config.run.seed)
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        dataset = load_data(config)
+        summary = dataset.summary()
+        log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
+            f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
+        self.models = RecallModels(dataset, config)
+        self.evaluator = Evaluator.on_test(dataset, tuple(config.run.ks))
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        self.run_dir = Path(config.run.runs_dir) / summary["dataset"] / stamp
+        with atomic_path(self.run_dir) as staging:
+            staging.mkdir(parents=True)
+            self.staging = staging
+            results, per_user, top_lists = self._evaluate_rows(dataset, staging)
+            write_run(staging, {"command": " ".join(sys.argv), **config.to_dict()}, summary,
+                      results, per_user, protocol_notes(dataset), top_lists)
+        print(format_table(results, tuple(config.run.ks)))
+        print(f"\nrun written to {self.run_dir}")
+        return self.run_dir
+
+    def _evaluate_rows(self, dataset: Dataset, staging: Path):
+        results, per_user, top_lists = {}, {}, {}
+        for variant, produce in self.rows():
+            log(f"== {variant}")
+            try:
+                with timed() as clock:
+                    fitted, top, info, labels = produce(dataset)
+                fitted.save(staging / "models" / file_name(variant))
+            except Unavailable as reason:
+                log(f"{variant}: unavailable: {reason}")
+                results[variant] = {"status": "unavailable", "reason": str(reason)}
+                continue
+            if (dataset.user_profile_source == "written").any():
+                labels["user_profile"] = np.where(dataset.user_profile_source == "written",
+                                                  "written", "not written")
+            frame = self.evaluator.per_user(top)
+            per_user[variant], top_lists[variant] = frame, top.astype(np.int32)
+            results[variant] = {"status": "ok", "metrics": summarise(frame, self.evaluator.ks),
+                                "seconds": round(clock["seconds"], 2),
+                                "peak_memory_mb": round(peak_memory_mb(), 1), **info,
+                                "segments": {name: segment_metrics(frame, values,
+                                                                   self.evaluator.ks)
+                                             for name, values in labels.items()}}
+        return results, per_user, top_lists
+
+    def _recall_row(self, name: str):
+        def produce(dataset: Dataset):
+            model = self.models.get(name)
+            top = self.evaluator.top_of(model)
+            return model, top, dict(model.training_log), self._text_labels(model)
+        return produce
+
+    def _text_labels(self, model: Recommender) -> dict:
+        if not isinstance(model, TextRecall):
+            return {}
+        return {"user_vector": model.user_kind}
+
+    def _finetuned_row(self, method: str):
+        def produce(dataset: Dataset):
+            if not (dataset.user_profile_source == "written").any():
+                raise Unavailable("fine-tuning needs users with written profiles")
+            self.models.text()  # raises Unavailable when there is no item text
+            with timed() as clock:
+                tuned, log_ = finetune_encoder(build_encoder(self.config, quantize=False),
+                                               dataset, method, self.config.finetune,
+                                               self.config.run.seed)
+            model = TextRecall(tuned, self.config.run.cache_dir,
+                               self.config.run.user_text).fit(dataset)
+            model._name = f"text-{method}"
+            folder = self.run_dir / "models" / file_name(f"text ({method})") / "encoder"
+            info = {"encoder_path": str(folder), "train_seconds": round(clock["seconds"], 1),
+                    **log_, **model.training_log}
+            return model, self.evaluator.top_of(model), info, self._text_labels(model)
+        return produce
+
+    def _ranking_row(self, mode: str):
+        def produce(dataset: Dataset):
+            rank = self.config.rank
+            recall = self.models.get(rank.rank_on)
+            ranker = WideDeepRanker(mode, rank.candidates, rank.rank_positives,
+                                    rank.hard_negatives, rank.random_negatives, rank.rank_epochs,
+                                    rank.rank_lr, rank.rank_batch, self.config.run.seed,
+                                    self.config.run.device).fit(dataset, recall)
+            users = self.evaluator.users
+            candidates = recall.recommend(users, rank.candidates)[0]
+            with timed() as clock:
+                top = ranker.rerank(users, candidates)
+            scored = len(users) * candidates.shape[1]
+            info = {**ranker.training_log,
+                    "candidates_scored_per_s": round(scored / max(clock["seconds"], 1e-9))}
+            return ranker, top, info, {}
+        return produce
+
+
+def protocol_notes(dataset: Dataset) -> list[str]:
+    repeats = dataset.test.multiply(dataset.train).nnz
+    notes = ["Peak MB is the process's peak resident memory up to the end of that variant."]
+    if repeats:
+        notes.append(f"{repeats:,} test pairs also occur in training; with training items "
+                     "excluded from ranking they cannot be hit (standard protocol).")
+    return notes
