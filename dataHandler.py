@@ -257,9 +257,10 @@ def _read_profiles(path: Path, id_key: str, limit: int) -> list[str | None]:
 
 
 def _read_mapper(path: Path, limit: int) -> list[str]:
-    """Original ids from RLMRec mappers: {"uid": 0, "user_id": "..."} per line."""
+    """Original ids from RLMRec mappers: {"uid": 0, "user_id": "..."} per line; without a
+    mapper, the row numbers as strings."""
     if not path.exists():
-        return []
+        return [str(row) for row in range(limit)]
     ids: list[str] = [""] * limit
     for line_number, record in _iter_json_lines(path):
         index = next((v for k, v in record.items() if isinstance(v, int) and k in ("uid", "iid")),
@@ -343,6 +344,13 @@ def write_profiles(path: Path, id_key: str, profiles: list[str | None],
 
 
 # ---------------------------------------------------------------- registry and preparation
+
+
+def open_dataset(name: str = "demo", root: str | Path = "dataset",
+                 source: str | Path | None = None, url: str | None = None,
+                 seed: int = 2023) -> Dataset:
+    """The `Dataset` called `name` (registered name or folder), prepared on first use."""
+    return load_dataset(prepare_dataset(name, root, source, url, seed), Path(name).name)
 
 
 def prepare_dataset(name: str, root: str | Path = "dataset", source: str | Path | None = None,

@@ -165,14 +165,16 @@ def render_report(config: dict, dataset_summary: dict, results: dict[str, dict],
     lines = [f"# Run on {dataset_summary['dataset']}", "",
              f"{dataset_summary['users']:,} users x {dataset_summary['items']:,} items; "
              f"{dataset_summary['test_users']:,} test users. Full ranking over all items, "
-             "training items excluded.", "", format_table(results), ""]
+             "training items excluded.", "",
+             format_table(results, tuple(config.get("run", {}).get("ks", DEFAULT_KS))), ""]
     lines += [f"- {note}" for note in notes]
     segment_lines = []
     for variant, result in results.items():
         for label, segments in result.get("segments", {}).items():
             for name, values in segments.items():
                 segment_lines.append(f"| {variant} | {label}={name} | {values['users']} | "
-                                     f"{values['recall@20']:.4f} | {values['ndcg@20']:.4f} |")
+                                     f"{values.get('recall@20', float('nan')):.4f} | "
+                                     f"{values.get('ndcg@20', float('nan')):.4f} |")
     if segment_lines:
         lines += ["", "## By user segment", "",
                   "| variant | segment | users | R@20 | N@20 |", "|---|---|---|---|---|"]

@@ -10,7 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import click  # noqa: E402
 
+from bench import run_benchmarks  # noqa: E402
 from dataHandler import DataError  # noqa: E402
+from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # noqa: E402
+                        write_ab_report)
 from model.base import ModelError  # noqa: E402
 from model.bundle import Bundle, BundleError, export_bundle  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
@@ -79,8 +82,6 @@ def shrink(ctx: click.Context, out: str, **values) -> None:
 @click.pass_context
 def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> None:
     """Print encoder throughput, FAISS queries/s and peak memory on this machine."""
-    from bench import run_benchmarks
-
     try:
         run_benchmarks(experiment_config(ctx, None, values), profiles, with_recall)
     except USER_ERRORS as error:
@@ -172,8 +173,6 @@ def evaluate(bundle_dir: str, ks: list[int]) -> None:
 def ab(run_a: str, run_b: str, a_variant: str | None, b_variant: str | None, out: str,
        seed: int) -> None:
     """Offline A/B report of two runs on the same data and split (per-user metrics)."""
-    from evaluation import ABError, Evaluator, ab_compare, render_ab_markdown, write_ab_report
-
     try:
         evaluator = Evaluator.on_test(load_data(_run_config(run_a)))
         report = ab_compare(Path(run_a), Path(run_b), a_variant, b_variant, evaluator, seed)

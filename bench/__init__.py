@@ -6,7 +6,13 @@ import time
 
 import numpy as np
 
-from dataHandler import load_dataset, prepare_dataset
+from coreMethod import bipartite_graph, random_walks
+from evaluation import Evaluator
+from model.config import ExperimentConfig, TrainConfig
+from model.graph import GraphSAGE, LightGCN
+from model.pipeline import load_data
+from model.retrieval import FaissRetriever
+from model.text import TextEncoder, TextRecall
 from utils import log, peak_memory_mb, pick_device
 
 # (label, layers kept, int8, length-sorted batches)
@@ -21,61 +27,52 @@ ENCODER_SETTINGS = [
 ]
 
 
-def run_benchmarks(opts: dict) -> None:
-    folder = prepare_dataset(opts["dataset"], opts["data_root"], opts["data_source"],
-                             opts["data_url"])
-    dataset = load_dataset(folder, opts["dataset"])
-    texts = [p for p in dataset.item_profiles if p is not None][: opts["profiles"]]
-    device = pick_device(opts["device"])
+def run_benchmarks(config: ExperimentConfig, profiles: int, with_recall: bool) -> None:
+    dataset = load_data(config)
+    texts = [p for p in dataset.item_profiles if p is not None][:profiles]
+    device = pick_device(config.run.device)
     rows = []
     if texts:
-        rows = [bench_encoder(label, layers, int8, sort, texts, dataset, opts, device)
-                for label, layers, int8, sort in ENCODER_SETTINGS]
+        rows = [bench_encoder(label, layers, int8, sort, texts, dataset, config, device,
+                              with_recall) for label, layers, int8, sort in ENCODER_SETTINGS]
         print(f"\nEncoder throughput on {len(texts)} {dataset.name} item profiles, "
-              f"max_length {opts['max_length']}, batch {opts['batch_size']}, {device}:")
+              f"max_length {config.encoder.max_length}, batch {config.encoder.batch_size}, "
+              f"{device}:")
         print("| setting | profiles/s | vs 3 layers fp32 unsorted | text R@20 |")
         print("|---|---|---|---|")
         base = next(r["rate"] for r in rows if r["label"] == "3 layers fp32 unsorted")
         for row in rows:
             print(f"| {row['label']} | {row['rate']:.0f} | {row['rate'] / base:.2f}x | "
                   f"{row['recall'] if row['recall'] is not None else '-'} |")
-    bench_faiss(dataset, rows, opts)
-    bench_graph(dataset, opts)
+    bench_faiss(dataset)
+    bench_graph(dataset)
     print(f"\npeak memory: {peak_memory_mb():.0f} MB")
 
 
 def bench_encoder(label: str, layers: int, int8: bool, sort: bool, texts: list[str], dataset,
-                  opts: dict, device: str) -> dict:
-    from model import TextEncoder
-
+                  config: ExperimentConfig, device: str, with_recall: bool) -> dict:
+    enc = config.encoder
     encoder = TextEncoder.from_pretrained(
-        opts["base_model"], layers=layers, strategy=opts["layer_strategy"],
-        pooling=opts["pooling"], max_length=opts["max_length"], batch_size=opts["batch_size"],
-        quantize=int8, device=device, sort_by_length=sort)
-    encoder.encode(texts[: opts["batch_size"]], show_progress=False)  # warm-up
+        enc.base_model, layers=layers, strategy=enc.layer_strategy, pooling=enc.pooling,
+        max_length=enc.max_length, batch_size=enc.batch_size, quantize=int8, device=device,
+        sort_by_length=sort)
+    encoder.encode(texts[: enc.batch_size], show_progress=False)  # warm-up
     started = time.perf_counter()
     encoder.encode(texts, show_progress=False)
     rate = len(texts) / (time.perf_counter() - started)
     log(f"{label}: {rate:.0f} profiles/s")
-    recall = text_recall_at_20(encoder, dataset, opts) if opts["with_recall"] and sort else None
+    recall = text_recall_at_20(encoder, dataset, config.run.cache_dir) \
+        if with_recall and sort else None
     return {"label": label, "rate": rate, "recall": recall, "encoder": encoder}
 
 
-def text_recall_at_20(encoder, dataset, opts: dict) -> str:
-    from evaluation import per_user_metrics, users_with_test_items
-    from model import FaissRetriever, TextRecall
-
-    recall = TextRecall(encoder, opts["cache_dir"]).fit(dataset)
-    users = users_with_test_items(dataset.test)
-    user_vectors, item_vectors = recall.embeddings()
-    top, _ = FaissRetriever("flat").fit(item_vectors, np.flatnonzero(recall.item_has_text)) \
-        .search(user_vectors, 20, dataset.train, users)
-    return f"{per_user_metrics(top, users, dataset.test, (20,))['recall@20'].mean():.4f}"
+def text_recall_at_20(encoder: TextEncoder, dataset, cache_dir: str) -> str:
+    model = TextRecall(encoder, cache_dir).fit(dataset)
+    evaluator = Evaluator.on_test(dataset, (20,))
+    return f"{evaluator.metrics(evaluator.top_of(model))['recall@20']:.4f}"
 
 
-def bench_faiss(dataset, rows: list[dict], opts: dict) -> None:
-    from model import FaissRetriever
-
+def bench_faiss(dataset) -> None:
     dim = 384
     rng = np.random.default_rng(0)
     items = rng.normal(size=(dataset.n_items, dim)).astype(np.float32)
@@ -96,23 +93,18 @@ def bench_faiss(dataset, rows: list[dict], opts: dict) -> None:
         print(f"| {kind} | {built:.2f} | {seconds:.2f} | {dataset.n_users / seconds:,.0f} |")
 
 
-def bench_graph(dataset, opts: dict) -> None:
+def bench_graph(dataset) -> None:
     """Random-walk generation rate and one training epoch of each GNN (id features only)."""
-    from coreMethod import bipartite_graph, random_walks
-    from model import GraphSAGE, LightGCNRecall
-
     graph = bipartite_graph(dataset.train)
     started = time.perf_counter()
     walks = random_walks(graph, walks_per_node=10, walk_length=20, seed=0)
     seconds = time.perf_counter() - started
     print(f"\nRandom walks on {graph.shape[0]:,} nodes / {graph.nnz // 2:,} edges: "
           f"{walks.size:,} steps in {seconds:.2f} s = {walks.size / seconds:,.0f} steps/s")
-    train_opts = {"seed": 0, "dim": 64, "sage_id_dim": 64, "sage_layers": 2, "lgn_layers": 3,
-                  "lr": 0.005, "epochs": 1, "train_batch": 8192, "weight_decay": 1e-4,
-                  "eval_every": 1, "patience": 1, "progress": False}
-    for label, model in (("GraphSAGE (2 layers, id features)", GraphSAGE(train_opts)),
-                         ("LightGCN (3 layers)", LightGCNRecall(train_opts))):
+    one_epoch = TrainConfig(epochs=1, eval_every=1, patience=1)
+    for label, model in (("GraphSAGE (2 layers, id features)", GraphSAGE(train=one_epoch)),
+                         ("LightGCN (3 layers)", LightGCN(train=one_epoch))):
         started = time.perf_counter()
         model.fit(dataset)
         print(f"{label}: one epoch incl. validation {time.perf_counter() - started:.1f} s "
-              f"({dataset.train.nnz // 8192} steps of 8192 triples)")
+              f"({dataset.train.nnz // one_epoch.batch} steps of {one_epoch.batch} triples)")

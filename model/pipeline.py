@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dataHandler import Dataset, load_dataset, prepare_dataset
+from dataHandler import Dataset, open_dataset
 from evaluation import (Evaluator, file_name, format_table, segment_metrics, summarise,
                         write_run)
 from model.base import Recommender, Unavailable
@@ -30,9 +30,8 @@ RANK_MODES = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
 def load_data(config: ExperimentConfig) -> Dataset:
     """Prepare (copy, download or generate) and load the configured data set."""
     data = config.data
-    folder = prepare_dataset(data.dataset, data.data_root, data.data_source, data.data_url,
-                             config.run.seed)
-    return load_dataset(folder, Path(data.dataset).name)
+    return open_dataset(data.dataset, data.data_root, data.data_source, data.data_url,
+                        config.run.seed)
 
 
 def build_encoder(config: ExperimentConfig, quantize: bool | None = None) -> TextEncoder:

@@ -1,0 +1,258 @@
+"""The library surface: no import cycles, every model round-trips through save/load, runs
+rerun from their config, bundles rank with the saved ranker, the README example runs."""
+import ast
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT
+from main import cli
+
+PROJECT_MODULES = {p.stem for p in ROOT.glob("*.py")} | {"model", "bench"} | {
+    f"model.{p.stem}" for p in (ROOT / "model").glob("*.py") if p.stem != "__init__"}
+
+
+def _lazy_names() -> dict[str, str]:
+    """model/__init__.py's name -> submodule map (its imports are lazy)."""
+    tree = ast.parse((ROOT / "model" / "__init__.py").read_text())
+    assign = next(n for n in tree.body if isinstance(n, ast.Assign)
+                  and getattr(n.targets[0], "id", "") == "_WHERE")
+    return ast.literal_eval(assign.value)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> project modules it imports (anywhere in the file, functions included)."""
+    lazy, graph = _lazy_names(), {}
+    files = [*ROOT.glob("*.py"), *(ROOT / "model").glob("*.py"), ROOT / "bench" / "__init__.py"]
+    for path in files:
+        name = path.stem if path.parent == ROOT else (
+            path.parent.name if path.stem == "__init__" else f"{path.parent.name}.{path.stem}")
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                edges.add(node.module)
+                if node.module == "model":  # `from model import X` really imports X's module
+                    edges |= {lazy[a.name] for a in node.names if a.name in lazy}
+        graph[name] = {e for e in edges if e in PROJECT_MODULES and e != name}
+    return graph
+
+
+def test_no_import_cycle_and_coremethod_is_a_leaf():
+    graph = import_graph()
+    assert graph["coreMethod"] == {"utils"}
+    assert graph["utils"] == set() and graph["model"] == set()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            assert state.get(target) != "open", f"import cycle: {' -> '.join(path + [target])}"
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_project_imports_sit_at_module_level():
+    for path in [*ROOT.glob("*.py"), *(ROOT / "model").glob("*.py")]:
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(function):
+                    if isinstance(node, ast.ImportFrom) and node.module:
+                        top = node.module.split(".")[0]
+                        assert top not in {m.split(".")[0] for m in PROJECT_MODULES}, \
+                            f"{path.name}:{node.lineno} imports {node.module} inside a function"
+
+
+def test_small_files():
+    for path in [*ROOT.glob("*.py"), *(ROOT / "model").glob("*.py"), *ROOT.glob("tests/*.py")]:
+        assert len(path.read_text().splitlines()) <= 600, path
+    assert len((ROOT / "main.py").read_text().splitlines()) < 200
+
+
+# ---------------------------------------------------------------- models round-trip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from dataHandler import open_dataset
+
+    return open_dataset("demo", tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def text_model(demo, tiny_roberta, tmp_path_factory):
+    from model import TextEncoder, TextRecall
+
+    encoder = TextEncoder.from_pretrained(str(tiny_roberta), layers=2)
+    return TextRecall(encoder, str(tmp_path_factory.mktemp("cache"))).fit(demo)
+
+
+FAST = {"epochs": 4, "batch": 2048, "eval_every": 2, "patience": 2}
+
+
+def _fitted(kind: str, demo, text_model):
+    from model import ALS, DeepWalk, Fusion, GraphSAGE, LightGCN, Popularity
+
+    if kind == "text":
+        return text_model
+    if kind == "popularity":
+        return Popularity().fit(demo)
+    if kind == "als":
+        return ALS(factors=16, iterations=3).fit(demo)
+    if kind == "deepwalk":
+        return DeepWalk(dim=16, walks_per_node=2, walk_length=8, epochs=1).fit(demo)
+    if kind == "graphsage":
+        return GraphSAGE(dim=16, id_dim=8, train=FAST, device="cpu").fit(demo, text_model)
+    if kind == "lightgcn":
+        return LightGCN(dim=16, train=FAST, device="cpu").fit(demo)
+    method = kind.split("-")[1]
+    parts = {"text": text_model, "lightgcn": _fitted("lightgcn", demo, text_model)}
+    return Fusion(method, dim=16, train=FAST, device="cpu").fit(demo, parts)
+
+
+@pytest.mark.parametrize("kind", ["popularity", "als", "text", "deepwalk", "graphsage",
+                                  "lightgcn", "fused-concat", "fused-projection"])
+def test_every_model_round_trips(kind, demo, text_model, tmp_path):
+    from model import Recommender
+
+    model = _fitted(kind, demo, text_model)
+    users = np.arange(0, demo.n_users, 7)
+    items, scores = model.recommend(users, k=20)
+    model.save(tmp_path / kind)
+    loaded = Recommender.load(tmp_path / kind)
+    assert type(loaded) is type(model) and loaded.name == model.name
+    again, again_scores = loaded.recommend(users, k=20)
+    assert np.array_equal(items, again) and np.allclose(scores, again_scores)
+    seen = demo.train[users].toarray() > 0
+    picked = np.take_along_axis(seen, np.maximum(items, 0), 1) & (items >= 0)
+    assert not picked.any()  # training items never come back
+    if kind != "popularity":
+        assert np.array_equal(model.similar_items([3, 5], 5)[0], loaded.similar_items([3, 5], 5)[0])
+
+
+def test_loading_checks_the_class_and_the_folder(demo, tmp_path):
+    from model import LightGCN, ModelError, Popularity, Recommender
+
+    Popularity().fit(demo).save(tmp_path / "pop")
+    with pytest.raises(ModelError, match="holds a Popularity, not a LightGCN"):
+        LightGCN.load(tmp_path / "pop")
+    with pytest.raises(ModelError, match="not a saved model"):
+        Recommender.load(tmp_path)
+    with pytest.raises(ModelError, match="unknown user row 9999"):
+        Recommender.load(tmp_path / "pop").recommend([9999])
+
+
+def test_saved_text_model_rebuilds_its_encoder(text_model, tmp_path):
+    from model import Recommender
+
+    text_model.save(tmp_path / "text")
+    loaded = Recommender.load(tmp_path / "text")
+    profile = ["Loves Thai curry and quiet cafes."]
+    assert np.allclose(loaded.embed_profiles(profile), text_model.embed_profiles(profile),
+                       atol=1e-6)
+
+
+def test_ranker_round_trips(demo, text_model, tmp_path):
+    from model import LightGCN, WideDeepRanker
+
+    recall = LightGCN(dim=16, train=FAST, device="cpu").fit(demo)
+    ranker = WideDeepRanker(candidates=30, epochs=2, device="cpu").fit(demo, recall)
+    users = np.arange(0, demo.n_users, 5)
+    candidates = recall.recommend(users, 30)[0]
+    ranker.save(tmp_path / "ranker")
+    loaded = WideDeepRanker.load(tmp_path / "ranker", device="cpu")
+    assert np.array_equal(ranker.rerank(users, candidates), loaded.rerank(users, candidates))
+    ranks = np.zeros(len(users), dtype=np.int64)
+    assert np.allclose(ranker.score(users, candidates[:, 0], ranks),
+                       loaded.score(users, candidates[:, 0], ranks))
+
+
+# ---------------------------------------------------------------- runs, configs, bundles
+
+
+def _run(*args: str) -> Path:
+    result = CliRunner().invoke(cli, ["run", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return Path([l for l in result.output.splitlines() if l.startswith("run written to ")][-1][15:])
+
+
+@pytest.fixture(scope="module")
+def ranked_run(tmp_path_factory, tiny_roberta):
+    root = tmp_path_factory.mktemp("ranked")
+    run_dir = _run("--dataset", "demo", "--base-model", str(tiny_roberta), "--layers", "2",
+                   "--no-quantize", "--epochs", "4", "--dw-epochs", "1", "--rank", "widedeep",
+                   "--rank-epochs", "2", "--data-root", str(root / "data"), "--runs-dir",
+                   str(root / "runs"), "--cache-dir", str(root / "cache"))
+    return root, run_dir
+
+
+def test_rerun_from_config_gives_the_same_metrics(ranked_run):
+    root, run_dir = ranked_run
+    again = _run("--config", str(run_dir / "config.json"))
+    first, second = (json.loads((d / "metrics.json").read_text())["variants"]
+                     for d in (run_dir, again))
+    assert list(first) == list(second) and "fused + Wide&Deep" in first
+    for variant, result in first.items():
+        assert result["status"] == second[variant]["status"]
+        for metric, value in result.get("metrics", {}).items():
+            assert second[variant]["metrics"][metric] == pytest.approx(value, abs=5e-5), variant
+    assert sorted(p.name for p in (run_dir / "models").iterdir()) == sorted(
+        ["popularity", "text", "deepwalk", "graphsage", "lightgcn", "fused", "fused_wide_deep"])
+
+
+def test_yaml_config_with_flags_on_top(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("data:\n  dataset: demo\n  data_root: %s\ngraph:\n  epochs: 2\n"
+                      "run:\n  variants: lightgcn\n  ks: [10, 20]\n" % (tmp_path / "data"))
+    run_dir = _run("--config", str(config), "--model", "popularity", "--runs-dir",
+                   str(tmp_path / "runs"))
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["graph"]["epochs"] == 2 and saved["run"]["ks"] == [10, 20]
+    assert saved["run"]["variants"] == "popularity"  # the flag wins over the file
+    config.write_text("graph:\n  epoch: 2\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(config)])
+    assert result.exit_code != 0 and "unknown option(s) epoch" in result.output
+
+
+def test_bundle_ranks_with_the_runs_ranker_alone(ranked_run, tmp_path):
+    from model import WideDeepRanker
+    from model.bundle import Bundle
+
+    root, run_dir = ranked_run
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(cli, ["export", "--run", str(run_dir), "--variant", "fused",
+                                      "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(cli, ["recommend", "--bundle", str(out), "--user", "5", "--rank",
+                                     "-k", "10"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    listed = [line.split("\t")[1] for line in shown.output.splitlines()[1:]]
+    bundle = Bundle(out)
+    ranker = WideDeepRanker.load(run_dir / "models" / "fused_wide_deep", device="cpu")
+    candidates, _ = bundle.retriever.search(bundle.users, ranker.candidates, bundle.seen,
+                                            np.array([5]))
+    expected = ranker.rerank(np.array([5]), candidates)[0][:10]
+    assert listed == [bundle.item_ids[i] for i in expected]
+    assert not set(listed) & {bundle.item_ids[i] for i in bundle.seen[5].indices}
+    without = CliRunner().invoke(cli, ["recommend", "--bundle", str(root / "nope"), "--user",
+                                       "5", "--rank"])
+    assert without.exit_code != 0 and "not a bundle" in without.output
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "models" / "lightgcn" / "model.json").exists()
