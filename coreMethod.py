@@ -223,6 +223,35 @@ def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],
     return weights, best
 
 
+def coordinate_search(grid: dict[str, list], score: Callable[[dict], float], start: dict,
+                      rounds: int = 2) -> tuple[dict, float, list[dict]]:
+    """Hyperparameters by coordinate ascent over `grid` from `start`: each parameter in turn
+    takes the grid value with the best score, the others held; repeated until a round
+    changes nothing (or `rounds`). Every setting is scored once. Returns (best, its score,
+    every scored setting)."""
+    scored: dict[tuple, float] = {}
+
+    def value_of(candidate: dict) -> float:
+        key = tuple(sorted(candidate.items()))
+        if key not in scored:
+            scored[key] = score(candidate)
+        return scored[key]
+
+    best, best_score = dict(start), value_of(start)
+    for _ in range(rounds):
+        changed = False
+        for name, values in grid.items():
+            for value in values:
+                candidate = {**best, name: value}
+                result = value_of(candidate)
+                if result > best_score + 1e-6:
+                    best, best_score, changed = candidate, result, True
+        if not changed:
+            break
+    table = [{**dict(key), "score": value} for key, value in scored.items()]
+    return best, best_score, table
+
+
 # ---------------------------------------------------------------- ranking stage
 
 

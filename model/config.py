@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-RECALL_VARIANTS = ("popularity", "text", "deepwalk", "graphsage", "lightgcn", "fused")
-GRAPH_PARTS = ("text", "deepwalk", "graphsage", "lightgcn")
+BASELINES = ("als", "ease", "rp3beta", "itemknn")
+RECALL_VARIANTS = ("popularity", *BASELINES, "text", "deepwalk", "graphsage", "lightgcn", "fused")
+FUSE_PARTS = ("text", "deepwalk", "graphsage", "lightgcn", "als")
 FT_METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
 FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3,
                      "prompt": 1e-2, "prefix": 5e-3}
@@ -78,6 +79,9 @@ class RunConfig:
     runs_dir: str = option("runs", "Run folders go to RUNS_DIR/DATASET/.", kind="path")
     cache_dir: str = option(".cache/embeddings", "Embedding cache keyed by encoder weights, "
                             "settings and texts.", kind="path")
+    tune_baselines: bool = option(True, "Tune the classic baselines (ALS, EASE, RP3beta, "
+                                  "item-kNN) on the validation split by coordinate ascent "
+                                  "over a grid; off: the grid's starting point.")
     seed: int = option(2023, "Seed of every random source (same seed, same metrics).")
     threads: int | None = option(None, "CPU threads for torch [default: torch's choice].")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
@@ -103,9 +107,10 @@ class GraphConfig:
     weight_decay: float = option(1e-4, "L2 penalty on the vectors in each BPR batch.")
     eval_every: int = option(2, "Epochs between validation Recall@20 checks.")
     patience: int = option(3, "Checks without improvement before early stopping.")
-    fuse_parts: list[str] = option(GRAPH_PARTS, "Signals the fused model combines (text is "
-                                   "skipped where the data has no profiles).",
-                                   choices=GRAPH_PARTS, kind="names")
+    fuse_parts: list[str] = option(FUSE_PARTS, "Signals the fused model combines (text is "
+                                   "skipped where the data has no profiles); the weights "
+                                   "start from the best single part on validation.",
+                                   choices=FUSE_PARTS, kind="names")
     fusion: str = option("concat", "Fused model: weighted concatenation (weights tuned on "
                          "validation) or a learned projection.", choices=("concat", "projection"))
 
@@ -119,7 +124,7 @@ class RankConfig:
     rank: str = option("none", "Ranking stage over the recall candidates of --rank-on.",
                        choices=("none", "widedeep"))
     rank_on: str = option("fused", "Recall model whose candidates the ranker re-orders.",
-                          choices=RECALL_VARIANTS[1:])
+                          choices=("als", "text", "deepwalk", "graphsage", "lightgcn", "fused"))
     candidates: int = option(200, "Candidates per user from the recall stage.")
     rank_positives: str = option("val", "Ranker positives: validation pairs of half the "
                                  "validation users (the other half checks each epoch), or "

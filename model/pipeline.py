@@ -22,6 +22,7 @@ from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
 from model.ranking import WideDeepRanker
 from model.text import ENCODER_CONFIG, TextEncoder, TextRecall
+from model.tuning import tuned
 from utils import atomic_path, log, peak_memory_mb, pick_device, set_seed, timed
 
 RANK_MODES = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
@@ -77,6 +78,23 @@ class RecallModels:
 
     def popularity(self) -> Popularity:
         return self._once("popularity", lambda: Popularity().fit(self.dataset))
+
+    def _baseline(self, name: str) -> Recommender:
+        fixed = {"seed": self.config.run.seed} if name == "als" else {}
+        return self._once(name, lambda: tuned(name, self.dataset, fixed,
+                                              self.config.run.tune_baselines))
+
+    def als(self) -> Recommender:
+        return self._baseline("als")
+
+    def ease(self) -> Recommender:
+        return self._baseline("ease")
+
+    def rp3beta(self) -> Recommender:
+        return self._baseline("rp3beta")
+
+    def itemknn(self) -> Recommender:
+        return self._baseline("itemknn")
 
     def text(self) -> TextRecall:
         return self._once("text", lambda: TextRecall(

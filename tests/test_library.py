@@ -207,7 +207,8 @@ def test_rerun_from_config_gives_the_same_metrics(ranked_run):
         for metric, value in result.get("metrics", {}).items():
             assert second[variant]["metrics"][metric] == pytest.approx(value, abs=5e-5), variant
     assert sorted(p.name for p in (run_dir / "models").iterdir()) == sorted(
-        ["popularity", "text", "deepwalk", "graphsage", "lightgcn", "fused", "fused_wide_deep"])
+        ["popularity", "als", "ease", "rp3beta", "itemknn", "text", "deepwalk", "graphsage",
+         "lightgcn", "fused", "fused_wide_deep"])
 
 
 def test_yaml_config_with_flags_on_top(tmp_path):

@@ -29,7 +29,10 @@ def test_demo_run_writes_a_complete_run_folder(tmp_path):
     variants = metrics["variants"]
     assert set(variants) == set(RECALL_VARIANTS)
     assert all(v["status"] == "ok" for v in variants.values())
-    assert variants["fused"]["parts"] == ["text", "deepwalk", "graphsage", "lightgcn"]
+    assert variants["fused"]["parts"] == ["text", "deepwalk", "graphsage", "lightgcn", "als"]
+    # the classic baselines were tuned on validation, and fusion starts from the best part
+    assert variants["als"]["settings_tried"] > 10
+    assert variants["fused"]["best_val_recall@20"] >= variants["als"]["best_val_recall@20"]
     assert metrics["dataset"]["text_coverage"]["users"]["written"] > 0
     # on the demo data, users' tastes are in the text: text recall must beat popularity
     assert variants["text"]["metrics"]["recall@20"] > variants["popularity"]["metrics"]["recall@20"]
@@ -60,7 +63,7 @@ def test_data_without_profiles_reports_text_as_unavailable(tmp_path):
     assert "no item profiles" in variants["text"]["reason"]
     # without text, GraphSAGE runs on id embeddings and fusion on the graph signals
     assert variants["graphsage"]["status"] == "ok"
-    assert variants["fused"]["parts"] == ["deepwalk", "graphsage", "lightgcn"]
+    assert variants["fused"]["parts"] == ["deepwalk", "graphsage", "lightgcn", "als"]
 
 
 def test_bad_data_is_a_clear_cli_error(tmp_path):
