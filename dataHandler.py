@@ -160,11 +160,29 @@ def detect_layout(folder: Path) -> str:
     raise DataError(f"{folder}: no interaction files found; expected {expected}")
 
 
+class _MatrixUnpickler(pickle.Unpickler):
+    """Unpickles only what a sparse or dense numeric matrix is made of. A pickle can name any
+    callable, and plain `pickle.load` calls it: that runs code from the data file."""
+
+    SPARSE = {"csr_matrix", "csc_matrix", "coo_matrix", "csr_array", "csc_array", "coo_array"}
+    NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+             ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+             ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        sparse = module.startswith("scipy.sparse") and name in self.SPARSE
+        if sparse or (module, name) in self.NUMPY:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays and "
+                                     "scipy sparse matrices are allowed in a matrix pickle")
+
+
 def _read_pickled_matrix(path: Path) -> sp.csr_matrix:
     try:
         with open(path, "rb") as handle:
-            matrix = pickle.load(handle)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+            matrix = _MatrixUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError,
+            IndexError) as error:
         raise DataError(f"{path}: cannot unpickle a matrix ({error})") from error
     if not sp.issparse(matrix):
         raise DataError(f"{path}: expected a scipy sparse user x item matrix, got "

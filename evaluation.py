@@ -332,11 +332,11 @@ def _split_line(summary: dict) -> str:
             f"train/val/test {counts['train']}/{counts['val']}/{counts['test']}")
 
 
-def write_ab_report(report: dict, out_dir: Path) -> Path:
+def write_ab_report(report: dict, out_dir: Path, overwrite: bool = False) -> Path:
     """report.md, report.html (plots inlined), ab.json and the PNG plots, atomically."""
     import base64
 
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, "ab.json", overwrite) as tmp:
         tmp.mkdir(parents=True)
         plots = {"curves": _plot_curves(report, tmp / "metric_curves.png"),
                  "segments": _plot_segments(report, tmp / "lift_by_segment.png")}

@@ -19,8 +19,12 @@ from model.bundle import Bundle, BundleError, export_bundle  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
 from model.pipeline import Experiment, build_encoder, load_data  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
+from utils import OutputExists  # noqa: E402
 
-USER_ERRORS = (DataError, BundleError, ConfigError, ModelError, FileNotFoundError)
+USER_ERRORS = (DataError, BundleError, ConfigError, ModelError, FileNotFoundError, OutputExists)
+OVERWRITE = click.option("--overwrite", is_flag=True,
+                         help="Replace --out if it holds an earlier output of this tool (a "
+                              "folder it did not write is never replaced).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,11 +68,15 @@ def prepare(ctx: click.Context, **values) -> None:
 @config_options("run", only=("device",))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to save the shrunken encoder in (save_pretrained format).")
+@OVERWRITE
 @click.pass_context
-def shrink(ctx: click.Context, out: str, **values) -> None:
+def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
     """Shrink the base encoder (keep --layers layers) and save it for reuse via --encoder."""
     encoder = build_encoder(experiment_config(ctx, None, values), quantize=False)
-    encoder.save(out)
+    try:
+        encoder.save(out, overwrite)
+    except OutputExists as error:
+        raise click.ClickException(str(error))
     click.echo(f"saved {encoder.describe()} to {out}")
 
 
@@ -99,10 +107,12 @@ def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> Non
 @click.option("--format", "storage", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "int8"]),
               help="Storage of the embedding matrices.")
-def export(run_dir: str, variant: str, out: str, storage: str) -> None:
+@OVERWRITE
+def export(run_dir: str, variant: str, out: str, storage: str, overwrite: bool) -> None:
     """Export a run's model, FAISS index, id maps, ranker and manifest as a bundle."""
     try:
-        export_bundle(Path(run_dir), variant, load_data(_run_config(run_dir)), Path(out), storage)
+        export_bundle(Path(run_dir), variant, load_data(_run_config(run_dir)), Path(out), storage,
+                      overwrite)
     except USER_ERRORS as error:
         raise click.ClickException(str(error))
     click.echo(f"bundle written to {out}")
@@ -170,15 +180,16 @@ def evaluate(bundle_dir: str, ks: list[int]) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for report.md, report.html, ab.json and the plots.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@OVERWRITE
 def ab(run_a: str, run_b: str, a_variant: str | None, b_variant: str | None, out: str,
-       seed: int) -> None:
+       seed: int, overwrite: bool) -> None:
     """Offline A/B report of two runs on the same data and split (per-user metrics)."""
     try:
         evaluator = Evaluator.on_test(load_data(_run_config(run_a)))
         report = ab_compare(Path(run_a), Path(run_b), a_variant, b_variant, evaluator, seed)
+        write_ab_report(report, Path(out), overwrite)
     except (ABError, *USER_ERRORS) as error:
         raise click.ClickException(str(error))
-    write_ab_report(report, Path(out))
     click.echo(render_ab_markdown(report))
     click.echo(f"report written to {out}/report.html")
 

@@ -53,21 +53,45 @@ def timed() -> Iterator[dict]:
         holder["seconds"] = time.perf_counter() - start
 
 
+class OutputExists(FileExistsError):
+    """An output folder that is in the way: not ours, or ours without permission to replace."""
+
+
+def check_output_folder(target: Path, own_marker: str | None, overwrite: bool) -> None:
+    """Refuse to replace a non-empty folder this tool did not write (recognised by
+    `own_marker`, a file its outputs always hold), or one of its own without `overwrite`."""
+    if not target.exists() or target.is_symlink() or not target.is_dir():
+        return
+    if not any(target.iterdir()):
+        return
+    if own_marker is None or not (target / own_marker).is_file():
+        raise OutputExists(f"{target}: folder exists and was not written by this tool; it is "
+                           "left untouched (choose another output folder)")
+    if not overwrite:
+        raise OutputExists(f"{target}: holds an earlier output of this tool; pass --overwrite "
+                           "to replace it")
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, own_marker: str | None = None,
+                overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only on success.
 
     Works for a file or a directory: whatever the caller creates at the yielded path
-    replaces `target` atomically, and nothing half-written is left behind on error.
+    replaces `target` atomically, and nothing half-written is left behind on error. An
+    existing non-empty folder at `target` is replaced only if it is this tool's own output
+    (holds `own_marker`) and `overwrite` is set; it is checked before any work is done.
     """
     target = Path(target)
+    check_output_folder(target, own_marker, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staged = tmp / target.name
     try:
         yield staged
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            check_output_folder(target, own_marker, overwrite)  # it may have appeared since
+            os.replace(target, tmp / "replaced")  # removed with tmp below, after the swap
         os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

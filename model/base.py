@@ -209,11 +209,11 @@ class Recommender:
                              f"{kind}s, rows 0..{size - 1})")
 
     # ------------------------------------------------------------ persistence
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the fitted model to `folder` (atomically); `Recommender.load` reads it."""
         self._check_fitted()
         folder = Path(folder)
-        with atomic_path(folder) as tmp:
+        with atomic_path(folder, MODEL_FILE, overwrite) as tmp:
             tmp.mkdir(parents=True)
             arrays = dict(self._arrays())
             for name in ("user_vectors", "item_vectors", "user_mask", "item_mask"):

@@ -57,7 +57,7 @@ def _ids(ids: list[str], count: int) -> list[str]:
 
 
 def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
-                  storage: str = "float32") -> Path:
+                  storage: str = "float32", overwrite: bool = False) -> Path:
     """Write the bundle of one recall variant of a run to `out` (atomically)."""
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -70,7 +70,7 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
         raise BundleError(f"variant '{variant}' has no vectors to export")
     config = json.loads((run_dir / "config.json").read_text())
     users, items = model.embeddings()
-    with atomic_path(out) as tmp:
+    with atomic_path(out, MANIFEST, overwrite) as tmp:
         tmp.mkdir(parents=True)
         stored_users, user_scale = _quantise(users, storage)
         stored_items, item_scale = _quantise(items, storage)

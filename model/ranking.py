@@ -289,9 +289,9 @@ class WideDeepRanker:
             return candidates
         return rerank(self.score, users, candidates)
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         folder = Path(folder)
-        with atomic_path(folder) as tmp:
+        with atomic_path(folder, RANKER_FILE, overwrite) as tmp:
             tmp.mkdir(parents=True)
             np.savez(tmp / "features.npz", **self.features.arrays())
             torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, tmp / "state.pt")

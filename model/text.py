@@ -170,9 +170,9 @@ class TextEncoder:
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
         """A folder that `TextEncoder.from_pretrained(path)` loads back (pooling included)."""
-        with atomic_path(path) as tmp:
+        with atomic_path(path, ENCODER_CONFIG, overwrite) as tmp:
             tmp.mkdir()
             if is_prompt_model(self.model):
                 self.model.save_pretrained(tmp / PROMPT_DIR)

@@ -1,0 +1,80 @@
+"""Reliability: outputs never delete what the tool did not write; data files cannot run
+code."""
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from click.testing import CliRunner
+
+from conftest import write_easyrec
+from main import cli
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliable")
+    args = ["run", "--dataset", "demo", "--model", "lightgcn", "--epochs", "2",
+            "--data-root", str(root / "data"), "--runs-dir", str(root / "runs")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return Path([l for l in result.output.splitlines() if l.startswith("run written to ")][-1][15:])
+
+
+def _users_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "my-folder"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["export", "ab"])
+def test_an_output_never_replaces_a_folder_the_tool_did_not_write(small_run, tmp_path, command):
+    folder = _users_folder(tmp_path)
+    args = {"export": ["export", "--run", str(small_run), "--variant", "lightgcn"],
+            "ab": ["ab", "--a", str(small_run), "--b", str(small_run)]}[command]
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(cli, [*args, "--out", str(folder), *extra])
+        assert result.exit_code != 0 and "was not written by this tool" in result.output
+        assert (folder / "thesis.tex").read_text() == "years of work"
+        assert sorted(os.listdir(folder)) == ["thesis.tex"]
+    assert [p.name for p in tmp_path.iterdir()] == ["my-folder"]  # no staging left behind
+
+
+def test_an_earlier_bundle_is_replaced_only_with_overwrite(small_run, tmp_path):
+    args = ["export", "--run", str(small_run), "--variant", "lightgcn", "--out",
+            str(tmp_path / "bundle")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "pass --overwrite" in again.output
+    assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_shrink_refuses_a_foreign_folder(tmp_path, tiny_roberta):
+    folder = _users_folder(tmp_path)
+    result = CliRunner().invoke(cli, ["shrink", "--base-model", str(tiny_roberta), "--layers",
+                                      "2", "--out", str(folder)])
+    assert result.exit_code != 0 and "was not written by this tool" in result.output
+    assert sorted(os.listdir(folder)) == ["thesis.tex"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_pickle_runs_no_code(tmp_path, monkeypatch):
+    from dataHandler import DataError, load_dataset
+
+    folder = write_easyrec(tmp_path / "data", np.eye(3), np.eye(3), np.eye(3))
+    with open(folder / "trn_mat.pkl", "wb") as handle:
+        pickle.dump([_Payload(), sp.csr_matrix(np.eye(3))], handle)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"trn_mat.pkl: cannot unpickle.*refusing to load "
+                                        r"(posix|os)\.system"):
+        load_dataset(folder)
+    assert not (tmp_path / "PWNED").exists()
+    write_easyrec(folder, np.eye(3), np.eye(3), np.eye(3))
+    assert load_dataset(folder).train.nnz == 3  # real sparse matrices still load
