@@ -15,7 +15,7 @@ from dataHandler import DataError  # noqa: E402
 from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # noqa: E402
                         write_ab_report)
 from model.base import ModelError  # noqa: E402
-from model.bundle import Bundle, BundleError, export_bundle  # noqa: E402
+from model.bundle import Bundle, BundleError, export_bundle, reproduction_verdict  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
 from model.pipeline import Experiment, build_encoder, load_data  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
@@ -138,14 +138,7 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
         raise click.UsageError("--rank re-orders the recommendations of a known --user")
     try:
         bundle = Bundle(bundle_dir)
-        if user is not None:
-            rows, kind = bundle.recommend(user, k, rank=rank), "item"
-        elif profile is not None:
-            rows, kind = bundle.recommend_for_vector(bundle.embed_profile(profile), k), "item"
-        elif item is not None:
-            rows, kind = bundle.similar_items(item, k), "item"
-        else:
-            rows, kind = bundle.lookalike_users(lookalike, k), "user"
+        rows, kind = bundle.answer(user, profile, item, lookalike, k, rank)
     except USER_ERRORS as error:
         raise click.ClickException(str(error))
     described = kind == "item" and bundle.item_profiles is not None
@@ -158,8 +151,11 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
 @cli.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--ks", default="5,10,20,50", show_default=True, callback=_int_list)
-def evaluate(bundle_dir: str, ks: list[int]) -> None:
-    """Re-evaluate a bundle's recall on its data set's test split (reproducibility check)."""
+@click.option("--tolerance", default=1e-4, show_default=True, type=float,
+              help="Largest difference from the metrics at export still called reproduced.")
+def evaluate(bundle_dir: str, ks: list[int], tolerance: float) -> None:
+    """Re-evaluate a bundle's recall on its data set's test split; exits 1 when the metrics
+    differ from those at export by more than --tolerance."""
     try:
         bundle = Bundle(bundle_dir)
         now, then = bundle.evaluate(load_data(bundle.data_config()), tuple(ks))
@@ -168,6 +164,10 @@ def evaluate(bundle_dir: str, ks: list[int]) -> None:
     click.echo("| metric | bundle now | at export |\n|---|---|---|")
     for name, value in now.items():
         click.echo(f"| {name} | {value:.4f} | {then.get(name, float('nan')):.4f} |")
+    reproduced, verdict = reproduction_verdict(now, then, tolerance)
+    click.echo(verdict)
+    if not reproduced:
+        raise SystemExit(1)
 
 
 @cli.command()

@@ -23,6 +23,9 @@ from model.text import load_encoder
 from utils import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"  # guards against edits and corruption; not a signature
+REQUIRED = ("format_version", "variant", "dataset", "data", "users", "items", "dim", "scales",
+            "metrics_at_export", "files")
 FORMAT_VERSION = 2
 RANKER_DIR, ENCODER_DIR = "ranker", "encoder"
 
@@ -91,7 +94,7 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "code_version": _code_version(), "source_run": str(run_dir),
             "dataset": metrics["dataset"],
-            "data": {k: data.get(k) for k in ("dataset", "data_root", "data_source")},
+            "data": _absolute_data_paths(data),
             "users": int(users.shape[0]), "items": int(items.shape[0]),
             "dim": int(items.shape[1]), "storage": storage,
             "scales": {"users": user_scale, "items": item_scale},
@@ -103,6 +106,19 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json_atomic(tmp / MANIFEST, manifest)
+        (tmp / MANIFEST_DIGEST).write_text(sha256_file(tmp / MANIFEST) + "\n")
+    return out
+
+
+def _absolute_data_paths(data: dict) -> dict:
+    """Where the data lives, as absolute paths: `evaluate` must find the same data from any
+    working directory, never prepare a copy wherever it is called from."""
+    out = {k: data.get(k) for k in ("dataset", "data_root", "data_source")}
+    for key in ("data_root", "data_source"):
+        if out[key] is not None:
+            out[key] = str(Path(out[key]).resolve())
+    if Path(out["dataset"]).is_dir():
+        out["dataset"] = str(Path(out["dataset"]).resolve())
     return out
 
 
@@ -151,6 +167,16 @@ def _no_text_reason(variant: str, model: Recommender) -> str:
     return f"variant '{variant}' is not built from text"
 
 
+def reproduction_verdict(now: dict, then: dict, tolerance: float) -> tuple[bool, str]:
+    """Do metrics measured now match those at export within `tolerance`? A metric missing
+    at export counts as a difference."""
+    gaps = [abs(value - then.get(name, float("nan"))) for name, value in now.items()]
+    worst = max(gaps) if gaps else float("nan")
+    if worst <= tolerance:
+        return True, f"verdict: reproduced (largest gap {worst:.2g} <= {tolerance:g})"
+    return False, f"verdict: DIFFERS from export (largest gap {worst:.2g} > {tolerance:g})"
+
+
 class Bundle:
     """A loaded, verified bundle: vectors, ids, seen items, the item index, and (when the
     run had them) the text encoder and the Wide&Deep ranker."""
@@ -181,10 +207,19 @@ class Bundle:
         manifest_file = self.folder / MANIFEST
         if not manifest_file.exists():
             raise BundleError(f"{self.folder}: not a bundle (no {MANIFEST})")
+        digest_file = self.folder / MANIFEST_DIGEST
+        if not digest_file.exists():
+            raise BundleError(f"{digest_file}: missing (the manifest cannot be verified)")
+        if digest_file.read_text().strip() != sha256_file(manifest_file):
+            raise BundleError(f"{manifest_file}: does not match {MANIFEST_DIGEST} (the manifest "
+                              "was edited or corrupted)")
         try:
             manifest = json.loads(manifest_file.read_text())
         except json.JSONDecodeError as error:
             raise BundleError(f"{manifest_file}: malformed JSON ({error.msg})") from error
+        missing = [key for key in REQUIRED if key not in manifest]
+        if missing:
+            raise BundleError(f"{manifest_file}: missing required fields {', '.join(missing)}")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"{manifest_file}: unsupported format version "
                               f"{manifest.get('format_version')} (this code reads "
@@ -246,6 +281,18 @@ class Bundle:
         scores = ranker.score(np.repeat(row, len(ordered)), ordered, ranks)
         return self._named(ordered, scores)
 
+    def answer(self, user: str | None = None, profile: str | None = None,
+               item: str | None = None, lookalike: str | None = None, k: int = 20,
+               rank: bool = False) -> tuple[list[tuple[str, float]], str]:
+        """(rows, 'item' or 'user') for the one question asked, as `recommend` prints it."""
+        if user is not None:
+            return self.recommend(user, k, rank=rank), "item"
+        if profile is not None:
+            return self.recommend_for_vector(self.embed_profile(profile), k), "item"
+        if item is not None:
+            return self.similar_items(item, k), "item"
+        return self.lookalike_users(lookalike, k), "user"
+
     def recommend_for_vector(self, vector: np.ndarray, k: int = 20) -> list[tuple[str, float]]:
         items, scores = self.retriever.search(vector[None, :].astype(np.float32), k)
         return self._named(items[0], scores[0])
@@ -281,7 +328,8 @@ class Bundle:
         return vector
 
     def evaluate(self, dataset, ks: tuple[int, ...]) -> tuple[dict, dict]:
-        """(metrics now, metrics at export) on the data set's test split."""
+        """(metrics now, metrics at export) on the data set's test split. Items without an
+        indexed vector (no text, in a text bundle) are left out exactly as at export."""
         if dataset.summary() != self.manifest["dataset"]:
             raise BundleError("the data set on disk differs from the one the bundle was "
                               "exported from")

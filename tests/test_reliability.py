@@ -78,3 +78,34 @@ def test_a_crafted_pickle_runs_no_code(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
     write_easyrec(folder, np.eye(3), np.eye(3), np.eye(3))
     assert load_dataset(folder).train.nnz == 3  # real sparse matrices still load
+
+
+def test_edited_manifest_and_differing_metrics_are_caught(small_run, tmp_path):
+    import json
+
+    from model.bundle import Bundle, BundleError, reproduction_verdict
+
+    out = tmp_path / "bundle"
+    assert CliRunner().invoke(cli, ["export", "--run", str(small_run), "--variant", "lightgcn",
+                                    "--out", str(out)]).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert Path(manifest["data"]["data_root"]).is_absolute()
+    good = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])
+    assert good.exit_code == 0 and "verdict: reproduced" in good.output
+    manifest["metrics_at_export"]["recall@20"] += 0.01
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not match manifest.sha256"):
+        Bundle(out)
+    from utils import sha256_file
+    (out / "manifest.sha256").write_text(sha256_file(out / "manifest.json"))
+    differs = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])
+    assert differs.exit_code == 1 and "verdict: DIFFERS" in differs.output
+    manifest["files"] = {}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    del manifest["files"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.sha256").write_text(sha256_file(out / "manifest.json"))
+    with pytest.raises(BundleError, match="missing required fields files"):
+        Bundle(out)
+    ok, line = reproduction_verdict({"recall@20": 0.30}, {"recall@20": 0.31}, 1e-4)
+    assert not ok and "DIFFERS" in line
