@@ -270,7 +270,7 @@ def recall_by_item_segment(top: np.ndarray, users: np.ndarray, test: sp.csr_matr
     for name in POPULARITY_SEGMENTS:
         in_segment = np.zeros(test.shape[1], dtype=bool)
         in_segment[item_segment == name] = True
-        relevant = np.asarray(sub[:, in_segment].sum(axis=1)).ravel()
+        relevant = np.asarray((sub[:, in_segment] > 0).sum(axis=1)).ravel()  # distinct items
         segment_hits = (hits & in_segment[np.maximum(top[:, :k], 0)]).sum(1)
         out[name] = np.where(relevant > 0, segment_hits / np.maximum(relevant, 1), np.nan)
     return out

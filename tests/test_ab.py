@@ -74,3 +74,15 @@ def test_ab_refuses_runs_on_different_splits(demo_run, tmp_path):
     with pytest.raises(ABError, match="no successful variant 'nope'"):
         from evaluation import load_run_variant
         load_run_variant(other, "nope")
+
+
+def test_recall_by_item_segment_counts_distinct_test_items():
+    import scipy.sparse as sp
+
+    from evaluation import recall_by_item_segment
+
+    test = sp.csr_matrix(np.array([[2.0, 1.0, 0.0]]))  # a repeat visit counts once
+    segments = np.array(["head", "head", "tail"], dtype=object)
+    top = np.array([[0, 1, 2]])
+    out = recall_by_item_segment(top, np.array([0]), test, segments, k=3)
+    assert out["head"][0] == 1.0 and np.isnan(out["torso"][0])
