@@ -32,6 +32,29 @@ def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,
     return np.divide(summed, norms, out=np.zeros_like(summed), where=norms > 0)
 
 
+def top_k_rows(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best columns of each row by score, best first, ties broken by the lower
+    column (exactly, also at the cut-off); -inf entries come back as -1 / -inf."""
+    items = np.full((len(block), k), -1, dtype=np.int64)
+    scores = np.full((len(block), k), -np.inf, dtype=np.float32)
+    width = min(k, block.shape[1])
+    if width == 0 or len(block) == 0:
+        return items, scores
+    negative = -np.asarray(block, dtype=np.float32)
+    cut = np.partition(negative, width - 1, axis=1)[:, width - 1:width]
+    above, tied = negative < cut, negative == cut
+    room = width - above.sum(1, keepdims=True)
+    take = above | (tied & (np.cumsum(tied, axis=1) <= room))
+    columns = np.nonzero(take)[1].reshape(len(block), width)  # ascending column per row
+    order = np.argsort(np.take_along_axis(negative, columns, 1), axis=1, kind="stable")
+    top = np.take_along_axis(columns, order, 1)
+    top_scores = -np.take_along_axis(negative, top, 1)
+    valid = np.isfinite(top_scores)
+    items[:, :width] = np.where(valid, top, -1)
+    scores[:, :width] = np.where(valid, top_scores, -np.inf)
+    return items, scores
+
+
 # ---------------------------------------------------------------- graph and random walks
 
 

@@ -5,13 +5,16 @@
 `recommend` excludes; it is saved with the model."""
 from __future__ import annotations
 
+import importlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from coreMethod import top_k_rows
 from model.retrieval import FaissRetriever
 from utils import atomic_path, write_json_atomic
 
@@ -157,15 +160,9 @@ class Recommender:
                 block[seen.row, seen.col] = -np.inf
             if self.item_mask is not None:
                 block[:, ~self.item_mask] = -np.inf
-            # ties are broken by the lower item id: stable order over (score desc, item asc)
-            part = np.argpartition(-block, width - 1, axis=1)[:, :width]
-            part.sort(axis=1)
-            order = np.argsort(-np.take_along_axis(block, part, 1), axis=1, kind="stable")
-            top = np.take_along_axis(part, order, 1)
-            top_scores = np.take_along_axis(block, top, 1)
-            valid = np.isfinite(top_scores)
-            items[start:start + len(rows), :width] = np.where(valid, top, -1)
-            scores[start:start + len(rows), :width] = np.where(valid, top_scores, -np.inf)
+            top, top_scores = top_k_rows(block, width)  # ties: the lower item id first
+            items[start:start + len(rows), :width] = top
+            scores[start:start + len(rows), :width] = top_scores
         return items, scores
 
     def similar_items(self, item_ids, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +221,7 @@ class Recommender:
             self._save_extra(tmp)
             write_json_atomic(tmp / MODEL_FILE, {
                 "format_version": FORMAT_VERSION, "class": type(self).__name__,
+                "module": type(self).__module__,
                 "name": self.name, "params": self.params(), "state": self._state(),
                 "training_log": self.training_log})
         return folder
@@ -234,13 +232,24 @@ class Recommender:
         class recorded in the folder, `LightGCN.load` insists on that class."""
         folder = Path(folder)
         description = read_model_file(folder)
+        module = description.get("module", "")
+        if description["class"] not in _REGISTRY and module.startswith("model."):
+            importlib.import_module(module)  # registers the class (modules load lazily)
         saved_class = _REGISTRY.get(description["class"])
         if saved_class is None:
             raise ModelError(f"{folder / MODEL_FILE}: unknown model class "
                              f"{description['class']!r} (known: {', '.join(sorted(_REGISTRY))})")
         if cls is not Recommender and not issubclass(saved_class, cls):
             raise ModelError(f"{folder}: holds a {description['class']}, not a {cls.__name__}")
-        model = saved_class(**description["params"])
+        try:
+            return saved_class._from_folder(folder, description)
+        except (TypeError, KeyError, OSError, ValueError, zipfile.BadZipFile) as error:
+            raise ModelError(f"{folder}: cannot load the saved {description['class']} "
+                             f"({type(error).__name__}: {error})") from error
+
+    @classmethod
+    def _from_folder(cls, folder: Path, description: dict) -> "Recommender":
+        model = cls(**description["params"])
         model._name = description.get("name", model.name)
         with np.load(folder / ARRAYS_FILE, allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
@@ -250,6 +259,13 @@ class Recommender:
         model.training_log = description.get("training_log", {})
         model._restore(description.get("state", {}), arrays, folder)
         return model
+
+
+def require_validation(evaluator) -> None:
+    """Early stopping and tuning read the validation split; without one they cannot run."""
+    if len(evaluator.users) == 0:
+        raise Unavailable("the validation split has no interactions (early stopping and "
+                          "tuning need one)")
 
 
 def read_model_file(folder: Path) -> dict:

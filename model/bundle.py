@@ -19,7 +19,7 @@ from model.base import Recommender
 from model.config import ExperimentConfig
 from model.ranking import WideDeepRanker
 from model.retrieval import FaissRetriever
-from model.text import load_encoder
+from model.text import ENCODER_DIR, load_encoder
 from utils import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -27,7 +27,7 @@ MANIFEST_DIGEST = "manifest.sha256"  # guards against edits and corruption; not 
 REQUIRED = ("format_version", "variant", "dataset", "data", "users", "items", "dim", "scales",
             "metrics_at_export", "files")
 FORMAT_VERSION = 2
-RANKER_DIR, ENCODER_DIR = "ranker", "encoder"
+RANKER_DIR = "ranker"
 
 
 class BundleError(ValueError):
@@ -132,21 +132,17 @@ def _write_id_tables(folder: Path, dataset, n_users: int, n_items: int) -> None:
 
 
 def _copy_encoder(run_dir: Path, variant: str, model: Recommender, folder: Path) -> dict | None:
-    """Copy the encoder that embeds a new profile into this variant's user space: the text
-    model's own, or for a concat fusion with a text part, the text model's (its block of
-    the fused vector; the graph blocks stay zero: a cold-start vector)."""
-    block = getattr(model, "text_block", None)
-    if (run_dir / "models" / file_name(variant) / ENCODER_DIR).exists():
-        source, block = run_dir / "models" / file_name(variant) / ENCODER_DIR, None
-    elif block:
-        source = run_dir / "models" / "text" / ENCODER_DIR
-    else:
+    """Copy the encoder that embeds a new profile into this variant's user space: a text
+    model's own (the whole vector), or a concat fusion's text part (its block of the fused
+    vector; the other blocks stay zero: a cold-start vector)."""
+    source = run_dir / "models" / file_name(variant) / ENCODER_DIR
+    if not source.exists():
         return None
     shutil.copytree(source, folder / ENCODER_DIR)
-    if block is None:
-        dim = model.embeddings()[0].shape[1]
-        return {"folder": ENCODER_DIR, "block": [0, dim], "scale": 1.0}
-    return {"folder": ENCODER_DIR, "block": block[:2], "scale": block[2]}
+    block = getattr(model, "text_block", None)
+    if block:
+        return {"folder": ENCODER_DIR, "block": block[:2], "scale": block[2]}
+    return {"folder": ENCODER_DIR, "block": [0, model.embeddings()[0].shape[1]], "scale": 1.0}
 
 
 def _copy_ranker(run_dir: Path, variant: str, folder: Path) -> dict | None:
@@ -274,8 +270,10 @@ class Bundle:
             items, scores = self.retriever.search(self.users, k, self.seen, row)
             return self._named(items[0], scores[0])
         ranker = self.ranker
-        candidates, _ = self.retriever.search(self.users, max(k, ranker.candidates), self.seen,
-                                              row)
+        candidates, recall_scores = self.retriever.search(self.users, max(k, ranker.candidates),
+                                                          self.seen, row)
+        if ranker.kept_recall_order:  # the ranker never beat the recall order on validation
+            return self._named(candidates[0][:k], recall_scores[0][:k])
         ordered = ranker.rerank(row, candidates)[0][:k]
         ranks = np.array([int(np.flatnonzero(candidates[0] == i)[0]) for i in ordered])
         scores = ranker.score(np.repeat(row, len(ordered)), ordered, ranks)

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
+from coreMethod import top_k_rows
 from model.base import ModelError, Recommender, register
 
 
@@ -71,17 +72,7 @@ def _row_normalise(matrix: sp.csr_matrix) -> sp.csr_matrix:
 
 def _top_k(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best `k` columns of each row (ties: lower column); -inf entries become -1 / -inf."""
-    items = np.full((len(block), k), -1, dtype=np.int64)
-    scores = np.full((len(block), k), -np.inf, dtype=np.float32)
-    width = min(k, block.shape[1])
-    part = np.sort(np.argpartition(-block, width - 1, axis=1)[:, :width], axis=1)
-    order = np.argsort(-np.take_along_axis(block, part, 1), axis=1, kind="stable")
-    top = np.take_along_axis(part, order, 1)
-    top_scores = np.take_along_axis(block, top, 1)
-    valid = np.isfinite(top_scores)
-    items[:, :width] = np.where(valid, top, -1)
-    scores[:, :width] = np.where(valid, top_scores, -np.inf)
-    return items, scores
+    return top_k_rows(block, k)
 
 
 def _sparse_top_k(weights_of_rows, n_items: int, k: int, chunk: int = 1024) -> sp.csr_matrix:

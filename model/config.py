@@ -179,6 +179,42 @@ class TrainConfig:
         return value if isinstance(value, cls) else cls(**value)
 
 
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(f, value: Any, source: str) -> Any:
+    """`value` as the type the field declares (files and YAML give strings for numbers
+    written as 1e-3, lists as 'a,b'); a clear error naming the option otherwise."""
+    annotation = str(f.type)
+    if value is None and "None" in annotation:
+        return None
+    try:
+        if annotation == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in TRUE + FALSE:
+                return str(value).strip().lower() in TRUE
+            raise ValueError
+        if annotation.startswith("list"):
+            items = value.split(",") if isinstance(value, str) else \
+                [value] if isinstance(value, (int, float)) else list(value)
+            items = [str(v).strip() if isinstance(v, str) else v for v in items]
+            items = [v for v in items if v not in ("", "none")]
+            return [int(v) for v in items] if "int" in annotation else [str(v) for v in items]
+        if annotation.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if annotation.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = annotation.replace(" | None", " or null")
+        raise ConfigError(f"{source}: {f.name} must be {kind}; got {value!r}") from None
+
+
 SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "run": RunConfig,
             "graph": GraphConfig, "rank": RankConfig, "finetune": FinetuneConfig}
 
@@ -205,6 +241,10 @@ class ExperimentConfig:
         flat: dict[str, Any] = {}
         for key, value in values.items():
             if key in SECTIONS and isinstance(value, dict):
+                misplaced = sorted(set(value) - {f.name for f in fields(SECTIONS[key])})
+                if misplaced:
+                    raise ConfigError(f"{source}: {', '.join(misplaced)} not options of "
+                                      f"section '{key}'")
                 flat.update(value)
             elif key != "command":
                 flat[key] = value
@@ -217,8 +257,9 @@ class ExperimentConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
         nested = self.to_dict()
+        kinds = {f.name: f for section in SECTIONS.values() for f in fields(section)}
         for key, value in values.items():
-            nested[owner[key]][key] = value
+            nested[owner[key]][key] = _coerce(kinds[key], value, source)
         built = {name: SECTIONS[name](**nested[name]) for name in SECTIONS}
         config = ExperimentConfig(**built)
         config.validate(source)

@@ -42,7 +42,8 @@ def add_adapters(model: torch.nn.Module, bottleneck: int = 32) -> list[Bottlenec
     """Insert one adapter after the output projection of every transformer layer."""
     adapters = []
     for layer in model.encoder.layer:
-        adapter = BottleneckAdapter(layer.output.dense.out_features, bottleneck)
+        adapter = BottleneckAdapter(layer.output.dense.out_features, bottleneck).to(
+            layer.output.dense.weight.device)
         layer.output.dense = AdaptedLinear(layer.output.dense, adapter)
         adapters.append(adapter)
     model.config.adapter_bottleneck = bottleneck

@@ -11,8 +11,9 @@ import torch
 from coreMethod import (BestState, bpr_epoch, search_fusion_weights, train_until_no_improvement,
                         weighted_concat)
 from evaluation import Evaluator
-from model.base import Recommender, register
+from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
+from model.text import ENCODER_DIR, save_encoder
 from utils import pick_device
 
 STATE_FILE = "state.pt"
@@ -52,6 +53,7 @@ class Fusion(Recommender):
         self.weights: dict[str, float] = {}
         self.part_signals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.text_block: list | None = None
+        self.text_encoder = None
 
     def params(self) -> dict:
         return {"method": self.method, "dim": self.dim, "train": vars(self.train_config),
@@ -63,6 +65,7 @@ class Fusion(Recommender):
         user_parts = [parts[n].embeddings()[0] for n in names]
         item_parts = [parts[n].embeddings()[1] for n in names]
         validation = Evaluator.on_validation(dataset)
+        require_validation(validation)
 
         def score(weights: list[float]) -> float:
             return validation.vector_recall(weighted_concat(user_parts, weights),
@@ -71,6 +74,7 @@ class Fusion(Recommender):
         weights, val_recall = search_fusion_weights(len(names), score)
         self.weights = dict(zip(names, weights))
         self.part_signals = {n: parts[n].embeddings() for n in names}
+        self.text_encoder = getattr(parts.get("text"), "encoder", None)
         self.training_log = {"parts": names, "method": self.method,
                              "fusion_weights": self.weights,
                              "best_val_recall@20": round(val_recall, 5)}
@@ -126,8 +130,25 @@ class Fusion(Recommender):
         return [start, start + dims[names.index("text")], scale]
 
     def _state(self) -> dict:
-        return {"weights": self.weights, "text_block": self.text_block}
+        return {"weights": self.weights, "text_block": self.text_block,
+                "parts": list(self.part_signals)}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {}
+        for position, (users, items) in enumerate(self.part_signals.values()):
+            arrays[f"part{position}_users"], arrays[f"part{position}_items"] = users, items
+        return arrays
+
+    def _save_extra(self, folder: Path) -> None:
+        """The text part's encoder, so a new profile can be placed in the text block."""
+        if self.text_block and self.text_encoder is not None:
+            save_encoder(self.text_encoder, folder / ENCODER_DIR)
+        if self.method == "projection":
+            torch.save({k: v.cpu() for k, v in self.net.state_dict().items()
+                        if k.endswith("_map.weight")}, folder / STATE_FILE)
 
     def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
         self.weights = state.get("weights", {})
         self.text_block = state.get("text_block")
+        self.part_signals = {name: (arrays[f"part{p}_users"], arrays[f"part{p}_items"])
+                             for p, name in enumerate(state.get("parts", []))}

@@ -17,7 +17,7 @@ from torch_geometric.nn import SAGEConv
 from coreMethod import (BestState, bipartite_graph, bpr_epoch, random_walks,
                         train_until_no_improvement)
 from evaluation import Evaluator
-from model.base import Recommender, register
+from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
 from utils import log, pick_device
 
@@ -118,6 +118,7 @@ class _BPRGraphModel(Recommender):
         rng = np.random.default_rng(self.seed)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         validation = Evaluator.on_validation(dataset)
+        require_validation(validation)
 
         def step(round_: int) -> dict:
             first = (round_ - 1) * config.eval_every + 1

@@ -21,7 +21,7 @@ from model.contrastive import finetune_encoder
 from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
 from model.ranking import WideDeepRanker
-from model.text import ENCODER_CONFIG, TextEncoder, TextRecall
+from model.text import ENCODER_CONFIG, ENCODER_DIR, TextEncoder, TextRecall
 from model.tuning import tuned
 from utils import atomic_path, log, peak_memory_mb, pick_device, set_seed, timed
 
@@ -229,7 +229,7 @@ class Experiment:
             model = TextRecall(tuned, self.config.run.cache_dir,
                                self.config.run.user_text).fit(dataset)
             model._name = f"text-{method}"
-            folder = self.run_dir / "models" / file_name(f"text ({method})") / "encoder"
+            folder = self.run_dir / "models" / file_name(f"text ({method})") / ENCODER_DIR
             info = {"encoder_path": str(folder), "train_seconds": round(clock["seconds"], 1),
                     **log_, **model.training_log}
             return model, self.evaluator.top_of(model), info, self._text_labels(model)

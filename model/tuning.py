@@ -8,7 +8,7 @@ from typing import Callable
 
 from coreMethod import coordinate_search
 from evaluation import Evaluator
-from model.base import Recommender, Unavailable
+from model.base import Recommender, Unavailable, require_validation
 from model.classic import ALS, EASE, ItemKNN, RP3beta
 from utils import log
 
@@ -37,6 +37,8 @@ def tuned(name: str, dataset, fixed: dict | None = None, tune: bool = True) -> R
         raise Unavailable(f"EASE needs a dense {dataset.n_items:,}^2 matrix; skipped above "
                           f"{MAX_EASE_ITEMS:,} items")
     validation = Evaluator.on_validation(dataset, (20,), max_users=None)
+    if tune:
+        require_validation(validation)
     started = time.perf_counter()
 
     kept: dict = {}

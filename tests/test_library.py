@@ -222,7 +222,7 @@ def test_yaml_config_with_flags_on_top(tmp_path):
     assert saved["run"]["variants"] == "popularity"  # the flag wins over the file
     config.write_text("graph:\n  epoch: 2\n")
     result = CliRunner().invoke(cli, ["run", "--config", str(config)])
-    assert result.exit_code != 0 and "unknown option(s) epoch" in result.output
+    assert result.exit_code != 0 and "epoch not options of section 'graph'" in result.output
 
 
 def test_bundle_ranks_with_the_runs_ranker_alone(ranked_run, tmp_path):
@@ -257,3 +257,56 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "models" / "lightgcn" / "model.json").exists()
+
+
+def test_a_saved_model_loads_in_a_fresh_process(demo, tmp_path):
+    import subprocess
+    import sys
+
+    from model import LightGCN
+
+    model = LightGCN(dim=8, train=FAST, device="cpu").fit(demo)
+    model.save(tmp_path / "lgn")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from model import Recommender; "
+            "print(Recommender.load(sys.argv[2]).recommend([0], k=5)[0].tolist())")
+    shown = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "lgn")],
+                           capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == str(model.recommend([0], k=5)[0].tolist())
+
+
+def test_fusion_keeps_its_parts_through_save_and_load(demo, text_model, tmp_path):
+    from model import Recommender
+
+    fused = _fitted("fused-concat", demo, text_model)
+    fused.save(tmp_path / "fused")
+    loaded = Recommender.load(tmp_path / "fused")
+    assert list(loaded.signals()) == list(fused.signals()) == ["fused", "text", "lightgcn"]
+    for name, (users, items) in fused.signals().items():
+        assert np.allclose(loaded.signals()[name][0], users)
+    if fused.text_block:  # the text part's encoder travels with the fused model
+        assert (tmp_path / "fused" / "encoder").exists()
+
+
+def test_top_k_breaks_ties_by_the_lower_item_at_the_cut():
+    from coreMethod import top_k_rows
+
+    block = np.array([[1.0, 2.0, 1.0, 1.0, -np.inf, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
+    items, scores = top_k_rows(block, 3)
+    assert items.tolist() == [[1, 0, 2], [5, 0, 1]]
+    items, _ = top_k_rows(np.array([[-np.inf, 1.0, -np.inf]]), 3)
+    assert items.tolist() == [[1, -1, -1]]
+
+
+def test_config_values_are_read_as_their_declared_types():
+    from model.config import ConfigError, ExperimentConfig
+
+    config = ExperimentConfig.from_dict({"graph": {"lr": "1e-3", "epochs": "40",
+                                                   "fuse_parts": "text,lightgcn"},
+                                         "run": {"ks": "5,20"}, "encoder": {"quantize": "no"}})
+    assert (config.graph.lr, config.graph.epochs, config.run.ks) == (1e-3, 40, [5, 20])
+    assert config.graph.fuse_parts == ["text", "lightgcn"] and config.encoder.quantize is False
+    for bad, message in (({"graph": {"epochs": 2.5}}, "epochs must be int"),
+                         ({"run": {"quantize": False}}, "not options of section 'run'"),
+                         ({"graph": {"fusion": "sum"}}, "fusion must be one of")):
+        with pytest.raises(ConfigError, match=message):
+            ExperimentConfig.from_dict(bad)
