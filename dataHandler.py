@@ -204,7 +204,10 @@ def _check_shapes(folder: Path, names: Iterable[str], matrices: Iterable[sp.spma
 
 def _read_interaction_csv(path: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") \
+            from error
     except pd.errors.ParserError as error:
         raise DataError(f"{path}: malformed CSV ({error})") from error
     except pd.errors.EmptyDataError:
@@ -233,8 +236,13 @@ def _to_csr(frame: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
 
 
 def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not UTF-8 text ({error.reason} at byte "
+                                f"{error.start})") from error
             if not line.strip():
                 continue
             try:

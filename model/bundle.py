@@ -286,6 +286,8 @@ class Bundle:
         if user is not None:
             return self.recommend(user, k, rank=rank), "item"
         if profile is not None:
+            if not profile.strip():
+                raise BundleError("--profile is empty: give the new user's profile text")
             return self.recommend_for_vector(self.embed_profile(profile), k), "item"
         if item is not None:
             return self.similar_items(item, k), "item"

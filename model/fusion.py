@@ -98,7 +98,7 @@ class Fusion(Recommender):
             for epoch in range((round_ - 1) * config.eval_every + 1, last + 1):
                 loss = bpr_epoch(self.net, self.net, optimiser, dataset.train, config.batch,
                                  config.weight_decay, rng, device, f"fusion epoch {epoch}")
-            return {"epoch": last, "loss": round(loss, 5)}
+            return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
         def score() -> float:
             with torch.no_grad():

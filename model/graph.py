@@ -126,7 +126,7 @@ class _BPRGraphModel(Recommender):
             for epoch in range(first, last + 1):
                 loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
                                  config.weight_decay, rng, device, f"{self.name} epoch {epoch}")
-            return {"epoch": last, "loss": round(loss, 5)}
+            return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
         def score() -> float:
             self.net.eval()
@@ -138,7 +138,12 @@ class _BPRGraphModel(Recommender):
         log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
                                           config.patience, label=self.name)
         best = next(h for h in log_["history"] if h["round"] == log_["best_round"])
-        self.training_log = {"best_epoch": best["epoch"],
+        best_epoch = int(str(best["epoch"]).split("/")[0])
+        at_cap = best_epoch == config.epochs
+        if at_cap:
+            log(f"{self.name}: the best epoch is the last allowed ({config.epochs}); validation "
+                "was still rising: more --epochs may help")
+        self.training_log = {"best_epoch": best_epoch, "stopped_at_epoch_cap": at_cap,
                              "best_val_recall@20": log_["best_val_recall@20"],
                              "history": log_["history"], "device": device}
         with torch.no_grad():

@@ -16,7 +16,7 @@ from evaluation import (Evaluator, file_name, format_table, segment_metrics, sum
                         write_run)
 from model.base import Recommender, Unavailable
 from model.classic import Popularity
-from model.config import RECALL_VARIANTS, ExperimentConfig
+from model.config import RECALL_VARIANTS, ConfigError, ExperimentConfig
 from model.contrastive import finetune_encoder
 from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
@@ -144,6 +144,10 @@ class Experiment:
     """One run: every configured variant as a row, evaluated on the test split."""
 
     def __init__(self, config: ExperimentConfig) -> None:
+        try:
+            pick_device(config.run.device)
+        except ValueError as error:  # e.g. --device cuda on a machine without a GPU
+            raise ConfigError(str(error)) from error
         self.config = config
 
     def rows(self) -> list[tuple[str, Callable]]:
@@ -174,9 +178,12 @@ class Experiment:
             staging.mkdir(parents=True)
             self.staging = staging
             results, per_user, top_lists = self._evaluate_rows(dataset, staging)
+            notes = protocol_notes(dataset, tuple(config.run.ks))
             write_run(staging, {"command": " ".join(sys.argv), **config.to_dict()}, summary,
-                      results, per_user, protocol_notes(dataset), top_lists)
+                      results, per_user, notes, top_lists)
         print(format_table(results, tuple(config.run.ks)))
+        for note in notes[1:]:
+            print(f"note: {note}")
         print(f"\nrun written to {self.run_dir}")
         return self.run_dir
 
@@ -254,10 +261,24 @@ class Experiment:
         return produce
 
 
-def protocol_notes(dataset: Dataset) -> list[str]:
+def protocol_notes(dataset: Dataset, ks: tuple[int, ...]) -> list[str]:
+    """What a reader of the table must know about this data: unreachable test pairs, cut-offs
+    that cover the catalogue, test users with no training history."""
     repeats = dataset.test.multiply(dataset.train).nnz
     notes = ["Peak MB is the process's peak resident memory up to the end of that variant."]
-    if repeats:
+    if repeats == dataset.test.nnz:
+        notes.append("every test pair also occurs in training: with training items excluded "
+                     "(standard protocol) nothing can be hit, so every metric is 0.")
+    elif repeats:
         notes.append(f"{repeats:,} test pairs also occur in training; with training items "
                      "excluded from ranking they cannot be hit (standard protocol).")
+    if max(ks) >= dataset.n_items:
+        notes.append(f"K = {max(ks)} covers the whole catalogue of {dataset.n_items} items: "
+                     "Recall@K is 1 for every model at that cut-off.")
+    test_users = np.flatnonzero(np.diff(dataset.test.indptr) > 0)
+    cold = int((np.diff(dataset.train.indptr)[test_users] == 0).sum())
+    if cold:
+        notes.append(f"{cold:,} test users have no training interactions: collaborative models "
+                     "score them from untrained or empty vectors; text models use their "
+                     "profile where they have one.")
     return notes

@@ -109,3 +109,40 @@ def test_edited_manifest_and_differing_metrics_are_caught(small_run, tmp_path):
         Bundle(out)
     ok, line = reproduction_verdict({"recall@20": 0.30}, {"recall@20": 0.31}, 1e-4)
     assert not ok and "DIFFERS" in line
+
+
+def test_non_utf8_profile_names_file_and_line(easyrec_folder):
+    from dataHandler import DataError, load_dataset
+
+    with open(easyrec_folder / "item_profile.json", "ab") as handle:
+        handle.write(b'{"item_id": 3, "profile": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"item_profile.json:5: not UTF-8 text"):
+        load_dataset(easyrec_folder)
+
+
+def test_on_screen_notes_when_nothing_can_be_hit(tmp_path):
+    train = np.eye(4)
+    folder = write_easyrec(tmp_path / "repeats", train, train, train)  # test pairs = training
+    result = CliRunner().invoke(cli, ["run", "--dataset", str(folder), "--model", "popularity",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "note: every test pair also occurs in training" in result.output
+    assert "note: K = 50 covers the whole catalogue of 4 items" in result.output
+
+
+def test_bad_device_and_empty_profile_are_one_line_errors(small_run, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(cli, ["run", "--dataset", "demo", "--device", "cuda",
+                                          "--runs-dir", str(tmp_path / "runs")])
+        assert result.exit_code != 0 and "sees no CUDA device" in result.output
+        assert not (tmp_path / "runs").exists()
+    out = tmp_path / "bundle"
+    CliRunner().invoke(cli, ["export", "--run", str(small_run), "--variant", "lightgcn",
+                             "--out", str(out)])
+    empty = CliRunner().invoke(cli, ["recommend", "--bundle", str(out), "--profile", " "])
+    assert empty.exit_code != 0 and "--profile is empty" in empty.output
+    for k in ("0", "-5"):
+        bad = CliRunner().invoke(cli, ["recommend", "--bundle", str(out), "--user", "1", "-k", k])
+        assert bad.exit_code == 2 and "-k" in bad.output
