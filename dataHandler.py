@@ -3,6 +3,8 @@ into one in-memory `Dataset`; fill `dataset/NAME` on first use from a local copy
 or the built-in demo generator."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import pickle
 import shutil
@@ -11,7 +13,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -387,7 +389,8 @@ def prepare_dataset(name: str, root: str | Path = "dataset", source: str | Path 
     temporary folder that is renamed into place only after the data loads cleanly.
     """
     as_path = Path(name)
-    if name not in REGISTRY and as_path.is_dir() and _has_splits(as_path):
+    if name not in REGISTRY and as_path.is_dir():
+        detect_layout(as_path)  # a folder without its split files: say which are expected
         return as_path
     target = Path(root) / name
     if target.is_dir() and _has_splits(target):
@@ -397,13 +400,31 @@ def prepare_dataset(name: str, root: str | Path = "dataset", source: str | Path 
         known = ", ".join(sorted(REGISTRY))
         raise DataError(f"unknown dataset '{name}': use one of {known}, a folder path, "
                         f"or --data-source DIR")
-    with atomic_path(target) as staged:
-        staged.mkdir(parents=True)
-        _fill(staged, spec, name, source, url, seed)
-        dataset = load_dataset(staged, name)  # refuse to install data that does not load
-        _write_built_profiles(staged, dataset)
+    with _preparation_lock(target):
+        if target.is_dir() and _has_splits(target):  # another process prepared it meanwhile
+            return target
+        with atomic_path(target) as staged:
+            staged.mkdir(parents=True)
+            _fill(staged, spec, name, source, url, seed)
+            dataset = load_dataset(staged, name)  # refuse to install data that does not load
+            _write_built_profiles(staged, dataset)
     log(f"prepared dataset '{name}' in {target}")
     return target
+
+
+@contextlib.contextmanager
+def _preparation_lock(target: Path) -> Iterator[None]:
+    """One process at a time prepares `target`; the holder first clears staging folders
+    that a killed preparation left behind (named by `atomic_path`: .NAME.*.tmp)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _has_splits(folder: Path) -> bool:

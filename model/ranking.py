@@ -50,6 +50,9 @@ class RankingFeatures:
                                                         _buckets(self.popularity))
         self.signals = {name: (_unit(u), _unit(i)) for name, (u, i) in signals.items()}
         self.user_vectors, self.item_vectors = self.signals[primary]
+        # faiss k-means wants ~39 points per cluster: fewer segments on small data
+        n_segments = max(2, min(n_segments, min(len(self.user_vectors),
+                                                len(self.item_vectors)) // 39))
         self.user_segment = self._segments(self.user_vectors, n_segments, seed)
         self.item_segment = self._segments(self.item_vectors, n_segments, seed)
         self.n_segments = n_segments

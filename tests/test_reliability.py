@@ -146,3 +146,30 @@ def test_bad_device_and_empty_profile_are_one_line_errors(small_run, tmp_path):
     for k in ("0", "-5"):
         bad = CliRunner().invoke(cli, ["recommend", "--bundle", str(out), "--user", "1", "-k", k])
         assert bad.exit_code == 2 and "-k" in bad.output
+
+
+def _prepare(root: str) -> str:
+    from dataHandler import prepare_dataset
+
+    return str(prepare_dataset("demo", root))
+
+
+def test_concurrent_first_preparations_do_not_race(tmp_path):
+    import multiprocessing
+
+    leftover = tmp_path / ".demo.abc.tmp"  # what a killed preparation leaves behind
+    leftover.mkdir()
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        folders = pool.map(_prepare, [str(tmp_path)] * 3)
+    assert set(folders) == {str(tmp_path / "demo")}
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_a_folder_without_split_files_says_what_is_expected(tmp_path):
+    from dataHandler import DataError, prepare_dataset
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.csv").write_text("user,item\n0,0\n")
+    with pytest.raises(DataError, match="no interaction files found; expected"):
+        prepare_dataset(str(tmp_path / "mine"))
