@@ -252,6 +252,7 @@ class WideDeepRanker:
     def _train(self, pairs, check_users: np.ndarray, check_candidates: np.ndarray,
                validation: Evaluator, device: str) -> dict:
         users, items, ranks, labels = pairs
+        ranks = self._visible(ranks)
         self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
                                                        ranks[:50000])["dense"].to(device))
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
@@ -287,7 +288,12 @@ class WideDeepRanker:
 
     def score(self, users: np.ndarray, items: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         """Scores of (users[r], items[r]) found at recall rank ranks[r]; -inf for padding."""
-        return self.net.score(self.features, users, items, ranks)
+        return self.net.score(self.features, users, items, self._visible(ranks))
+
+    def _visible(self, ranks: np.ndarray) -> np.ndarray:
+        """The recall rank as a feature, except with training positives: those are never among
+        the candidates (training items are excluded), so their rank would give the label away."""
+        return np.zeros_like(ranks) if self.positives == "train" else ranks
 
     def rerank(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Each row of `candidates` (the recall order for users[r]) in ranker order."""

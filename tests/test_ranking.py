@@ -69,3 +69,21 @@ def test_padding_stays_last():
                        np.array([[3, -1, 1], [-1, 4, 0]]))
     assert reordered[0, -1] == -1 and reordered[1, -1] == -1
     assert sorted(reordered[0, :2]) == [1, 3] and sorted(reordered[1, :2]) == [0, 4]
+
+
+def test_training_positives_do_not_leak_through_the_recall_rank(tmp_path, monkeypatch):
+    """Training items are never recall candidates: their rank would tell the label."""
+    import model.ranking as ranking
+    from dataHandler import open_dataset
+    from model import LightGCN, WideDeepRanker
+
+    data = open_dataset("demo", tmp_path)
+    recall = LightGCN(dim=8, train={"epochs": 2, "eval_every": 2}, device="cpu").fit(data)
+    ranks_seen, build = [], ranking.RankingFeatures.build
+
+    def spy(self, users, items, ranks):
+        ranks_seen.append(np.unique(ranks))
+        return build(self, users, items, ranks)
+    monkeypatch.setattr(ranking.RankingFeatures, "build", spy)
+    WideDeepRanker(positives="train", candidates=20, epochs=1, device="cpu").fit(data, recall)
+    assert ranks_seen and all(np.array_equal(r, [0]) for r in ranks_seen)
