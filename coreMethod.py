@@ -365,11 +365,24 @@ def sample_item_pairs(train: sp.csr_matrix, has_text: np.ndarray, size: int,
     return pairs[(pairs[:, 0] != pairs[:, 1]) & has_text[pairs[:, 1]]]
 
 
-def one_pair_per_item(pairs: np.ndarray) -> np.ndarray:
-    """Drop pairs whose item (second column) already occurs: a repeated item would be its own
-    in-batch negative."""
-    _, first = np.unique(pairs[:, 1], return_index=True)
-    return pairs[np.sort(first)]
+def distinct_pairs(pairs: np.ndarray, shared_space: bool = False) -> np.ndarray:
+    """Drop pairs that repeat an id of an earlier pair of the batch: with in-batch negatives a
+    repeated user or item would be its own negative (a false negative). User-item pairs:
+    users distinct and items distinct; item-item pairs (`shared_space`): every id distinct
+    across both columns."""
+    used_left, used_right, kept = set(), set(), []
+    for row, (left, right) in enumerate(pairs.tolist()):
+        if shared_space:
+            if left in used_left or right in used_left or left == right:
+                continue
+            used_left.update((left, right))
+        else:
+            if left in used_left or right in used_right:
+                continue
+            used_left.add(left)
+            used_right.add(right)
+        kept.append(row)
+    return pairs[kept]
 
 
 def mixed_precision(device: str, enabled: bool):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coreMethod import (BestState, info_nce, mean_of_items, mixed_precision, one_pair_per_item,
+from coreMethod import (BestState, distinct_pairs, info_nce, mean_of_items, mixed_precision,
                         profile_pairs, sample_item_pairs, train_until_no_improvement)
 from evaluation import Evaluator
 from model.config import FinetuneConfig
@@ -100,13 +100,13 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
     autocast, scaler = mixed_precision(encoder.device, config.ft_amp)
 
     def one_step() -> float:
-        rows = one_pair_per_item(pairs[rng.integers(len(pairs), size=config.ft_batch)])
+        rows = distinct_pairs(pairs[rng.integers(len(pairs), size=config.ft_batch)])
         with autocast:
             users = embed([dataset.user_profiles[u] for u in rows[:, 0]])
             loss = info_nce(users, embed(item_texts(rows[:, 1])), config.ft_temperature)
             if config.ft_item_weight > 0:
-                items = one_pair_per_item(sample_item_pairs(dataset.train, has_text,
-                                                            config.ft_batch, rng))
+                items = distinct_pairs(sample_item_pairs(dataset.train, has_text,
+                                                         config.ft_batch, rng), shared_space=True)
                 item_loss = info_nce(embed(item_texts(items[:, 0])),
                                      embed(item_texts(items[:, 1])), config.ft_temperature)
                 loss = loss + config.ft_item_weight * item_loss

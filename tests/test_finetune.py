@@ -123,7 +123,7 @@ def test_prompt_tuned_encoder_trains_only_its_prompts_and_round_trips(tiny_rober
 def test_item_pairs_come_from_one_users_training_items():
     import scipy.sparse as sp
 
-    from coreMethod import one_pair_per_item, sample_item_pairs
+    from coreMethod import distinct_pairs, sample_item_pairs
 
     train = sp.csr_matrix(np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]))
     has_text = np.array([True, True, True, False, True])
@@ -132,5 +132,8 @@ def test_item_pairs_come_from_one_users_training_items():
     assert set(map(tuple, pairs.tolist())) == together
     counts = {p: int((pairs == p).all(1).sum()) for p in together}
     assert min(counts.values()) > 0.1 * len(pairs)
-    kept = one_pair_per_item(np.array([[0, 1], [2, 1], [4, 2]]))
-    assert kept.tolist() == [[0, 1], [4, 2]]
+    # no id twice in a batch: a repeated user or item would be its own in-batch negative
+    kept = distinct_pairs(np.array([[0, 1], [2, 1], [4, 2], [0, 3], [5, 6]]))
+    assert kept.tolist() == [[0, 1], [4, 2], [5, 6]]
+    kept = distinct_pairs(np.array([[0, 1], [1, 2], [3, 0], [4, 5], [6, 6]]), shared_space=True)
+    assert kept.tolist() == [[0, 1], [4, 5]]
