@@ -13,7 +13,7 @@ from evaluation import Evaluator
 from model.config import FinetuneConfig
 from model.finetune import count_parameters, finished, prepare
 from model.text import TextEncoder, embed_tokens
-from utils import log
+from utils import deterministic_torch, log
 
 
 class ValidationProbe:
@@ -128,8 +128,9 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
         return recall
 
     rounds = -(-config.ft_steps // config.ft_eval_every)
-    log_ = train_until_no_improvement(run_steps, probe_recall, BestState(trainable), rounds,
-                                      score_first=True, label=f"fine-tune ({method})")
+    with deterministic_torch():
+        log_ = train_until_no_improvement(run_steps, probe_recall, BestState(trainable), rounds,
+                                          score_first=True, label=f"fine-tune ({method})")
     model = finished(trainable, method).eval()
     for parameter in model.parameters():
         parameter.requires_grad = False

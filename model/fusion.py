@@ -14,7 +14,7 @@ from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
 from model.text import ENCODER_DIR, save_encoder
-from utils import pick_device
+from utils import deterministic_torch, pick_device
 
 STATE_FILE = "state.pt"
 
@@ -106,8 +106,9 @@ class Fusion(Recommender):
             return validation.vector_recall(users, items)
 
         rounds = -(-config.epochs // config.eval_every)
-        log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
-                                          config.patience, label="fusion")
+        with deterministic_torch():
+            log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
+                                              config.patience, label="fusion")
         self.training_log["projection"] = log_
         with torch.no_grad():
             self.user_vectors, self.item_vectors = (t.cpu().numpy() for t in self.net())

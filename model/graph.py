@@ -19,7 +19,7 @@ from coreMethod import (BestState, bipartite_graph, bpr_epoch, random_walks,
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
-from utils import log, pick_device
+from utils import deterministic_torch, log, pick_device
 
 STATE_FILE = "state.pt"
 
@@ -135,8 +135,9 @@ class _BPRGraphModel(Recommender):
             return validation.vector_recall(users, items)
 
         rounds = -(-config.epochs // config.eval_every)
-        log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
-                                          config.patience, label=self.name)
+        with deterministic_torch():
+            log_ = train_until_no_improvement(step, score, BestState(self.net), rounds,
+                                              config.patience, label=self.name)
         best = next(h for h in log_["history"] if h["round"] == log_["best_round"])
         best_epoch = int(str(best["epoch"]).split("/")[0])
         at_cap = best_epoch == config.epochs

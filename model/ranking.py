@@ -13,7 +13,7 @@ import torch
 from coreMethod import BestState, ranking_pairs, rerank, train_until_no_improvement
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
-from utils import atomic_path, log, pick_device, write_json_atomic
+from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
 
 HASH_SIZE = 1 << 18
 N_BUCKETS = 5
@@ -279,9 +279,10 @@ class WideDeepRanker:
             self.kept_recall_order = not trained
             return check.mean(self.rerank(check_users, check_candidates), "ndcg", 20)
 
-        log_ = train_until_no_improvement(epoch, score, BestState(self.net), self.epochs,
-                                          score_first=True, metric="val_ndcg@20",
-                                          label=f"ranker ({self.mode})")
+        with deterministic_torch():
+            log_ = train_until_no_improvement(epoch, score, BestState(self.net), self.epochs,
+                                              score_first=True, metric="val_ndcg@20",
+                                              label=f"ranker ({self.mode})")
         self.kept_recall_order = log_["best_round"] == 0
         return {"best_epoch": log_["best_round"], "best_val_ndcg@20": log_["best_val_ndcg@20"],
                 "kept_recall_order": self.kept_recall_order, "history": log_["history"]}

@@ -147,3 +147,19 @@ def test_lightgcn_learns_a_block_structure():
     in_block = (users[:20] @ items[:10].T).mean() - (users[:20] @ items[10:].T).mean()
     assert in_block > 0
     assert Evaluator(dataset.val, dataset.train, (5,)).vector_recall(users, items, k=5) > 0.6
+
+
+def test_graphsage_reruns_give_identical_vectors():
+    """Several CPU threads sum in a thread-dependent order unless torch's deterministic
+    kernels are on: same seed, same vectors."""
+    from model import GraphSAGE
+
+    rng = np.random.default_rng(3)
+    train = (rng.random((3000, 2000)) < 0.01).astype(np.float32)  # big enough to show it
+    val = (rng.random((3000, 2000)) < 0.002).astype(np.float32) * (train == 0)
+    dataset = tiny_dataset(train, val)
+    text = (np.ones((3000, 16), np.float32), np.ones((2000, 16), np.float32))
+    training = {"epochs": 2, "batch": 2048, "eval_every": 2, "patience": 5}
+    runs = [GraphSAGE(dim=16, id_dim=8, train=training, seed=0, device="cpu").fit(dataset, text)
+            for _ in range(2)]
+    assert np.array_equal(runs[0].embeddings()[0], runs[1].embeddings()[0])
