@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from utils import atomic_path, log
+from utils import atomic_path, log, sha256_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
@@ -93,7 +93,21 @@ class Dataset:
                              "test": int(self.test.nnz)},
             "test_users": int(len(test_users)),
             "text_coverage": self.text_coverage(),
+            "split_sha256": self.split_digest(),
         }
+
+    def split_digest(self) -> str:
+        """Identity of the three splits' contents (not just their sizes): runs compared in an
+        A/B report, or a bundle re-evaluated, must be on exactly these interactions."""
+        parts = []
+        for matrix in (self.train, self.val, self.test):
+            matrix = matrix.tocsr()
+            matrix.sort_indices()
+            parts += [np.asarray(matrix.shape, dtype=np.int64).tobytes(),
+                      matrix.indptr.astype(np.int64).tobytes(),
+                      matrix.indices.astype(np.int64).tobytes(),
+                      matrix.data.astype(np.float32).tobytes()]
+        return sha256_of(*parts)
 
     def text_coverage(self) -> dict:
         def counts(source: np.ndarray) -> dict:

@@ -86,3 +86,17 @@ def test_recall_by_item_segment_counts_distinct_test_items():
     top = np.array([[0, 1, 2]])
     out = recall_by_item_segment(top, np.array([0]), test, segments, k=3)
     assert out["head"][0] == 1.0 and np.isnan(out["torso"][0])
+
+
+def test_ab_refuses_a_resplit_with_the_same_counts(tmp_path):
+    from conftest import write_easyrec
+    from dataHandler import load_dataset
+
+    rng = np.random.default_rng(0)
+    train = (rng.random((20, 10)) < 0.3).astype(float)
+    test = np.zeros_like(train)
+    test[np.arange(20), rng.integers(10, size=20)] = 1
+    first = load_dataset(write_easyrec(tmp_path / "a", train, test, test))
+    second = load_dataset(write_easyrec(tmp_path / "b", train, test[::-1], test[::-1]))
+    assert first.summary()["interactions"] == second.summary()["interactions"]
+    assert first.summary()["split_sha256"] != second.summary()["split_sha256"]
