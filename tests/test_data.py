@@ -155,3 +155,12 @@ def test_demo_generation_is_deterministic(tmp_path):
     data = load_dataset(tmp_path / "a")
     assert data.text_coverage()["items"]["built"] == data.n_items
     assert set(np.unique(data.user_profile_source)) == {"written", "built"}
+
+
+def test_generated_demo_data_follows_the_seed(tmp_path):
+    from dataHandler import prepare_dataset
+
+    default = prepare_dataset("demo", tmp_path, seed=2023)
+    other = prepare_dataset("demo", tmp_path, seed=7)
+    assert default.name == "demo" and other.name == "demo-seed7"
+    assert (default / "train.csv").read_text() != (other / "train.csv").read_text()

@@ -88,3 +88,21 @@ def test_offline_default_minilm_ranks_by_meaning():
          "An indoor swimming pool with lap lanes and swim lessons."], False)
     assert encoder.model.config.model_type == "bert" and encoder.dim == 384
     assert user @ basketball > user @ swimming + 0.1
+
+
+def test_a_corrupted_cache_entry_is_encoded_again(tmp_path, tiny_roberta):
+    encoder = TextEncoder.from_pretrained(str(tiny_roberta), layers=2)
+    first = encode_cached(encoder, CORPUS, tmp_path)
+    entry = next(tmp_path.glob("*.npy"))
+    np.save(entry, np.zeros_like(first))  # zeroed: loads fine, but is not what was written
+    assert np.array_equal(encode_cached(encoder, CORPUS, tmp_path), first)
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    assert np.array_equal(encode_cached(encoder, CORPUS, tmp_path), first)
+
+
+def test_the_cache_key_follows_the_format_actually_run(tiny_roberta):
+    int8 = TextEncoder.from_pretrained(str(tiny_roberta), layers=2, quantize=True)
+    fp32 = TextEncoder.from_pretrained(str(tiny_roberta), layers=2, quantize=False)
+    assert int8.fingerprint() != fp32.fingerprint()
+    int8._runtime, int8._fingerprint = int8.model, None  # as on a GPU: int8 not applied
+    assert int8.fingerprint() == fp32.fingerprint()
