@@ -136,8 +136,9 @@ def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
         n_users, n_items = train.shape
     else:
         frames = [_read_interaction_csv(folder / f) for f in SPLIT_FILES["csv"]]
-        n_users = max(int(f["user"].max()) for f in frames if len(f)) + 1
-        n_items = max(int(f["item"].max()) for f in frames if len(f)) + 1
+        if not any(len(f) for f in frames):
+            raise DataError(f"{folder}: train.csv, val.csv and test.csv hold no interactions")
+        n_users, n_items = (_id_space(folder, frames, column) for column in ("user", "item"))
         train, val, test = (_to_csr(f, n_users, n_items) for f in frames)
     if train.nnz == 0:
         raise DataError(f"{folder}: the training split has no interactions")
@@ -236,13 +237,27 @@ def _read_interaction_csv(path: Path) -> pd.DataFrame:
     out = {}
     for column in ("user", "item"):
         values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna() | (values < 0) | (values != values.round())
+        written = frame[column].str.strip()
+        bad = values.isna() | (values < 0) | (values != values.round()) \
+            | ~written.str.fullmatch(r"\d+")  # 2e1 or 3.0 are not ids
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"{path}:{row + 2}: {column} id must be a non-negative integer, "
                             f"got {frame[column].iloc[row]!r}")
         out[column] = values.astype(np.int64).to_numpy()
     return pd.DataFrame(out)
+
+
+def _id_space(folder: Path, frames: list[pd.DataFrame], column: str) -> int:
+    """Rows are ids 0..max; ids far beyond the number of distinct ids (a typo, or ids that
+    need a mapper) would allocate a huge matrix: refuse them."""
+    ids = np.concatenate([f[column].to_numpy() for f in frames])
+    largest, distinct = int(ids.max()), len(np.unique(ids))
+    if largest + 1 > max(1000, 100 * distinct):
+        raise DataError(f"{folder}: {column} id {largest:,} but only {distinct:,} distinct "
+                        f"{column} ids: ids must be row numbers 0..N-1 (map original ids "
+                        f"with {column}_mapper.json)")
+    return largest + 1
 
 
 def _to_csr(frame: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
@@ -339,8 +354,10 @@ def item_profile_from_metadata(meta: dict) -> str | None:
         head += f" in {place}"
     if name or categories or place:
         parts.append(head + ".")
-    if meta.get("stars") is not None:
-        parts.append(f"Rated {float(meta['stars']):.1f} stars.")
+    stars = pd.to_numeric(meta.get("stars"), errors="coerce") if meta.get("stars") is not None \
+        else None
+    if stars is not None and np.isfinite(stars):  # a non-numeric rating is left out
+        parts.append(f"Rated {float(stars):.1f} stars.")
     attributes = meta.get("attributes") or {}
     if isinstance(attributes, dict):
         features = [k for k, v in attributes.items() if v in (True, "True", "true", "yes")]

@@ -164,3 +164,23 @@ def test_generated_demo_data_follows_the_seed(tmp_path):
     other = prepare_dataset("demo", tmp_path, seed=7)
     assert default.name == "demo" and other.name == "demo-seed7"
     assert (default / "train.csv").read_text() != (other / "train.csv").read_text()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("0,0\n1,2e1\n", "item id must be a non-negative integer, got '2e1'"),
+    ("0,0\n3000000000,1\n", "user id 3,000,000,000 but only 2 distinct user ids"),
+])
+def test_csv_ids_that_are_not_row_numbers_are_refused(tmp_path, rows, message):
+    from dataHandler import DataError, load_dataset
+
+    for name in ("train.csv", "val.csv", "test.csv"):
+        (tmp_path / name).write_text("user,item\n" + rows)
+    with pytest.raises(DataError, match=message):
+        load_dataset(tmp_path)
+
+
+def test_non_numeric_stars_are_left_out_of_a_built_profile():
+    from dataHandler import item_profile_from_metadata
+
+    text = item_profile_from_metadata({"name": "Cafe", "stars": "great"})
+    assert text == "Cafe." or ("Cafe" in text and "stars" not in text)
