@@ -124,9 +124,11 @@ def bpr_loss(user: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
 def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, torch.Tensor]],
               optimiser: torch.optim.Optimizer, train: sp.csr_matrix, batch: int,
               weight_decay: float, rng: np.random.Generator, device: str = "cpu",
-              desc: str = "bpr") -> float:
+              desc: str = "bpr", loss_fn: Callable | None = None) -> float:
     """One pass of BPR steps over about `train.nnz` sampled triples; `embed()` returns the
-    (user, item) vectors of all nodes (full batch). Returns the mean loss."""
+    (user, item) vectors of all nodes (full batch). `loss_fn(user, positive, negative
+    vectors, user, positive, negative ids)` replaces BPR with an L2 penalty on the output
+    vectors (LightGCN penalises its layer-0 embeddings instead). Returns the mean loss."""
     module.train()
     steps = max(1, train.nnz // batch)
     total = 0.0
@@ -134,8 +136,9 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
         users, positives, negatives = (torch.as_tensor(a, device=device)
                                        for a in sample_bpr_triples(train, batch, rng))
         user_vectors, item_vectors = embed()
-        loss = bpr_loss(user_vectors[users], item_vectors[positives], item_vectors[negatives],
-                        weight_decay)
+        vectors = (user_vectors[users], item_vectors[positives], item_vectors[negatives])
+        loss = loss_fn(*vectors, users, positives, negatives) if loss_fn is not None \
+            else bpr_loss(*vectors, weight_decay)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

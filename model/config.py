@@ -101,7 +101,8 @@ class GraphConfig:
     sage_id_dim: int = option(64, "GraphSAGE: learned id embedding size added to the text "
                               "features (0: text features only).")
     lgn_layers: int = option(3, "LightGCN: propagation layers.")
-    epochs: int = option(40, "Most training epochs (GraphSAGE, LightGCN, learned fusion).")
+    epochs: int = option(100, "Most training epochs (GraphSAGE, LightGCN, learned fusion); "
+                         "early stopping on validation (--patience) usually ends sooner.")
     train_batch: int = option(8192, "BPR triples per step.")
     lr: float = option(0.005, "Adam learning rate.")
     weight_decay: float = option(1e-4, "L2 penalty on the vectors in each BPR batch.")
@@ -165,7 +166,7 @@ class FinetuneConfig:
 @dataclass
 class TrainConfig:
     """The BPR training loop's settings (GraphSAGE, LightGCN, learned fusion)."""
-    epochs: int = 40
+    epochs: int = 100
     batch: int = 8192
     lr: float = 0.005
     weight_decay: float = 1e-4

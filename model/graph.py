@@ -113,6 +113,9 @@ class _BPRGraphModel(Recommender):
         return {"dim": self.dim, "train": vars(self.train_config), "seed": self.seed,
                 "device": self.device}
 
+    def _loss_fn(self, n_users: int):
+        return None  # the default: BPR with an L2 penalty on the output vectors
+
     def _train(self, dataset, embed, device: str) -> None:
         config = self.train_config
         rng = np.random.default_rng(self.seed)
@@ -125,7 +128,8 @@ class _BPRGraphModel(Recommender):
             last = min(round_ * config.eval_every, config.epochs)
             for epoch in range(first, last + 1):
                 loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
-                                 config.weight_decay, rng, device, f"{self.name} epoch {epoch}")
+                                 config.weight_decay, rng, device, f"{self.name} epoch {epoch}",
+                                 self._loss_fn(dataset.n_users))
             return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
         def score() -> float:
@@ -235,6 +239,16 @@ class LightGCN(_BPRGraphModel):
         for conv in net.convs:
             conv.normalize = False  # the adjacency is normalised once, in graph_adjacency
         return net
+
+    def _loss_fn(self, n_users: int):
+        """PyG's LightGCN loss: BPR on the propagated vectors, L2 on the layer-0 embeddings
+        of the batch's nodes (as in the paper), not on the propagated ones."""
+        def loss(user, positive, negative, users, positives, negatives):
+            nodes = torch.cat([users, positives + n_users, negatives + n_users])
+            return self.net.recommendation_loss((user * positive).sum(-1),
+                                                (user * negative).sum(-1), node_id=nodes,
+                                                lambda_reg=self.train_config.weight_decay)
+        return loss
 
     def fit(self, dataset) -> "LightGCN":
         device = pick_device(self.device)
