@@ -32,6 +32,13 @@ def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,
     return np.divide(summed, norms, out=np.zeros_like(summed), where=norms > 0)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors, dtype=np.float32),
+                     where=norms > 0).astype(np.float32)
+
+
 def top_k_rows(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best columns of each row by score, best first, ties broken by the lower
     column (exactly, also at the cut-off); -inf entries come back as -1 / -inf."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from coreMethod import top_k_rows
+from coreMethod import top_k_rows, unit_rows
 from model.retrieval import FaissRetriever
 from utils import atomic_path, write_json_atomic
 
@@ -57,6 +57,7 @@ class Recommender:
         self.training_log: dict[str, Any] = {}
         self.index_kind, self.nprobe = "flat", 16
         self._retrievers: dict[str, FaissRetriever] = {}
+        self._unit_vectors: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------ to implement
     def fit(self, dataset) -> "Recommender":
@@ -183,10 +184,11 @@ class Recommender:
 
     def _neighbours(self, key: str, vectors: np.ndarray, rows: np.ndarray, k: int,
                     mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        unit = _unit(vectors)
         if key not in self._retrievers:
             usable = np.flatnonzero(mask) if mask is not None else None
-            self._retrievers[key] = FaissRetriever("flat").fit(unit, usable)
+            self._unit_vectors[key] = unit_rows(vectors)
+            self._retrievers[key] = FaissRetriever("flat").fit(self._unit_vectors[key], usable)
+        unit = self._unit_vectors[key]
         itself = sp.csr_matrix((np.ones(len(rows)), (np.arange(len(rows)), rows)),
                                shape=(len(rows), len(vectors)))
         return self._retrievers[key].search(unit[rows], k, itself, np.arange(len(rows)))
@@ -282,9 +284,3 @@ def read_model_file(folder: Path) -> dict:
     if description["format_version"] != FORMAT_VERSION:
         raise ModelError(f"{path}: unsupported format version {description['format_version']}")
     return description
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors, dtype=np.float32),
-                     where=norms > 0).astype(np.float32)

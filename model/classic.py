@@ -14,6 +14,11 @@ from coreMethod import top_k_rows
 from model.base import ModelError, Recommender, register
 
 
+def _popularity_order(counts: np.ndarray) -> np.ndarray:
+    """Items by count, ties by the lower id: computed once per fit or load, not per call."""
+    return np.lexsort((np.arange(len(counts)), -counts))
+
+
 @register
 class Popularity(Recommender):
     """Most-interacted training items first (ties: lower item id); the same list for all."""
@@ -22,6 +27,7 @@ class Popularity(Recommender):
 
     def fit(self, dataset) -> "Popularity":
         self.counts = np.asarray((dataset.train > 0).sum(axis=0)).ravel().astype(np.float32)
+        self.order = _popularity_order(self.counts)
         self._fitted_on(dataset)
         return self
 
@@ -33,7 +39,7 @@ class Popularity(Recommender):
         self._check_fitted()
         users = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         self._check_rows(users, self.n_users, "user")
-        order = np.lexsort((np.arange(len(self.counts)), -self.counts))
+        order = self.order
         most_seen = int(np.diff(self.seen.indptr).max()) if exclude_seen else 0
         head = order[: k + most_seen]
         items = np.full((len(users), k), -1, dtype=np.int64)
@@ -56,6 +62,7 @@ class Popularity(Recommender):
 
     def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray], folder) -> None:
         self.counts = arrays["counts"]
+        self.order = _popularity_order(self.counts)
 
 
 def _binary(matrix) -> sp.csr_matrix:

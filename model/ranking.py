@@ -10,7 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from coreMethod import BestState, ranking_pairs, rerank, train_until_no_improvement
+from coreMethod import (BestState, ranking_pairs, rerank, train_until_no_improvement,
+                        unit_rows)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
 from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
@@ -19,11 +20,6 @@ HASH_SIZE = 1 << 18
 N_BUCKETS = 5
 WIDE_FIELDS = ("item", "user_segment x item_segment", "activity x popularity",
                "user_segment x item", "item_segment x activity")
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0).astype(np.float32)
 
 
 def _buckets(values: np.ndarray) -> np.ndarray:
@@ -48,7 +44,7 @@ class RankingFeatures:
         self.popularity = np.log1p(np.asarray(binary.sum(axis=0)).ravel()).astype(np.float32)
         self.activity_bucket, self.popularity_bucket = (_buckets(self.activity),
                                                         _buckets(self.popularity))
-        self.signals = {name: (_unit(u), _unit(i)) for name, (u, i) in signals.items()}
+        self.signals = {name: (unit_rows(u), unit_rows(i)) for name, (u, i) in signals.items()}
         self.user_vectors, self.item_vectors = self.signals[primary]
         # faiss k-means wants ~39 points per cluster: fewer segments on small data
         n_segments = max(2, min(n_segments, min(len(self.user_vectors),
