@@ -6,6 +6,7 @@ is validated come in as callbacks, so models and evaluation stay out of here."""
 from __future__ import annotations
 
 import copy
+import time
 from typing import Callable
 
 import numpy as np
@@ -190,14 +191,15 @@ def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], 
         best.offer(value, 0)
         history.append({"round": 0, metric: round(value, 5)})
         log(f"{label}: before training {metric} {value:.4f}")
-    waited = 0
+    waited, started = 0, time.perf_counter()
     for round_ in range(1, rounds + 1):
         logged = step(round_)
         value = score()
         history.append({"round": round_, **logged, metric: round(value, 5)})
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in logged.items())
-        log(f"{label} {shown}  {metric} {value:.4f}")
+        log(f"{label} {shown}  {metric} {value:.4f}  "
+            f"[{_time_estimate(time.perf_counter() - started, round_, rounds)}]")
         if best.offer(value, round_):
             waited = 0
         else:
@@ -208,6 +210,15 @@ def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], 
     best.module.eval()
     return {"best_round": best.round, f"best_{metric}": round(float(best.score), 5),
             "history": history}
+
+
+def _time_estimate(elapsed: float, done: int, total: int) -> str:
+    """'12s elapsed, at most 1m40s left' (early stopping may end sooner)."""
+    def clock(seconds: float) -> str:
+        minutes, seconds = divmod(int(round(seconds)), 60)
+        return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+    left = elapsed / done * (total - done)
+    return f"{clock(elapsed)} elapsed, at most {clock(left)} left"
 
 
 # ---------------------------------------------------------------- fusion

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 BASELINES = ("als", "ease", "rp3beta", "itemknn")
+USER_TEXT_CHOICES = ("auto", "written", "written+built", "item-mean")
 RECALL_VARIANTS = ("popularity", *BASELINES, "text", "deepwalk", "graphsage", "lightgcn", "fused")
 FUSE_PARTS = ("text", "deepwalk", "graphsage", "lightgcn", "als")
 FT_METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
@@ -69,9 +70,11 @@ class EncoderConfig:
 class RunConfig:
     variants: str = option("all", "Recall variant to run; 'all' runs every variant the data "
                            "allows.", flag="--model", choices=("all",) + RECALL_VARIANTS)
-    user_text: str = option("written", "Which user profiles the text model encodes; other "
-                            "users are the mean of their training items' embeddings.",
-                            choices=("written", "written+built"))
+    user_text: str = option("auto", "How users are represented in the text model: their "
+                            "encoded written (or also built) profile, or the mean of their "
+                            "training items' embeddings; 'auto' picks profile or item-mean per "
+                            "profile source on validation. Users without a chosen profile use "
+                            "the item-mean.", choices=USER_TEXT_CHOICES)
     index: str = option("flat", "FAISS index: exact inner product, IVF or HNSW.",
                         choices=("flat", "ivf", "hnsw"))
     nprobe: int = option(16, "Inverted lists probed per query (IVF only).")

@@ -97,7 +97,8 @@ class Fusion(Recommender):
             last = min(round_ * config.eval_every, config.epochs)
             for epoch in range((round_ - 1) * config.eval_every + 1, last + 1):
                 loss = bpr_epoch(self.net, self.net, optimiser, dataset.train, config.batch,
-                                 config.weight_decay, rng, device, f"fusion epoch {epoch}")
+                                 config.weight_decay, rng, device,
+                                 f"fusion epoch {epoch}/{config.epochs}")
             return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
         def score() -> float:

@@ -11,8 +11,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from gensim.models import Word2Vec
+from gensim.models.callbacks import CallbackAny2Vec
 from torch_geometric.nn import LightGCN as PygLightGCN
 from torch_geometric.nn import SAGEConv
+from tqdm import tqdm
 
 from coreMethod import (BestState, bipartite_graph, bpr_epoch, random_walks,
                         train_until_no_improvement)
@@ -51,13 +53,27 @@ class DeepWalk(Recommender):
             np.savetxt(corpus, walks, fmt="%d")
             skipgram = Word2Vec(corpus_file=str(corpus), vector_size=self.dim, window=self.window,
                                 sg=1, negative=5, min_count=1, workers=self.workers,
-                                epochs=self.epochs, seed=self.seed)
+                                epochs=self.epochs, seed=self.seed,
+                                callbacks=[_EpochBar("deepwalk skip-gram", self.epochs)])
         vectors = np.zeros((graph.shape[0], self.dim), dtype=np.float32)
         keys = np.array([int(k) for k in skipgram.wv.index_to_key])
         vectors[keys] = skipgram.wv.vectors
         self.user_vectors, self.item_vectors = vectors[:dataset.n_users], vectors[dataset.n_users:]
         self._fitted_on(dataset)
         return self
+
+
+class _EpochBar(CallbackAny2Vec):
+    """A progress bar over gensim's epochs (total and time estimate)."""
+
+    def __init__(self, desc: str, epochs: int) -> None:
+        self.bar = tqdm(total=epochs, desc=desc, unit="epoch", disable=None)
+
+    def on_epoch_end(self, model) -> None:
+        self.bar.update(1)
+
+    def on_train_end(self, model) -> None:
+        self.bar.close()
 
 
 class SAGENet(torch.nn.Module):
@@ -128,7 +144,8 @@ class _BPRGraphModel(Recommender):
             last = min(round_ * config.eval_every, config.epochs)
             for epoch in range(first, last + 1):
                 loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
-                                 config.weight_decay, rng, device, f"{self.name} epoch {epoch}",
+                                 config.weight_decay, rng, device,
+                                 f"{self.name} epoch {epoch}/{config.epochs}",
                                  self._loss_fn(dataset.n_users))
             return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 

@@ -230,7 +230,7 @@ class Experiment:
                 raise Unavailable("fine-tuning needs users with written profiles")
             self.models.text()  # raises Unavailable when there is no item text
             with timed() as clock:
-                tuned, log_ = finetune_encoder(build_encoder(self.config, quantize=False),
+                tuned, log_ = finetune_encoder(build_encoder(self.config),
                                                dataset, method, self.config.finetune,
                                                self.config.run.seed)
             model = TextRecall(tuned, self.config.run.cache_dir,

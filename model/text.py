@@ -13,7 +13,9 @@ import torch
 from tqdm import tqdm
 
 from coreMethod import mean_of_items
+from evaluation import Evaluator
 from model.base import Recommender, Unavailable, register
+from model.config import USER_TEXT_CHOICES
 from model.finetune import (ADAPTER_FILE, PROMPT_DIR, is_prompt_model, load_adapters,
                             load_prompt, rewrap_adapters, save_adapters, unwrap_adapters)
 from utils import (atomic_path, log, pick_device, sha256_file, sha256_of, write_json_atomic,
@@ -147,7 +149,7 @@ class TextEncoder:
                 "architecture": config.model_type, "layers": config.num_hidden_layers,
                 "kept_layers": getattr(config, "kept_layers", None), "dim": self.dim,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
-                **self.settings()}
+                **self.settings(), "runs_int8": self._runtime is not self.model}
 
     def fingerprint(self) -> str:
         """Identity of weights + settings + the numeric format actually run (int8 applies on
@@ -173,11 +175,21 @@ class TextEncoder:
             for start in tqdm(batches, desc=desc, unit="batch", disable=None if show_progress else True):
                 rows = order[start:start + self.batch_size]
                 batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+                                       max_length=self._token_limit(), return_tensors="pt")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 pooled = embed_tokens(self._runtime, batch, self.pooling)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out
+
+    def _token_limit(self) -> int:
+        """`max_length`, or fewer where the model's position table is shorter: a prompt or
+        prefix model's virtual tokens take positions too (RoBERTa also reserves two)."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is None:
+            return self.max_length
+        virtual = self.model.active_peft_config.num_virtual_tokens \
+            if is_prompt_model(self.model) else 0
+        return max(1, min(self.max_length, positions - 2 - virtual))
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """A folder that `TextEncoder.from_pretrained(path)` loads back (pooling included)."""
@@ -257,21 +269,25 @@ def _verified_cache_entry(path: Path, digest_file: Path, shape: tuple) -> np.nda
 class TextRecall(Recommender):
     """Text recall: profiles -> shrunken encoder -> user and item vectors.
 
-    Items without a profile cannot be recommended (`item_mask`). Users whose profile is not
-    encoded (see `user_text`) are the mean of their training items' embeddings; users with
-    neither cannot be scored (`user_mask`). `user_kind` says which applies to each user.
+    Items without a profile cannot be recommended (`item_mask`). `user_text` says which users
+    are represented by their encoded profile: "written", "written+built", "item-mean" (none:
+    every user is the mean of their training items' embeddings) or "auto" (per profile source,
+    whichever of profile and item-mean gives the higher validation Recall@20 on the users who
+    have both). Users with neither cannot be scored (`user_mask`); `user_kind` says which
+    representation each user got.
     """
 
     _name = "text"
 
     def __init__(self, encoder: TextEncoder | None = None, cache_dir: str | None = None,
-                 user_text: str = "written") -> None:
+                 user_text: str = "auto") -> None:
         super().__init__()
-        if user_text not in ("written", "written+built"):
-            raise ValueError("user_text must be 'written' or 'written+built'")
+        if user_text not in USER_TEXT_CHOICES:
+            raise ValueError(f"user_text must be one of {', '.join(USER_TEXT_CHOICES)}")
         self._encoder, self.cache_dir, self.user_text = encoder, cache_dir, user_text
         self._encoder_folder: Path | None = None
         self.user_kind: np.ndarray | None = None
+        self.user_text_choice: dict = {}
 
     @property
     def encoder(self) -> TextEncoder:
@@ -298,23 +314,61 @@ class TextRecall(Recommender):
         self.item_mask = np.zeros(dataset.n_items, dtype=bool)
         self.item_mask[item_rows] = True
 
-        kinds = ("written",) if self.user_text == "written" else ("written", "built")
-        user_rows = [u for u in range(dataset.n_users) if dataset.user_profile_source[u] in kinds]
-        user_vectors = mean_of_items(dataset.train, item_vectors, self.item_mask)
-        self.user_kind = np.where(np.abs(user_vectors).sum(1) > 0, "item-mean", "none")
-        if user_rows:
-            user_vectors[user_rows] = encode_cached(
-                encoder, [dataset.user_profiles[u] for u in user_rows], self.cache_dir, "users")
-            self.user_kind[user_rows] = dataset.user_profile_source[user_rows]
+        item_mean = mean_of_items(dataset.train, item_vectors, self.item_mask)
+        user_vectors = item_mean.copy()
+        self.user_kind = np.where(np.abs(item_mean).sum(1) > 0, "item-mean", "none")
+        self.user_text_choice = {}
+        for source in self._profile_sources(dataset):
+            rows = np.flatnonzero(dataset.user_profile_source == source)
+            encoded = encode_cached(encoder, [dataset.user_profiles[u] for u in rows],
+                                    self.cache_dir, "users")
+            if self.user_text == "auto" and not self._profile_wins(
+                    dataset, source, rows, encoded, item_mean, item_vectors):
+                continue
+            user_vectors[rows] = encoded
+            self.user_kind[rows] = source
         self.user_mask = self.user_kind != "none"
         self.user_vectors, self.item_vectors = user_vectors, item_vectors
         self.training_log = {"encoder": encoder.describe(),
                              "encoder_fingerprint": encoder.fingerprint(),
                              "encode_seconds": round(time.perf_counter() - start, 2),
                              "device": encoder.device,
-                             "items_without_text_excluded": int((~self.item_mask).sum())}
+                             "items_without_text_excluded": int((~self.item_mask).sum()),
+                             "user_vectors": {kind: int((self.user_kind == kind).sum())
+                                              for kind in np.unique(self.user_kind)},
+                             "user_text_choice_on_validation": self.user_text_choice}
         self._fitted_on(dataset)
         return self
+
+    def _profile_sources(self, dataset) -> list[str]:
+        wanted = {"written": ["written"], "written+built": ["written", "built"],
+                  "item-mean": [], "auto": ["written", "built"]}[self.user_text]
+        return [s for s in wanted if (dataset.user_profile_source == s).any()]
+
+    def _profile_wins(self, dataset, source: str, rows: np.ndarray, encoded: np.ndarray,
+                      item_mean: np.ndarray, item_vectors: np.ndarray) -> bool:
+        """Whether encoded profiles beat the item-mean on validation for the users of one
+        profile source who have both (users without training items always keep the profile,
+        the only vector they have)."""
+        has_items = np.abs(item_mean[rows]).sum(1) > 0
+        validation = Evaluator.on_validation(dataset, (20,), max_users=None)
+        compared = np.intersect1d(rows[has_items], validation.users)
+        if len(compared) == 0:
+            return True
+        validation = validation.restricted(compared)
+        items = np.flatnonzero(self.item_mask)
+        profile_vectors = item_mean.copy()
+        profile_vectors[rows] = encoded
+        profile = validation.mean(validation.top_of_vectors(profile_vectors, item_vectors,
+                                                            20, items))
+        mean = validation.mean(validation.top_of_vectors(item_mean, item_vectors, 20, items))
+        self.user_text_choice[source] = {"users_compared": int(len(compared)),
+                                         "val_recall@20_profile": round(profile, 5),
+                                         "val_recall@20_item_mean": round(mean, 5),
+                                         "chosen": "profile" if profile >= mean else "item-mean"}
+        log(f"text users ({source} profiles, {len(compared):,} with validation items): "
+            f"val R@20 profile {profile:.4f} vs item-mean {mean:.4f}")
+        return profile >= mean
 
     def embed_profiles(self, texts: list[str]) -> np.ndarray:
         """User vectors for new profile texts (cold start), in this model's space."""
