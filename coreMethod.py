@@ -337,6 +337,22 @@ def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.nd
     return all_users[order], all_items[order], ranks[order], labels[order]
 
 
+def union_of_lists(lists: list[np.ndarray]) -> np.ndarray:
+    """Row-wise union of ranked lists (rows are users): the first list in its order, then
+    what each later list adds, in its order; -1 pads rows to the widest union."""
+    merged = np.concatenate(lists, axis=1)
+    order = np.argsort(merged, axis=1, kind="stable")  # equal items: the earliest first
+    in_order = np.take_along_axis(merged, order, 1)
+    repeat_in_order = np.zeros(merged.shape, dtype=bool)
+    repeat_in_order[:, 1:] = in_order[:, 1:] == in_order[:, :-1]
+    dropped = np.zeros(merged.shape, dtype=bool)
+    np.put_along_axis(dropped, order, repeat_in_order, 1)
+    dropped |= merged < 0
+    keep = np.argsort(dropped, axis=1, kind="stable")
+    union = np.where(np.take_along_axis(dropped, keep, 1), -1, np.take_along_axis(merged, keep, 1))
+    return union[:, :max(1, int((~dropped).sum(1).max(initial=0)))]
+
+
 def rerank(score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
            users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Candidates of each user (row r is users[r]'s) reordered by

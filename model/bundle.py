@@ -264,20 +264,13 @@ class Bundle:
 
     def recommend(self, user: str, k: int = 20, rank: bool = False) -> list[tuple[str, float]]:
         """Top-k items for a known user, seen items excluded; with `rank`, the ranker's
-        order of the recall stage's candidates (scores are then the ranker's)."""
+        order of the union of the recall channels' candidates (scores are then the ranker's)."""
         row = np.array([self.user_row(user)])
         if not rank:
             items, scores = self.retriever.search(self.users, k, self.seen, row)
             return self._named(items[0], scores[0])
-        ranker = self.ranker
-        candidates, recall_scores = self.retriever.search(self.users, max(k, ranker.candidates),
-                                                          self.seen, row)
-        if ranker.kept_recall_order:  # the ranker never beat the recall order on validation
-            return self._named(candidates[0][:k], recall_scores[0][:k])
-        ordered = ranker.rerank(row, candidates)[0][:k]
-        ranks = np.array([int(np.flatnonzero(candidates[0] == i)[0]) for i in ordered])
-        scores = ranker.score(np.repeat(row, len(ordered)), ordered, ranks)
-        return self._named(ordered, scores)
+        items, scores = self.ranker.recommend(row, self.seen, k)
+        return self._named(items[0], scores[0])
 
     def answer(self, user: str | None = None, profile: str | None = None,
                item: str | None = None, lookalike: str | None = None, k: int = 20,

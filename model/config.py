@@ -85,6 +85,8 @@ class RunConfig:
     tune_baselines: bool = option(True, "Tune the classic baselines (ALS, EASE, RP3beta, "
                                   "item-kNN) on the validation split by coordinate ascent "
                                   "over a grid; off: the grid's starting point.")
+    ablation: bool = option(False, "Add a 'fused without PART' row per fused part: what "
+                            "each signal adds to the fusion.")
     seed: int = option(2023, "Seed of every random source (same seed, same metrics).")
     threads: int | None = option(None, "CPU threads for torch [default: torch's choice].")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
@@ -129,7 +131,11 @@ class RankConfig:
                        choices=("none", "widedeep"))
     rank_on: str = option("fused", "Recall model whose candidates the ranker re-orders.",
                           choices=("als", "text", "deepwalk", "graphsage", "lightgcn", "fused"))
-    candidates: int = option(200, "Candidates per user from the recall stage.")
+    candidates: int = option(200, "Candidates per user from the --rank-on model.")
+    channel_candidates: int = option(50, "Candidates each other recall channel (the fused "
+                                     "model's parts: ALS, LightGCN, text, ...) adds to the "
+                                     "ranker's union; 0: the --rank-on model's only. Every "
+                                     "channel's score and rank are ranker features either way.")
     rank_positives: str = option("val", "Ranker positives: validation pairs of half the "
                                  "validation users (the other half checks each epoch), or "
                                  "training pairs (their recall scores are inflated: the recall "

@@ -130,14 +130,19 @@ class RecallModels:
             g.dim, g.lgn_layers, g.training(), self.config.run.seed,
             self.device).fit(self.dataset))
 
-    def fused(self) -> Fusion:
-        g = self.config.graph
+    def fuse_parts(self) -> list[str]:
+        """The parts the fused model combines (text only where the data has item text)."""
+        return [n for n in self.config.graph.fuse_parts
+                if n != "text" or self.text_or_none() is not None]
 
-        def fit() -> Fusion:
-            names = [n for n in g.fuse_parts if n != "text" or self.text_or_none() is not None]
-            return Fusion(g.fusion, g.dim, g.training(), self.config.run.seed,
-                          self.device).fit(self.dataset, {n: self.get(n) for n in names})
-        return self._once("fused", fit)
+    def fused(self, without: str | None = None) -> Fusion:
+        """The fused model, or (ablation) the one fused from every part but `without`."""
+        g = self.config.graph
+        names = [n for n in self.fuse_parts() if n != without]
+        return self._once("fused" if without is None else f"fused without {without}",
+                          lambda: Fusion(g.fusion, g.dim, g.training(), self.config.run.seed,
+                                         self.device).fit(self.dataset,
+                                                          {n: self.get(n) for n in names}))
 
 
 class Experiment:
@@ -154,6 +159,10 @@ class Experiment:
         run, rank = self.config.run, self.config.rank
         names = list(RECALL_VARIANTS if run.variants == "all" else (run.variants,))
         rows = [(name, self._recall_row(name)) for name in names]
+        if run.ablation and "fused" in names:
+            at = names.index("fused") + 1
+            rows[at:at] = [(f"fused without {part}", self._ablation_row(part))
+                           for part in self.config.graph.fuse_parts]
         at = names.index("text") + 1 if "text" in names else len(names)
         rows[at:at] = [(f"text ({m})", self._finetuned_row(m)) for m in self.config.finetune.finetune]
         if rank.rank == "widedeep":
@@ -219,6 +228,14 @@ class Experiment:
             return model, top, dict(model.training_log), self._text_labels(model)
         return produce
 
+    def _ablation_row(self, part: str):
+        def produce(dataset: Dataset):
+            if part not in self.models.fuse_parts():
+                raise Unavailable(f"{part} is not a part of the fused model here")
+            model = self.models.fused(without=part)
+            return model, self.evaluator.top_of(model), dict(model.training_log), {}
+        return produce
+
     def _text_labels(self, model: Recommender) -> dict:
         if not isinstance(model, TextRecall):
             return {}
@@ -249,14 +266,13 @@ class Experiment:
             ranker = WideDeepRanker(mode, rank.candidates, rank.rank_positives,
                                     rank.hard_negatives, rank.random_negatives, rank.rank_epochs,
                                     rank.rank_lr, rank.rank_batch, self.config.run.seed,
-                                    self.config.run.device).fit(dataset, recall)
+                                    self.config.run.device,
+                                    rank.channel_candidates).fit(dataset, recall)
             users = self.evaluator.users
-            candidates = recall.recommend(users, rank.candidates)[0]
             with timed() as clock:
-                top = ranker.rerank(users, candidates)
-            scored = len(users) * candidates.shape[1]
+                top = ranker.recommend(users, dataset.train, self.evaluator.k)[0]
             info = {**ranker.training_log,
-                    "candidates_scored_per_s": round(scored / max(clock["seconds"], 1e-9))}
+                    "users_ranked_per_s": round(len(users) / max(clock["seconds"], 1e-9))}
             return ranker, top, info, {}
         return produce
 

@@ -14,6 +14,7 @@ from coreMethod import (BestState, ranking_pairs, rerank, train_until_no_improve
                         unit_rows)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
+from model.candidates import ChannelCandidates
 from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
 
 HASH_SIZE = 1 << 18
@@ -31,8 +32,10 @@ def _buckets(values: np.ndarray) -> np.ndarray:
 class RankingFeatures:
     """Everything the ranker knows about a user or an item, from *training* data only.
 
-    signals: name -> (user vectors, item vectors) of each recall signal; `primary` is the
-    one that generated the candidates. Segments are k-means clusters of the primary vectors.
+    signals: name -> (user vectors, item vectors) of each recall channel, scored by inner
+    product; `primary` is the one whose order the candidates start with. Per channel a pair
+    gets its cosine, its inner product (the channel's own score) and its rank in the
+    channel's list. Segments are k-means clusters of the primary vectors.
     """
 
     def __init__(self, train: sp.csr_matrix, signals: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -44,7 +47,9 @@ class RankingFeatures:
         self.popularity = np.log1p(np.asarray(binary.sum(axis=0)).ravel()).astype(np.float32)
         self.activity_bucket, self.popularity_bucket = (_buckets(self.activity),
                                                         _buckets(self.popularity))
+        signals = {primary: signals[primary], **signals}  # the primary channel first
         self.signals = {name: (unit_rows(u), unit_rows(i)) for name, (u, i) in signals.items()}
+        self.norms = {name: (_norms(u), _norms(i)) for name, (u, i) in signals.items()}
         self.user_vectors, self.item_vectors = self.signals[primary]
         # faiss k-means wants ~39 points per cluster: fewer segments on small data
         n_segments = max(2, min(n_segments, min(len(self.user_vectors),
@@ -61,8 +66,10 @@ class RankingFeatures:
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {name: getattr(self, name) for name in self._ARRAYS}
-        for position, (user_vectors, item_vectors) in enumerate(self.signals.values()):
-            out[f"signal{position}_users"], out[f"signal{position}_items"] = user_vectors, item_vectors
+        for position, name in enumerate(self.signals):
+            out[f"signal{position}_users"], out[f"signal{position}_items"] = self.signals[name]
+            out[f"signal{position}_user_norms"], out[f"signal{position}_item_norms"] = \
+                self.norms[name]
         return out
 
     _ARRAYS = ("activity", "popularity", "activity_bucket", "popularity_bucket",
@@ -76,23 +83,39 @@ class RankingFeatures:
             setattr(features, name, arrays[name])
         features.signals = {name: (arrays[f"signal{p}_users"], arrays[f"signal{p}_items"])
                             for p, name in enumerate(names)}
+        features.norms = {name: (arrays[f"signal{p}_user_norms"],
+                                 arrays[f"signal{p}_item_norms"]) for p, name in enumerate(names)}
         features.user_vectors, features.item_vectors = features.signals[primary]
         features.n_segments = n_segments
         return features
 
     @property
     def n_dense(self) -> int:
-        return len(self.signals) + 3
+        return 3 * len(self.signals) + 2
+
+    def channels(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each channel's own vectors (inner product = its score), primary first."""
+        return {name: (u * self.norms[name][0][:, None], i * self.norms[name][1][:, None])
+                for name, (u, i) in self.signals.items()}
+
+    def primary_scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        name = next(iter(self.signals))
+        (u, i), (nu, ni) = self.signals[name], self.norms[name]
+        return np.einsum("ij,ij->i", u[users], i[items]) * nu[users] * ni[items]
 
     def categorical_sizes(self) -> list[int]:
         return [self.n_segments, self.n_segments, N_BUCKETS, N_BUCKETS]
 
     def build(self, users: np.ndarray, items: np.ndarray,
               ranks: np.ndarray) -> dict[str, torch.Tensor]:
-        """Feature tensors for pairs (users[r], items[r]) at recall rank ranks[r]."""
+        """Feature tensors for pairs (users[r], items[r]); ranks[r, c]: the pair's rank in
+        channel c's list (one column: the same rank for every channel)."""
+        ranks = np.broadcast_to(ranks.reshape(len(users), -1), (len(users), len(self.signals)))
         cosines = [np.einsum("ij,ij->i", u[users], i[items]) for u, i in self.signals.values()]
-        dense = np.stack(cosines + [self.activity[users], self.popularity[items],
-                                    np.log1p(ranks).astype(np.float32)], axis=1)
+        products = [cosine * self.norms[name][0][users] * self.norms[name][1][items]
+                    for cosine, name in zip(cosines, self.signals)]
+        dense = np.stack(cosines + products + list(np.log1p(ranks.T).astype(np.float32))
+                         + [self.activity[users], self.popularity[items]], axis=1)
         user_segment, item_segment = self.user_segment[users], self.item_segment[items]
         activity, popularity = self.activity_bucket[users], self.popularity_bucket[items]
         crosses = [items, user_segment * self.n_segments + item_segment,
@@ -104,6 +127,10 @@ class RankingFeatures:
                     [user_segment, item_segment, activity, popularity], axis=1)),
                 "users": torch.as_tensor(users, dtype=torch.long),
                 "items": torch.as_tensor(items, dtype=torch.long)}
+
+
+def _norms(vectors: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(vectors, axis=1).astype(np.float32)
 
 
 def _hash(field: int, values: np.ndarray) -> np.ndarray:
@@ -184,25 +211,32 @@ def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 RANKER_FILE = "ranker.json"
+RANKER_FORMAT = 2  # 2: multi-channel candidates, per-channel score and rank features
 
 
 class WideDeepRanker:
-    """The ranking stage: re-orders a recall model's top `candidates` items per user.
+    """The ranking stage: re-orders the union of several recall channels' candidates.
+
+    The channels are the recall model's signals: a fused model and each of its parts (ALS,
+    LightGCN, text, ...). The recall model's own top `candidates` come first; every other
+    channel adds its top `channel_candidates`. Per channel, a pair's score and rank are
+    features, so the ranker can trust each channel where it is strong.
 
     Trained without leakage: features from training interactions only; positives are the
-    validation items the recall model retrieved for half of the validation users (or
-    training pairs with positives='train'); negatives are their other candidates (hard) and
-    random items; the other half of the validation users checks NDCG@20 after every epoch.
-    If no epoch beats the recall order on validation, the recall order is kept.
+    validation items among the candidates of half of the validation users (or training pairs
+    with positives='train'); negatives are their other candidates (hard) and random items; the
+    other half of the validation users checks NDCG@20 after every epoch. If no epoch beats
+    the recall order on validation, the recall order is kept.
     """
 
     def __init__(self, mode: str = "widedeep", candidates: int = 200, positives: str = "val",
                  hard_negatives: int = 4, random_negatives: int = 2, epochs: int = 10,
                  lr: float = 1e-3, batch: int = 512, seed: int = 2023,
-                 device: str = "auto") -> None:
+                 device: str = "auto", channel_candidates: int = 50) -> None:
         if positives not in ("val", "train"):
             raise ValueError(f"positives must be 'val' or 'train', got {positives!r}")
         self.mode, self.candidates, self.positives = mode, candidates, positives
+        self.channel_candidates = channel_candidates
         self.hard_negatives, self.random_negatives = hard_negatives, random_negatives
         self.epochs, self.lr, self.batch, self.seed, self.device = epochs, lr, batch, seed, device
         self.net: WideDeep | None = None
@@ -214,10 +248,10 @@ class WideDeepRanker:
         return {"mode": self.mode, "candidates": self.candidates, "positives": self.positives,
                 "hard_negatives": self.hard_negatives, "random_negatives": self.random_negatives,
                 "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed,
-                "device": self.device}
+                "device": self.device, "channel_candidates": self.channel_candidates}
 
     def fit(self, dataset, recall) -> "WideDeepRanker":
-        """Train on the candidates of `recall` (a fitted recall model)."""
+        """Train on the candidates of `recall` (a fitted recall model) and its parts."""
         device = pick_device(self.device)
         self.recall_name = recall.name
         self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
@@ -232,29 +266,40 @@ class WideDeepRanker:
             fit_users, positives = np.sort(val_users[len(check_users):]), dataset.val
         else:
             fit_users, positives = np.flatnonzero(np.diff(dataset.train.indptr) > 0), dataset.train
-        fit_candidates = recall.recommend(fit_users, self.candidates)[0]
-        check_candidates = recall.recommend(check_users, self.candidates)[0]
-        pairs = ranking_pairs(positives, fit_users, fit_candidates, self.hard_negatives,
-                              self.random_negatives, rng, within_candidates=self.positives == "val")
+        fit_channels = self.channel_candidates_of(fit_users, dataset.train)
+        users, items, _, labels = ranking_pairs(
+            positives, fit_users, fit_channels.candidates, self.hard_negatives,
+            self.random_negatives, rng, within_candidates=self.positives == "val")
+        ranks = self._visible(fit_channels.ranks(users, items))
         torch.manual_seed(self.seed)
         self.net = WideDeep(self.features, self.mode).to(device)
-        self.training_log = self._train(pairs, check_users, check_candidates,
+        check = self.channel_candidates_of(check_users, dataset.train)
+        self.training_log = self._train((users, items, ranks, labels), check,
                                         Evaluator.on_validation(dataset, max_users=None), device)
-        self.training_log.update(recall_model=recall.name, mode=self.mode,
-                                 candidates=self.candidates, positives=self.positives,
-                                 training_pairs=int(len(pairs[-1])), device=device)
+        self.training_log.update(
+            recall_model=recall.name, channels=list(self.features.signals), mode=self.mode,
+            candidates=self.candidates, channel_candidates=self.channel_candidates,
+            mean_union_size=round(float((check.candidates >= 0).sum(1).mean()), 1),
+            positives=self.positives, training_pairs=int(len(labels)), device=device)
         return self
 
-    def _train(self, pairs, check_users: np.ndarray, check_candidates: np.ndarray,
-               validation: Evaluator, device: str) -> dict:
+    def channel_candidates_of(self, users: np.ndarray,
+                              exclude: sp.csr_matrix | None) -> ChannelCandidates:
+        """The union of the channels' candidates for `users` (items of `exclude` removed)."""
+        n_other = len(self.features.signals) - 1
+        widths = [self.candidates] + [self.channel_candidates] * n_other
+        return ChannelCandidates(self.features.channels(), users, exclude, max(widths), widths)
+
+    def _train(self, pairs, check: ChannelCandidates, validation: Evaluator,
+               device: str) -> dict:
         users, items, ranks, labels = pairs
-        ranks = self._visible(ranks)
         self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
                                                        ranks[:50000])["dense"].to(device))
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         loss_fn = torch.nn.BCEWithLogitsLoss()
-        check = validation.restricted(check_users)
-        log(f"ranker ({self.mode}): {len(labels):,} pairs ({int(labels.sum()):,} positive)")
+        check_split = validation.restricted(check.users)
+        log(f"ranker ({self.mode}): {len(labels):,} pairs ({int(labels.sum()):,} positive), "
+            f"{len(self.features.signals)} channels")
 
         trained = []
 
@@ -269,11 +314,13 @@ class WideDeepRanker:
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-            return {"epoch": round_}
+            return {"epoch": f"{round_}/{self.epochs}"}
 
         def score() -> float:  # before the first epoch: the recall order itself
             self.kept_recall_order = not trained
-            return check.mean(self.rerank(check_users, check_candidates), "ndcg", 20)
+            order = self._order(check)
+            padding = np.full((len(order), max(0, 20 - order.shape[1])), -1, dtype=order.dtype)
+            return check_split.mean(np.hstack([order, padding]), "ndcg", 20)
 
         with deterministic_torch():
             log_ = train_until_no_improvement(epoch, score, BestState(self.net), self.epochs,
@@ -283,20 +330,45 @@ class WideDeepRanker:
         return {"best_epoch": log_["best_round"], "best_val_ndcg@20": log_["best_val_ndcg@20"],
                 "kept_recall_order": self.kept_recall_order, "history": log_["history"]}
 
-    def score(self, users: np.ndarray, items: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-        """Scores of (users[r], items[r]) found at recall rank ranks[r]; -inf for padding."""
-        return self.net.score(self.features, users, items, self._visible(ranks))
+    def _pair_scores(self, channels: ChannelCandidates, users: np.ndarray,
+                     items: np.ndarray) -> np.ndarray:
+        return self.net.score(self.features, users, items,
+                              self._visible(channels.ranks(users, items)))
 
     def _visible(self, ranks: np.ndarray) -> np.ndarray:
-        """The recall rank as a feature, except with training positives: those are never among
-        the candidates (training items are excluded), so their rank would give the label away."""
+        """The channel ranks as features, except with training positives: those are never
+        among the candidates (training items are excluded), so their rank would give the
+        label away."""
         return np.zeros_like(ranks) if self.positives == "train" else ranks
 
-    def rerank(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """Each row of `candidates` (the recall order for users[r]) in ranker order."""
+    def _order(self, channels: ChannelCandidates) -> np.ndarray:
+        """The union candidates in ranker order (or in recall order, if that was kept)."""
         if self.kept_recall_order:
-            return candidates
-        return rerank(self.score, users, candidates)
+            return channels.candidates
+        return rerank(lambda u, i, _: self._pair_scores(channels, u, i), channels.users,
+                      channels.candidates)
+
+    def recommend(self, users: np.ndarray, exclude: sp.csr_matrix | None, k: int,
+                  chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """(items, scores) of shape (len(users), k): the two-stage top k, items of `exclude`
+        never included; scores are the ranker's (the recall model's if its order was kept);
+        -1 / -inf pad short lists."""
+        users = np.asarray(users)
+        top_items = np.full((len(users), k), -1, dtype=np.int64)
+        top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(users), chunk):
+            rows = slice(start, start + chunk)
+            channels = self.channel_candidates_of(users[rows], exclude)
+            ordered = self._order(channels)[:, :k]
+            pair_users = np.repeat(users[rows], ordered.shape[1])
+            pair_items = ordered.ravel()
+            scores = self.features.primary_scores(pair_users, np.maximum(pair_items, 0)) \
+                if self.kept_recall_order else self._pair_scores(channels, pair_users,
+                                                                 pair_items)
+            scores = np.where(pair_items >= 0, scores, -np.inf).reshape(ordered.shape)
+            top_items[rows, :ordered.shape[1]], top_scores[rows, :ordered.shape[1]] = \
+                ordered, scores
+        return top_items, top_scores
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         folder = Path(folder)
@@ -305,8 +377,9 @@ class WideDeepRanker:
             np.savez(tmp / "features.npz", **self.features.arrays())
             torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, tmp / "state.pt")
             write_json_atomic(tmp / RANKER_FILE, {
-                "params": self.params(), "recall_model": self.recall_name,
-                "signals": list(self.features.signals), "n_segments": self.features.n_segments,
+                "format_version": RANKER_FORMAT, "params": self.params(),
+                "recall_model": self.recall_name, "signals": list(self.features.signals),
+                "n_segments": self.features.n_segments,
                 "kept_recall_order": self.kept_recall_order, "training_log": self.training_log})
         return folder
 
@@ -316,6 +389,9 @@ class WideDeepRanker:
         if not (folder / RANKER_FILE).exists():
             raise ValueError(f"{folder}: not a saved ranker (no {RANKER_FILE})")
         description = json.loads((folder / RANKER_FILE).read_text())
+        if description.get("format_version") != RANKER_FORMAT:
+            raise ValueError(f"{folder}: a ranker of format {description.get('format_version', 1)}"
+                             f"; this version reads format {RANKER_FORMAT} (train it again)")
         ranker = cls(**{**description["params"], "device": device})
         with np.load(folder / "features.npz", allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}

@@ -168,13 +168,11 @@ def test_ranker_round_trips(demo, text_model, tmp_path):
     recall = LightGCN(dim=16, train=FAST, device="cpu").fit(demo)
     ranker = WideDeepRanker(candidates=30, epochs=2, device="cpu").fit(demo, recall)
     users = np.arange(0, demo.n_users, 5)
-    candidates = recall.recommend(users, 30)[0]
     ranker.save(tmp_path / "ranker")
     loaded = WideDeepRanker.load(tmp_path / "ranker", device="cpu")
-    assert np.array_equal(ranker.rerank(users, candidates), loaded.rerank(users, candidates))
-    ranks = np.zeros(len(users), dtype=np.int64)
-    assert np.allclose(ranker.score(users, candidates[:, 0], ranks),
-                       loaded.score(users, candidates[:, 0], ranks))
+    items, scores = ranker.recommend(users, demo.train, 20)
+    loaded_items, loaded_scores = loaded.recommend(users, demo.train, 20)
+    assert np.array_equal(items, loaded_items) and np.allclose(scores, loaded_scores)
 
 
 # ---------------------------------------------------------------- runs, configs, bundles
@@ -240,9 +238,7 @@ def test_bundle_ranks_with_the_runs_ranker_alone(ranked_run, tmp_path):
     listed = [line.split("\t")[1] for line in shown.output.splitlines()[1:]]
     bundle = Bundle(out)
     ranker = WideDeepRanker.load(run_dir / "models" / "fused_wide_deep", device="cpu")
-    candidates, _ = bundle.retriever.search(bundle.users, ranker.candidates, bundle.seen,
-                                            np.array([5]))
-    expected = ranker.rerank(np.array([5]), candidates)[0][:10]
+    expected = ranker.recommend(np.array([5]), bundle.seen, 10)[0][0]
     assert listed == [bundle.item_ids[i] for i in expected]
     assert not set(listed) & {bundle.item_ids[i] for i in bundle.seen[5].indices}
     without = CliRunner().invoke(cli, ["recommend", "--bundle", str(root / "nope"), "--user",

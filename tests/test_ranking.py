@@ -21,7 +21,8 @@ def test_features_come_from_training_interactions_only():
     assert np.allclose(features.activity, np.log1p([2, 1]))
     assert np.allclose(features.popularity, np.log1p([1, 2, 0]))  # item 2 only in validation
     batch = features.build(np.array([1]), np.array([2]), np.array([0]))
-    assert batch["dense"][0, 1] == np.float32(np.log1p(1)) and batch["dense"][0, 2] == 0
+    # dense: cosine, inner product, log rank (one channel), then activity and popularity
+    assert batch["dense"][0, 3] == np.float32(np.log1p(1)) and batch["dense"][0, 4] == 0
     # ranker positives in 'val' mode are the validation items the recall stage retrieved
     candidates = np.array([[2, 1], [0, 2]])
     users, items, ranks, labels = ranking_pairs(val, np.array([0, 1]), candidates, 1, 0, rng)
@@ -87,3 +88,57 @@ def test_training_positives_do_not_leak_through_the_recall_rank(tmp_path, monkey
     monkeypatch.setattr(ranking.RankingFeatures, "build", spy)
     WideDeepRanker(positives="train", candidates=20, epochs=1, device="cpu").fit(data, recall)
     assert ranks_seen and all(np.array_equal(r, [0]) for r in ranks_seen)
+
+
+def test_union_keeps_the_first_lists_order_and_adds_what_others_find():
+    from coreMethod import union_of_lists
+
+    first = np.array([[3, 1, -1], [5, 6, 7]])
+    second = np.array([[1, 4], [8, 5]])
+    assert union_of_lists([first, second]).tolist() == [[3, 1, 4, -1], [5, 6, 7, 8]]
+
+
+def test_each_channel_ranks_the_union_and_training_items_are_never_candidates():
+    from model.candidates import ChannelCandidates
+
+    items = np.eye(6, dtype=np.float32)
+    a = np.array([[6, 5, 4, 3, 2, 1]], dtype=np.float32)  # channel a: 0 > 1 > 2 > ...
+    b = a[:, ::-1].copy()  # channel b: 5 > 4 > 3 > ...
+    seen = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 1]], dtype=np.float32))
+    channels = ChannelCandidates({"a": (a, items), "b": (b, items)}, np.array([0]), seen,
+                                 depth=4, widths=[2, 1])
+    assert channels.candidates.tolist() == [[1, 2, 4]]  # a's top 2, then b's top 1
+    ranks = channels.ranks(np.array([0, 0, 0, 0]), np.array([1, 4, 0, -1]))
+    assert ranks.tolist() == [[0, 3], [3, 0], [4, 4], [4, 4]]  # absent, seen, padding: depth
+
+
+def test_ranker_adds_other_channels_candidates(tmp_path):
+    from dataHandler import open_dataset
+    from model import Fusion, LightGCN, WideDeepRanker
+    from model.tuning import tuned
+
+    data = open_dataset("demo", tmp_path)
+    als = tuned("als", data, {"seed": 0}, tune=False)
+    lightgcn = LightGCN(dim=8, train={"epochs": 2, "eval_every": 2}, device="cpu").fit(data)
+    fused = Fusion("concat", dim=8, device="cpu").fit(data, {"lightgcn": lightgcn, "als": als})
+    ranker = WideDeepRanker(candidates=10, channel_candidates=5, epochs=1,
+                            device="cpu").fit(data, fused)
+    assert ranker.training_log["channels"] == ["fused", "lightgcn", "als"]
+    users = np.arange(20)
+    channels = ranker.channel_candidates_of(users, data.train)
+    union = channels.candidates
+    assert union.shape[1] > 10 and ((union >= 0).sum(1) >= 10).all()
+    assert np.array_equal(union[:, :10], fused.recommend(users, 10)[0])  # recall order first
+    als_top = als.recommend(users, 5)[0]
+    assert all(set(a) <= set(u) for a, u in zip(als_top, union))
+    top, scores = ranker.recommend(users, data.train, 15)
+    assert not rows_seen(data.train, users, top).any()
+    if ranker.kept_recall_order:  # the recall model's own order, its scores
+        assert np.array_equal(top[:, :10], fused.recommend(users, 10)[0])
+    else:
+        assert (np.diff(scores[:, :10], axis=1) <= 1e-6).all()  # the ranker's, best first
+
+
+def rows_seen(matrix, users, items):
+    from utils import rows_contain
+    return rows_contain(matrix, users, items)

@@ -1,0 +1,57 @@
+"""Multi-channel candidate generation for the ranking stage: every recall channel (a fused
+model and each of its parts: ALS, LightGCN, text, ...) retrieves its own top list, the
+ranker sees their union, and each channel's rank of every candidate is a feature."""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from coreMethod import union_of_lists
+from model.retrieval import FaissRetriever
+
+
+class ChannelCandidates:
+    """For a set of users: each channel's top-`depth` list (training items excluded), the
+    union of the first `widths[c]` items of channel c (channel 0's order first), and a
+    lookup of where each channel ranks any (user, item) pair (`depth` when not in its list).
+
+    channels: name -> (user vectors, item vectors) scored by inner product.
+    """
+
+    def __init__(self, channels: dict[str, tuple[np.ndarray, np.ndarray]], users: np.ndarray,
+                 exclude: sp.csr_matrix | None, depth: int, widths: list[int]) -> None:
+        self.users, self.depth = np.asarray(users), depth
+        self.names = list(channels)
+        n_items = next(iter(channels.values()))[1].shape[0]
+        lists = [FaissRetriever("flat", use_gpu=False).fit(items)
+                 .search(user_vectors, min(depth, n_items), exclude, self.users)[0]
+                 for user_vectors, items in channels.values()]
+        self.candidates = union_of_lists([top[:, :width] for top, width in zip(lists, widths)])
+        self._row_of_user = np.full(int(self.users.max(initial=-1)) + 1, -1, dtype=np.int64)
+        self._row_of_user[self.users] = np.arange(len(self.users))
+        self._n_items = n_items
+        self._lookup = [self._sorted_keys(top) for top in lists]
+
+    def _sorted_keys(self, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted row * n_items + item keys, the rank of each) of one channel's lists."""
+        rows = np.repeat(np.arange(len(top), dtype=np.int64), top.shape[1])
+        ranks = np.tile(np.arange(top.shape[1]), len(top))
+        items = top.ravel()
+        valid = items >= 0
+        keys = rows[valid] * self._n_items + items[valid]
+        order = np.argsort(keys, kind="stable")
+        return keys[order], ranks[valid][order]
+
+    def ranks(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(len(users), channels) int: the rank of items[r] in each channel's list for
+        users[r] (users from this set), `depth` where absent or padding."""
+        rows = self._row_of_user[users]
+        keys = rows * self._n_items + np.maximum(items, 0)
+        out = np.full((len(users), len(self._lookup)), self.depth, dtype=np.int64)
+        for column, (sorted_keys, ranks) in enumerate(self._lookup):
+            if len(sorted_keys) == 0:
+                continue
+            position = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+            hit = (sorted_keys[position] == keys) & (items >= 0)
+            out[hit, column] = ranks[position[hit]]
+        return out
