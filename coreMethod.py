@@ -268,16 +268,21 @@ def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],
 
 
 def coordinate_search(grid: dict[str, list], score: Callable[[dict], float], start: dict,
-                      rounds: int = 2) -> tuple[dict, float, list[dict]]:
+                      rounds: int = 2, budget_seconds: float | None = None
+                      ) -> tuple[dict, float, list[dict]]:
     """Hyperparameters by coordinate ascent over `grid` from `start`: each parameter in turn
     takes the grid value with the best score, the others held; repeated until a round
-    changes nothing (or `rounds`). Every setting is scored once. Returns (best, its score,
-    every scored setting)."""
+    changes nothing (or `rounds`). Every setting is scored once; with `budget_seconds`, no
+    new setting is started once that much time has passed (the best so far is kept).
+    Returns (best, its score, every scored setting)."""
     scored: dict[tuple, float] = {}
+    deadline = None if budget_seconds is None else time.perf_counter() + budget_seconds
 
     def value_of(candidate: dict) -> float:
         key = tuple(sorted(candidate.items()))
         if key not in scored:
+            if scored and deadline is not None and time.perf_counter() > deadline:
+                return float("-inf")
             scored[key] = score(candidate)
         return scored[key]
 

@@ -137,7 +137,8 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> 
 
 def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[str, dict],
               per_user: dict[str, pd.DataFrame], notes: list[str],
-              top_lists: dict[str, np.ndarray] | None = None) -> Path:
+              top_lists: dict[str, np.ndarray] | None = None,
+              comparison: dict | None = None) -> Path:
     """Write a run's results into `folder` (a staging folder the caller renames into place):
     metrics.json, config.json, per_user/*.csv (rows in test-user order), top/*.npy (the
     ranked lists of those users), report.md."""
@@ -145,14 +146,82 @@ def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[s
     (folder / "top").mkdir(parents=True, exist_ok=True)
     for variant, array in (top_lists or {}).items():
         np.save(folder / "top" / f"{file_name(variant)}.npy", array)
-    write_json_atomic(folder / "metrics.json", {"dataset": dataset_summary, "variants": results})
+    write_json_atomic(folder / "metrics.json", {"dataset": dataset_summary, "variants": results,
+                                                "versus_best_classic": comparison})
     write_json_atomic(folder / "config.json", config)
     (folder / "per_user").mkdir(exist_ok=True)
     for variant, frame in per_user.items():
         frame.to_csv(folder / "per_user" / f"{file_name(variant)}.csv", index=False,
                      float_format="%.6g")
+    if comparison is not None:
+        notes = [*notes, describe_comparison(comparison)]
     write_text_atomic(folder / "report.md", render_report(config, dataset_summary, results, notes))
     return folder
+
+
+def versus_best_classic(results: dict[str, dict], per_user: dict[str, pd.DataFrame],
+                        classic: tuple[str, ...], seed: int = 0) -> dict | None:
+    """The project's best row (by Recall@20) against the best classic row of the same run:
+    means, ratio, and the paired bootstrap CI of the per-user difference, for Recall@20 and
+    NDCG@20. None when either side is missing."""
+    ok = {name: r["metrics"]["recall@20"] for name, r in results.items()
+          if r.get("status") == "ok" and "recall@20" in r["metrics"]}
+    classics = [name for name in ok if name in classic]
+    ours = [name for name in ok if name not in classic and name != "popularity"]
+    if not classics or not ours:
+        return None
+    best_classic, best = max(classics, key=ok.get), max(ours, key=ok.get)
+    out = {"best_classic": best_classic, "best_row": best}
+    for metric in ("recall@20", "ndcg@20"):
+        compared = compare_metric(per_user[best_classic][metric].to_numpy(),
+                                  per_user[best][metric].to_numpy(), seed)
+        out[metric] = {**{k: round(v, 5) for k, v in compared.items()},
+                       "ratio": round(compared["b"] / compared["a"], 4) if compared["a"] else None}
+    return out
+
+
+def describe_comparison(comparison: dict) -> str:
+    """One line: 'fused + Wide&Deep vs als: R@20 1.036x [+0.0026, +0.0074], N@20 ...'."""
+    parts = [f"{metric.replace('recall', 'R').replace('ndcg', 'N')} {c['ratio']:.3f}x "
+             f"[{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]"
+             for metric, c in comparison.items() if isinstance(c, dict)]
+    return (f"best row {comparison['best_row']!r} vs best classic {comparison['best_classic']!r}"
+            f": {', '.join(parts)} (ratio of means; 95% paired bootstrap CI of the difference)")
+
+
+def seed_summary(run_dirs: list[Path]) -> dict:
+    """Mean and standard deviation (over runs with different seeds) of every metric of every
+    row that succeeded in all of them, and each run's comparison with its best classic row."""
+    runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in run_dirs]
+    names = [n for n, r in runs[0]["variants"].items()
+             if all(run["variants"].get(n, {}).get("status") == "ok" for run in runs)]
+    rows = {}
+    for name in names:
+        table = pd.DataFrame([run["variants"][name]["metrics"] for run in runs])
+        rows[name] = {metric: {"mean": round(float(table[metric].mean()), 5),
+                               "std": round(float(table[metric].std(ddof=1)), 5)
+                               if len(table) > 1 else 0.0} for metric in table.columns}
+    return {"runs": [str(d) for d in run_dirs],
+            "seeds": [run_config_seed(d) for d in run_dirs], "variants": rows,
+            "versus_best_classic": [run.get("versus_best_classic") for run in runs]}
+
+
+def run_config_seed(run_dir: Path) -> int:
+    return json.loads((Path(run_dir) / "config.json").read_text())["run"]["seed"]
+
+
+def render_seed_summary(summary: dict) -> str:
+    lines = [f"Over {len(summary['runs'])} seeds ({', '.join(map(str, summary['seeds']))}): "
+             "mean +- standard deviation.", "",
+             "| variant | R@20 | N@20 |", "|---|---|---|"]
+    for name, metrics in summary["variants"].items():
+        cells = [f"{metrics[m]['mean']:.4f} +- {metrics[m]['std']:.4f}"
+                 for m in ("recall@20", "ndcg@20") if m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- seed {seed}: {describe_comparison(c)}"
+              for seed, c in zip(summary["seeds"], summary["versus_best_classic"]) if c]
+    return "\n".join(lines) + "\n"
 
 
 def file_name(variant: str) -> str:

@@ -85,9 +85,14 @@ class RunConfig:
     tune_baselines: bool = option(True, "Tune the classic baselines (ALS, EASE, RP3beta, "
                                   "item-kNN) on the validation split by coordinate ascent "
                                   "over a grid; off: the grid's starting point.")
+    tune_budget: float | None = option(None, "Seconds of tuning per baseline: no new setting "
+                                       "is tried after that (the best so far is kept) "
+                                       "[default: no limit].")
     ablation: bool = option(False, "Add a 'fused without PART' row per fused part: what "
                             "each signal adds to the fusion.")
     seed: int = option(2023, "Seed of every random source (same seed, same metrics).")
+    seeds: int = option(1, "Run everything with seeds SEED .. SEED+N-1 (one run folder each) "
+                        "and report each row's mean and standard deviation over them.")
     threads: int | None = option(None, "CPU threads for torch [default: torch's choice].")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
                          "(encoder, GraphSAGE, LightGCN, fusion, Wide&Deep) runs there.")
@@ -304,6 +309,8 @@ class ExperimentConfig:
                 if choices and any(v not in choices for v in values):
                     raise ConfigError(f"{source}: {f.name} must be one of {', '.join(choices)}; "
                                       f"got {value!r}")
+        if self.run.seeds < 1:
+            raise ConfigError(f"{source}: seeds must be at least 1; got {self.run.seeds}")
         if not self.run.ks or min(self.run.ks) < 1:
             raise ConfigError(f"{source}: ks must be positive integers")
         self.run.ks = sorted(set(int(k) for k in self.run.ks))

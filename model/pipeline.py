@@ -12,18 +12,20 @@ import numpy as np
 import torch
 
 from dataHandler import Dataset, open_dataset
-from evaluation import (Evaluator, file_name, format_table, segment_metrics, summarise,
-                        write_run)
+from evaluation import (Evaluator, describe_comparison, file_name, format_table,
+                        render_seed_summary, seed_summary, segment_metrics, summarise,
+                        versus_best_classic, write_run)
 from model.base import Recommender, Unavailable
 from model.classic import Popularity
-from model.config import RECALL_VARIANTS, ConfigError, ExperimentConfig
+from model.config import BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig
 from model.contrastive import finetune_encoder
 from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
 from model.ranking import WideDeepRanker
 from model.text import ENCODER_CONFIG, ENCODER_DIR, TextEncoder, TextRecall
 from model.tuning import tuned
-from utils import atomic_path, log, peak_memory_mb, pick_device, set_seed, timed
+from utils import (atomic_path, log, peak_memory_mb, pick_device, set_seed, timed,
+                   write_json_atomic, write_text_atomic)
 
 RANK_MODES = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
 
@@ -82,7 +84,8 @@ class RecallModels:
     def _baseline(self, name: str) -> Recommender:
         fixed = {"seed": self.config.run.seed} if name == "als" else {}
         return self._once(name, lambda: tuned(name, self.dataset, fixed,
-                                              self.config.run.tune_baselines))
+                                              self.config.run.tune_baselines,
+                                              self.config.run.tune_budget))
 
     def als(self) -> Recommender:
         return self._baseline("als")
@@ -188,11 +191,14 @@ class Experiment:
             self.staging = staging
             results, per_user, top_lists = self._evaluate_rows(dataset, staging)
             notes = protocol_notes(dataset, tuple(config.run.ks))
+            comparison = versus_best_classic(results, per_user, BASELINES, config.run.seed)
             write_run(staging, {"command": " ".join(sys.argv), **config.to_dict()}, summary,
-                      results, per_user, notes, top_lists)
+                      results, per_user, notes, top_lists, comparison)
         print(format_table(results, tuple(config.run.ks)))
         for note in notes[1:]:
             print(f"note: {note}")
+        if comparison is not None:
+            print(describe_comparison(comparison))
         print(f"\nrun written to {self.run_dir}")
         return self.run_dir
 
@@ -275,6 +281,22 @@ class Experiment:
                     "users_ranked_per_s": round(len(users) / max(clock["seconds"], 1e-9))}
             return ranker, top, info, {}
         return produce
+
+
+def run_seeds(config: ExperimentConfig) -> Path:
+    """`--seeds N`: the whole run once per seed (SEED .. SEED+N-1), then every row's mean and
+    standard deviation, written to RUNS_DIR/DATASET/STAMP-seedsN/ beside the runs."""
+    run_dirs = [Experiment(config.updated({"seed": config.run.seed + k, "seeds": 1})).run()
+                for k in range(config.run.seeds)]
+    summary = seed_summary(run_dirs)
+    folder = run_dirs[0].parent / f"{datetime.now():%Y%m%d-%H%M%S-%f}-seeds{config.run.seeds}"
+    with atomic_path(folder) as staging:
+        staging.mkdir(parents=True)
+        write_json_atomic(staging / "summary.json", summary)
+        write_text_atomic(staging / "summary.md", render_seed_summary(summary))
+    print(render_seed_summary(summary))
+    print(f"seed summary written to {folder}")
+    return folder
 
 
 def protocol_notes(dataset: Dataset, ks: tuple[int, ...]) -> list[str]:

@@ -27,10 +27,12 @@ GRIDS: dict[str, tuple[Callable[..., Recommender], dict[str, list], dict]] = {
 MAX_EASE_ITEMS = 40_000  # EASE inverts a dense items x items matrix
 
 
-def tuned(name: str, dataset, fixed: dict | None = None, tune: bool = True) -> Recommender:
+def tuned(name: str, dataset, fixed: dict | None = None, tune: bool = True,
+          budget_seconds: float | None = None) -> Recommender:
     """The baseline `name` fitted with the hyperparameters that give the best validation
     Recall@20 (all validation users), or with the grid's starting point when `tune` is off.
-    `fixed`: constructor arguments that are not tuned (e.g. a seed)."""
+    `fixed`: constructor arguments that are not tuned (e.g. a seed). `budget_seconds`: no new
+    setting is tried after that long (the first one always is)."""
     make, grid, start = GRIDS[name]
     fixed = fixed or {}
     if name == "ease" and dataset.n_items > MAX_EASE_ITEMS:
@@ -52,13 +54,14 @@ def tuned(name: str, dataset, fixed: dict | None = None, tune: bool = True) -> R
         return recall
 
     if tune:
-        best, best_score, table = coordinate_search(grid, score, start)
+        best, best_score, table = coordinate_search(grid, score, start,
+                                                    budget_seconds=budget_seconds)
         model = kept["model"]
     else:
         best, best_score, table = start, float("nan"), []
         model = make(**fixed, **best).fit(dataset)
     model.training_log = {"chosen_on_validation": best, "best_val_recall@20": round(best_score, 5),
-                          "settings_tried": len(table),
+                          "settings_tried": len(table), "budget_seconds": budget_seconds,
                           "tuning_seconds": round(time.perf_counter() - started, 1),
                           "validation_table": table}
     return model

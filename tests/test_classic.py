@@ -160,3 +160,18 @@ def test_als_fold_in_recovers_the_fitted_user_vectors(clustered):
     np.testing.assert_allclose(new_user[0], folded[4], rtol=1e-5, atol=1e-6)
     with pytest.raises(ModelError, match="item columns"):
         model.fold_in_users(sp.csr_matrix((1, clustered.n_items + 1)))
+
+
+def test_a_tuning_budget_stops_the_search_after_the_first_setting():
+    from coreMethod import coordinate_search
+
+    calls = []
+
+    def score(params):
+        calls.append(params)
+        return -abs(params["x"] - 3)
+    best, value, table = coordinate_search({"x": [1, 2, 3, 4]}, score, {"x": 1},
+                                           budget_seconds=0.0)
+    assert calls == [{"x": 1}] and best == {"x": 1} and len(table) == 1
+    best, _, _ = coordinate_search({"x": [1, 2, 3, 4]}, score, {"x": 1})
+    assert best == {"x": 3}

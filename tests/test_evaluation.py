@@ -74,3 +74,48 @@ def test_tied_popularity_breaks_by_item_id_and_skips_train_items():
 def test_too_short_top_lists_are_rejected():
     with pytest.raises(ValueError, match="need 20"):
         per_user_metrics(np.zeros((1, 10), int), np.array([0]), csr([[1]]), ks=(20,))
+
+
+def test_best_row_is_compared_with_the_best_classic_row_per_user():
+    import pandas as pd
+
+    from evaluation import versus_best_classic
+
+    frames = {"als": pd.DataFrame({"recall@20": [0.5, 0.5, 1.0, 0.0],
+                                   "ndcg@20": [0.4, 0.4, 0.8, 0.0]}),
+              "ease": pd.DataFrame({"recall@20": [0.0, 0.5, 0.5, 0.0],
+                                    "ndcg@20": [0.0, 0.3, 0.3, 0.0]}),
+              "popularity": pd.DataFrame({"recall@20": [1.0] * 4, "ndcg@20": [1.0] * 4}),
+              "fused": pd.DataFrame({"recall@20": [1.0, 0.5, 1.0, 0.5],
+                                     "ndcg@20": [0.8, 0.4, 0.8, 0.2]})}
+    results = {name: {"status": "ok", "metrics": {m: float(f[m].mean()) for m in f}}
+               for name, f in frames.items()}
+    results["text"] = {"status": "unavailable"}
+    comparison = versus_best_classic(results, frames, ("als", "ease"))
+    assert (comparison["best_classic"], comparison["best_row"]) == ("als", "fused")
+    recall = comparison["recall@20"]
+    assert recall["ratio"] == 1.5 and recall["lift"] == 0.25  # 0.75 / 0.5
+    assert 0 <= recall["ci95_low"] <= 0.25 <= recall["ci95_high"] <= 0.5
+    assert comparison["ndcg@20"]["ratio"] == 1.375  # 0.55 / 0.4
+    assert versus_best_classic({"als": results["als"]}, frames, ("als",)) is None
+
+
+def test_seed_summary_is_the_mean_and_std_over_runs(tmp_path):
+    import json
+
+    from evaluation import seed_summary
+
+    dirs = []
+    for seed, recall in ((1, 0.2), (2, 0.4)):
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"run": {"seed": seed}}))
+        (folder / "metrics.json").write_text(json.dumps({"variants": {
+            "als": {"status": "ok", "metrics": {"recall@20": recall}},
+            "text": {"status": "ok" if seed == 1 else "unavailable",
+                     "metrics": {"recall@20": 0.1}}}}))
+        dirs.append(folder)
+    summary = seed_summary(dirs)
+    assert summary["seeds"] == [1, 2] and list(summary["variants"]) == ["als"]
+    als = summary["variants"]["als"]["recall@20"]
+    assert als["mean"] == 0.3 and als["std"] == round(np.std([0.2, 0.4], ddof=1), 5)

@@ -127,3 +127,32 @@ def test_finetuned_text_rows_use_the_zero_shot_numeric_format(tmp_path, tiny_rob
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
     formats = {name: variants[name]["encoder"]["runs_int8"] for name in ("text", "text (bitfit)")}
     assert formats == {"text": True, "text (bitfit)": True}
+
+
+def test_a_finetuned_text_row_exports_and_reproduces_with_items_lacking_text(tmp_path,
+                                                                             tiny_roberta):
+    from click.testing import CliRunner
+
+    from conftest import CORPUS, write_easyrec, write_json_lines
+    from main import cli
+    from test_pipeline import run_cli
+
+    rng = np.random.default_rng(0)
+    splits = [(rng.random((60, 40)) < p).astype(float) for p in (0.15, 0.05, 0.05)]
+    folder = write_easyrec(tmp_path / "partial", *splits)
+    write_json_lines(folder / "item_profile.json",  # items 30..39 have no text
+                     [{"item_id": i, "profile": CORPUS[i % 6]} for i in range(30)])
+    write_json_lines(folder / "user_profile.json",
+                     [{"user_id": u, "profile": CORPUS[u % 6]} for u in range(20)])
+    run_dir = run_cli("--dataset", str(folder), "--model", "text", "--finetune", "bitfit",
+                      "--ft-steps", "2", "--ft-eval-every", "2", "--ft-batch", "8",
+                      "--base-model", str(tiny_roberta), "--layers", "2",
+                      "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c"))
+    tuned = json.loads((run_dir / "metrics.json").read_text())["variants"]["text (bitfit)"]
+    assert tuned["items_without_text_excluded"] == 10
+    out = tmp_path / "bundle"
+    exported = CliRunner().invoke(cli, ["export", "--run", str(run_dir), "--variant",
+                                        "text (bitfit)", "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    checked = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])
+    assert checked.exit_code == 0 and "reproduced" in checked.output, checked.output
