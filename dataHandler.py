@@ -432,7 +432,9 @@ def prepare_dataset(name: str, root: str | Path = "dataset", source: str | Path 
         return target
     if spec is None and source is None and url is None:
         known = ", ".join(sorted(REGISTRY))
-        raise DataError(f"unknown dataset '{name}': use one of {known}, a folder path, "
+        looks_like_path = "/" in name or name.startswith(".")
+        raise DataError(f"{name}: no such folder" if looks_like_path else
+                        f"unknown dataset '{name}': use one of {known}, a folder path, "
                         f"or --data-source DIR")
     with _preparation_lock(target):
         if target.is_dir() and _has_splits(target):  # another process prepared it meanwhile

@@ -76,10 +76,10 @@ def prepare(ctx: click.Context, **values) -> None:
 @click.pass_context
 def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
     """Shrink the base encoder (keep --layers layers) and save it for reuse via --encoder."""
-    encoder = build_encoder(experiment_config(ctx, None, values), quantize=False)
     try:
+        encoder = build_encoder(experiment_config(ctx, None, values), quantize=False)
         encoder.save(out, overwrite)
-    except OutputExists as error:
+    except (*USER_ERRORS, ValueError) as error:  # ValueError: e.g. a prompt model shrunk
         raise click.ClickException(str(error))
     click.echo(f"saved {encoder.describe()} to {out}")
 

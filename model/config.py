@@ -309,8 +309,13 @@ class ExperimentConfig:
                 if choices and any(v not in choices for v in values):
                     raise ConfigError(f"{source}: {f.name} must be one of {', '.join(choices)}; "
                                       f"got {value!r}")
-        if self.run.seeds < 1:
-            raise ConfigError(f"{source}: seeds must be at least 1; got {self.run.seeds}")
+        at_least = {"seeds": (self.run.seeds, 1), "layers": (self.encoder.layers, 1),
+                    "candidates": (self.rank.candidates, 1),
+                    "channel_candidates": (self.rank.channel_candidates, 0),
+                    "tune_budget": (self.run.tune_budget, 0), "epochs": (self.graph.epochs, 1)}
+        for name, (value, lowest) in at_least.items():
+            if value is not None and value < lowest:
+                raise ConfigError(f"{source}: {name} must be at least {lowest}; got {value}")
         if not self.run.ks or min(self.run.ks) < 1:
             raise ConfigError(f"{source}: ks must be positive integers")
         self.run.ks = sorted(set(int(k) for k in self.run.ks))

@@ -117,6 +117,8 @@ class TextEncoder:
                                  "further (its prompts are trained for these layers)")
             kept = shrink_model(model, layers, strategy)
             log(f"shrunk {base}: kept layers {kept} of {total}")
+        elif layers is not None and layers > total:
+            log(f"note: {base} has {total} layers; --layers {layers} keeps all of them")
         model.config.shrunk_from = getattr(model.config, "shrunk_from", None) or base
         if prompt_tuned:
             model = load_prompt(model, Path(path))

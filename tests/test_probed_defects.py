@@ -156,3 +156,22 @@ def test_a_finetuned_text_row_exports_and_reproduces_with_items_lacking_text(tmp
     assert exported.exit_code == 0, exported.output
     checked = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])
     assert checked.exit_code == 0 and "reproduced" in checked.output, checked.output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layers", "0"], "layers must be at least 1"),
+    (["--candidates", "0"], "candidates must be at least 1"),
+    (["--tune-budget", "-5"], "tune_budget must be at least 0"),
+    (["--seeds", "0"], "seeds must be at least 1"),
+    (["--dataset", "no/such/folder"], "no/such/folder: no such folder")])
+def test_out_of_range_options_are_one_line_errors_before_any_work(tmp_path, flags, message):
+    from click.testing import CliRunner
+
+    from main import cli
+
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["run", "--model", "popularity", "--data-root",
+                                      str(tmp_path / "data"), "--runs-dir", str(runs), *flags])
+    assert result.exit_code == 1 and message in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not runs.exists()
