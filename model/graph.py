@@ -161,10 +161,13 @@ class _BPRGraphModel(Recommender):
                                               config.patience, label=self.name)
         best = next(h for h in log_["history"] if h["round"] == log_["best_round"])
         best_epoch = int(str(best["epoch"]).split("/")[0])
-        at_cap = best_epoch == config.epochs
+        # ran every round: early stopping never fired, validation was still improving lately
+        at_cap = len(log_["history"]) == rounds and best_epoch > config.epochs - \
+            config.patience * config.eval_every
         if at_cap:
-            log(f"{self.name}: the best epoch is the last allowed ({config.epochs}); validation "
-                "was still rising: more --epochs may help")
+            log(f"{self.name}: stopped by the epoch cap ({config.epochs}), not by early "
+                f"stopping (best epoch {best_epoch}); validation was still rising: more "
+                "--epochs may help")
         self.training_log = {"best_epoch": best_epoch, "stopped_at_epoch_cap": at_cap,
                              "best_val_recall@20": log_["best_val_recall@20"],
                              "history": log_["history"], "device": device}

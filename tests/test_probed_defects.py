@@ -113,9 +113,13 @@ def test_a_model_stopped_at_its_epoch_cap_says_so(capsys):
     errors = capsys.readouterr().err
     assert [h["epoch"] for h in history] == ["1/2", "2/2"]  # epoch of the total
     assert "elapsed, at most" in errors  # a time estimate with every check
-    if model.training_log["best_epoch"] == 2:
-        assert model.training_log["stopped_at_epoch_cap"] is True
-        assert "best epoch is the last allowed" in errors
+    assert model.training_log["stopped_at_epoch_cap"] is True  # 2 epochs: no patience run out
+    assert "stopped by the epoch cap (2), not by early stopping" in errors
+    patient = LightGCN(dim=8, train={"epochs": 40, "batch": 64, "eval_every": 1,
+                                     "patience": 1, "lr": 0.5}, device="cpu").fit(
+        topic_data("x"))
+    assert len(patient.training_log["history"]) < 40  # early stopping fired
+    assert patient.training_log["stopped_at_epoch_cap"] is False
 
 
 def test_finetuned_text_rows_use_the_zero_shot_numeric_format(tmp_path, tiny_roberta):
