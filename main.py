@@ -17,7 +17,7 @@ from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # n
 from model.base import ModelError  # noqa: E402
 from model.bundle import Bundle, BundleError, export_bundle, reproduction_verdict  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
-from model.pipeline import Experiment, build_encoder, load_data, run_seeds  # noqa: E402
+from model.pipeline import build_encoder, load_data, run_experiment  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
 from utils import OutputExists  # noqa: E402
 
@@ -46,11 +46,7 @@ def _run_config(run_dir: str) -> ExperimentConfig:
 def run(ctx: click.Context, config_file: str | None, **values) -> None:
     """Prepare data, fit every variant, retrieve, rank, evaluate; write runs/DATASET/STAMP/."""
     try:
-        config = experiment_config(ctx, config_file, values)
-        if config.run.seeds > 1:
-            run_seeds(config)
-        else:
-            Experiment(config).run()
+        run_experiment(experiment_config(ctx, config_file, values))
     except USER_ERRORS as error:
         raise click.ClickException(str(error))
 

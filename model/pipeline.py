@@ -283,6 +283,11 @@ class Experiment:
         return produce
 
 
+def run_experiment(config: ExperimentConfig) -> Path:
+    """The `run` command: one run, or one per seed and their summary with `--seeds N`."""
+    return run_seeds(config) if config.run.seeds > 1 else Experiment(config).run()
+
+
 def run_seeds(config: ExperimentConfig) -> Path:
     """`--seeds N`: the whole run once per seed (SEED .. SEED+N-1), then every row's mean and
     standard deviation, written to RUNS_DIR/DATASET/STAMP-seedsN/ beside the runs."""
