@@ -1,6 +1,7 @@
 """Command-line entry point: declares the commands and calls the library."""
 from __future__ import annotations
 
+import functools
 import os
 import textwrap
 from pathlib import Path
@@ -22,6 +23,19 @@ from parser import _int_list, config_options, experiment_config  # noqa: E402
 from utils import OutputExists  # noqa: E402
 
 USER_ERRORS = (DataError, BundleError, ConfigError, ModelError, FileNotFoundError, OutputExists)
+def clear_errors(*more: type[Exception]):
+    """The library's errors about the user's input become one-line CLI errors."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapped(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except (*USER_ERRORS, ABError, *more) as error:
+                raise click.ClickException(str(error))
+        return wrapped
+    return decorate
+
+
 OVERWRITE = click.option("--overwrite", is_flag=True,
                          help="Replace --out if it holds an earlier output of this tool (a "
                               "folder it did not write is never replaced).")
@@ -43,24 +57,20 @@ def _run_config(run_dir: str) -> ExperimentConfig:
                    "flags given here override it.")
 @config_options("data", "encoder", "run", "graph", "rank", "finetune")
 @click.pass_context
+@clear_errors()
 def run(ctx: click.Context, config_file: str | None, **values) -> None:
     """Prepare data, fit every variant, retrieve, rank, evaluate; write runs/DATASET/STAMP/."""
-    try:
-        run_experiment(experiment_config(ctx, config_file, values))
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error))
+    run_experiment(experiment_config(ctx, config_file, values))
 
 
 @cli.command()
 @config_options("data")
 @config_options("run", only=("seed",))
 @click.pass_context
+@clear_errors()
 def prepare(ctx: click.Context, **values) -> None:
     """Fill dataset/NAME (copy, download or generate) and write built profiles."""
-    try:
-        click.echo(load_data(experiment_config(ctx, None, values)).summary())
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error))
+    click.echo(load_data(experiment_config(ctx, None, values)).summary())
 
 
 @cli.command()
@@ -70,13 +80,11 @@ def prepare(ctx: click.Context, **values) -> None:
               help="Folder to save the shrunken encoder in (save_pretrained format).")
 @OVERWRITE
 @click.pass_context
+@clear_errors(ValueError)  # e.g. a prompt-tuned encoder cannot be shrunk
 def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
     """Shrink the base encoder (keep --layers layers) and save it for reuse via --encoder."""
-    try:
-        encoder = build_encoder(experiment_config(ctx, None, values), quantize=False)
-        encoder.save(out, overwrite)
-    except (*USER_ERRORS, ValueError) as error:  # ValueError: e.g. a prompt model shrunk
-        raise click.ClickException(str(error))
+    encoder = build_encoder(experiment_config(ctx, None, values), quantize=False)
+    encoder.save(out, overwrite)
     click.echo(f"saved {encoder.describe()} to {out}")
 
 
@@ -88,12 +96,10 @@ def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
 @click.option("--with-recall", is_flag=True,
               help="Also measure text-only Recall@20 of each encoder setting (encodes all).")
 @click.pass_context
+@clear_errors()
 def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> None:
     """Print encoder throughput, FAISS queries/s and peak memory on this machine."""
-    try:
-        run_benchmarks(experiment_config(ctx, None, values), profiles, with_recall)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error))
+    run_benchmarks(experiment_config(ctx, None, values), profiles, with_recall)
 
 
 @cli.command()
@@ -108,13 +114,11 @@ def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> Non
               type=click.Choice(["float32", "float16", "int8"]),
               help="Storage of the embedding matrices.")
 @OVERWRITE
+@clear_errors()
 def export(run_dir: str, variant: str, out: str, storage: str, overwrite: bool) -> None:
     """Export a run's model, FAISS index, id maps, ranker and manifest as a bundle."""
-    try:
-        export_bundle(Path(run_dir), variant, load_data(_run_config(run_dir)), Path(out), storage,
-                      overwrite)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error))
+    export_bundle(Path(run_dir), variant, load_data(_run_config(run_dir)), Path(out), storage,
+                  overwrite)
     click.echo(f"bundle written to {out}")
 
 
@@ -127,6 +131,7 @@ def export(run_dir: str, variant: str, out: str, storage: str, overwrite: bool) 
 @click.option("--rank/--no-rank", default=False, show_default=True,
               help="Re-order --user's recall candidates with the bundle's Wide&Deep ranker.")
 @click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 10000))
+@clear_errors()
 def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str | None,
               lookalike: str | None, rank: bool, k: int) -> None:
     """Answer from a bundle alone: recommendations, similar items, look-alike users."""
@@ -136,11 +141,8 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
                                "--lookalike")
     if rank and user is None:
         raise click.UsageError("--rank re-orders the recommendations of a known --user")
-    try:
-        bundle = Bundle(bundle_dir)
-        rows, kind = bundle.answer(user, profile, item, lookalike, k, rank)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error))
+    bundle = Bundle(bundle_dir)
+    rows, kind = bundle.answer(user, profile, item, lookalike, k, rank)
     described = kind == "item" and bundle.item_profiles is not None
     click.echo(f"rank\t{kind}\tscore" + ("\tprofile" if described else ""))
     for position, (identifier, score) in enumerate(rows, start=1):
@@ -153,14 +155,12 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
 @click.option("--ks", default="5,10,20,50", show_default=True, callback=_int_list)
 @click.option("--tolerance", default=1e-4, show_default=True, type=float,
               help="Largest difference from the metrics at export still called reproduced.")
+@clear_errors()
 def evaluate(bundle_dir: str, ks: list[int], tolerance: float) -> None:
     """Re-evaluate a bundle's recall on its data set's test split; exits 1 when the metrics
     differ from those at export by more than --tolerance."""
-    try:
-        bundle = Bundle(bundle_dir)
-        now, then = bundle.evaluate(load_data(bundle.data_config()), tuple(ks))
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error))
+    bundle = Bundle(bundle_dir)
+    now, then = bundle.evaluate(load_data(bundle.data_config()), tuple(ks))
     click.echo("| metric | bundle now | at export |\n|---|---|---|")
     for name, value in now.items():
         click.echo(f"| {name} | {value:.4f} | {then.get(name, float('nan')):.4f} |")
@@ -181,15 +181,13 @@ def evaluate(bundle_dir: str, ks: list[int], tolerance: float) -> None:
               help="Folder for report.md, report.html, ab.json and the plots.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 @OVERWRITE
+@clear_errors()
 def ab(run_a: str, run_b: str, a_variant: str | None, b_variant: str | None, out: str,
        seed: int, overwrite: bool) -> None:
     """Offline A/B report of two runs on the same data and split (per-user metrics)."""
-    try:
-        evaluator = Evaluator.on_test(load_data(_run_config(run_a)))
-        report = ab_compare(Path(run_a), Path(run_b), a_variant, b_variant, evaluator, seed)
-        write_ab_report(report, Path(out), overwrite)
-    except (ABError, *USER_ERRORS) as error:
-        raise click.ClickException(str(error))
+    evaluator = Evaluator.on_test(load_data(_run_config(run_a)))
+    report = ab_compare(Path(run_a), Path(run_b), a_variant, b_variant, evaluator, seed)
+    write_ab_report(report, Path(out), overwrite)
     click.echo(render_ab_markdown(report))
     click.echo(f"report written to {out}/report.html")
 
