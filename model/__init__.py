@@ -13,7 +13,7 @@ _WHERE = {
     "Recommender": "model.base", "Unavailable": "model.base", "ModelError": "model.base",
     "FaissRetriever": "model.retrieval",
     "Popularity": "model.classic", "ALS": "model.classic", "EASE": "model.classic",
-    "RP3beta": "model.classic", "ItemKNN": "model.classic",
+    "RP3beta": "model.classic", "ItemKNN": "model.classic", "TfidfRecall": "model.content",
     "TextEncoder": "model.text", "TextRecall": "model.text", "ENCODER_CONFIG": "model.text",
     "OFFLINE_BASE": "model.text", "shrink_model": "model.text", "choose_layers": "model.text",
     "DeepWalk": "model.graph", "GraphSAGE": "model.graph", "LightGCN": "model.graph",

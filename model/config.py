@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 BASELINES = ("als", "ease", "rp3beta", "itemknn")
-USER_TEXT_CHOICES = ("auto", "written", "written+built", "item-mean")
-RECALL_VARIANTS = ("popularity", *BASELINES, "text", "deepwalk", "graphsage", "lightgcn", "fused")
+# --user-text choice -> the profile sources whose users may be represented by their profile
+USER_TEXT_SOURCES = {"auto": ("written", "built"), "written": ("written",),
+                     "written+built": ("written", "built"), "item-mean": ()}
+USER_TEXT_CHOICES = tuple(USER_TEXT_SOURCES)
+RECALL_VARIANTS = ("popularity", *BASELINES, "tfidf", "text", "deepwalk", "graphsage", "lightgcn",
+                   "fused")
 FUSE_PARTS = ("text", "deepwalk", "graphsage", "lightgcn", "als")
 FT_METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
 FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3,

@@ -17,6 +17,7 @@ from evaluation import (Evaluator, describe_comparison, file_name, format_table,
                         versus_best_classic, write_run)
 from model.base import Recommender, Unavailable
 from model.classic import Popularity
+from model.content import TfidfRecall
 from model.config import BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig
 from model.contrastive import finetune_encoder
 from model.fusion import Fusion
@@ -98,6 +99,10 @@ class RecallModels:
 
     def itemknn(self) -> Recommender:
         return self._baseline("itemknn")
+
+    def tfidf(self) -> TfidfRecall:
+        return self._once("tfidf", lambda: TfidfRecall(self.config.run.user_text).fit(
+            self.dataset))
 
     def text(self) -> TextRecall:
         return self._once("text", lambda: TextRecall(

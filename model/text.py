@@ -15,7 +15,7 @@ from tqdm import tqdm
 from coreMethod import mean_of_items
 from evaluation import Evaluator
 from model.base import Recommender, Unavailable, register
-from model.config import USER_TEXT_CHOICES
+from model.config import USER_TEXT_CHOICES, USER_TEXT_SOURCES
 from model.finetune import (ADAPTER_FILE, PROMPT_DIR, is_prompt_model, load_adapters,
                             load_prompt, rewrap_adapters, save_adapters, unwrap_adapters)
 from utils import (atomic_path, log, pick_device, sha256_file, sha256_of, write_json_atomic,
@@ -343,9 +343,8 @@ class TextRecall(Recommender):
         return self
 
     def _profile_sources(self, dataset) -> list[str]:
-        wanted = {"written": ["written"], "written+built": ["written", "built"],
-                  "item-mean": [], "auto": ["written", "built"]}[self.user_text]
-        return [s for s in wanted if (dataset.user_profile_source == s).any()]
+        return [s for s in USER_TEXT_SOURCES[self.user_text]
+                if (dataset.user_profile_source == s).any()]
 
     def _profile_wins(self, dataset, source: str, rows: np.ndarray, encoded: np.ndarray,
                       item_mean: np.ndarray, item_vectors: np.ndarray) -> bool:

@@ -175,3 +175,18 @@ def test_a_tuning_budget_stops_the_search_after_the_first_setting():
     assert calls == [{"x": 1}] and best == {"x": 1} and len(table) == 1
     best, _, _ = coordinate_search({"x": [1, 2, 3, 4]}, score, {"x": 1})
     assert best == {"x": 3}
+
+
+def test_tfidf_recommends_the_item_whose_text_matches_the_users_items():
+    from model import TfidfRecall
+    from test_probed_defects import topic_data
+
+    data = topic_data("Loves {} every week")
+    model = TfidfRecall(min_df=1).fit(data)
+    item_topic = np.arange(data.n_items) % 4
+    top = model.recommend(np.arange(data.n_users), 4)[0]
+    own_topic = item_topic[data.train[np.arange(data.n_users)].toarray().argmax(1)]
+    assert (item_topic[top] == own_topic[:, None]).all()  # every pick from the user's topic
+    assert model.training_log["user_text_choice_on_validation"]["written"]["chosen"] == "profile"
+    tasteless = TfidfRecall(min_df=1).fit(topic_data("A 24-year-old technician"))
+    assert set(tasteless.user_kind[:20]) == {"item-mean"}

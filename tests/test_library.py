@@ -107,6 +107,9 @@ def _fitted(kind: str, demo, text_model):
         return text_model
     if kind == "popularity":
         return Popularity().fit(demo)
+    if kind == "tfidf":
+        from model import TfidfRecall
+        return TfidfRecall().fit(demo)
     if kind == "als":
         return ALS(factors=16, iterations=3).fit(demo)
     if kind == "deepwalk":
@@ -120,7 +123,7 @@ def _fitted(kind: str, demo, text_model):
     return Fusion(method, dim=16, train=FAST, device="cpu").fit(demo, parts)
 
 
-@pytest.mark.parametrize("kind", ["popularity", "als", "text", "deepwalk", "graphsage",
+@pytest.mark.parametrize("kind", ["popularity", "als", "tfidf", "text", "deepwalk", "graphsage",
                                   "lightgcn", "fused-concat", "fused-projection"])
 def test_every_model_round_trips(kind, demo, text_model, tmp_path):
     from model import Recommender
@@ -205,8 +208,8 @@ def test_rerun_from_config_gives_the_same_metrics(ranked_run):
         for metric, value in result.get("metrics", {}).items():
             assert second[variant]["metrics"][metric] == value, variant  # exact
     assert sorted(p.name for p in (run_dir / "models").iterdir()) == sorted(
-        ["popularity", "als", "ease", "rp3beta", "itemknn", "text", "deepwalk", "graphsage",
-         "lightgcn", "fused", "fused_wide_deep"])
+        ["popularity", "als", "ease", "rp3beta", "itemknn", "tfidf", "text", "deepwalk",
+         "graphsage", "lightgcn", "fused", "fused_wide_deep"])
 
 
 def test_yaml_config_with_flags_on_top(tmp_path):

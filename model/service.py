@@ -1,0 +1,398 @@
+"""HTTP recommendation service over one production bundle (FastAPI + uvicorn).
+
+The bundle is loaded, verified and warmed once at start; `POST /admin/reload` loads and
+verifies another (or the same path again, e.g. a re-pointed `current` symlink) in a worker
+thread and swaps it in with one reference assignment: requests in flight keep the bundle
+they started with, and a bundle that fails to load is refused while the old one serves on.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+from pydantic import BaseModel, Field
+
+from model.bundle import MANIFEST_DIGEST, Bundle, BundleError
+from model.text import TextEncoder, load_encoder
+
+MAX_BODY = 64 * 1024  # bytes; a larger request body is refused with 413
+MAX_BATCH = 256  # users per batch request
+MAX_IDS = 1000  # ids in `items` or `exclude`
+MAX_PROFILE = 10_000  # characters of profile text
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+log = logging.getLogger("recsys.service")
+
+
+@dataclass
+class Served:
+    """A warmed bundle, its name and its encoder (loaded once: embed_profile reloads it)."""
+    bundle: Bundle
+    name: str
+    fingerprint: str
+    encoder: TextEncoder | None
+    no_text_reason: str
+    loaded_at: float = field(default_factory=time.time)
+    # a fast tokenizer used from two threads at once fails ("Already borrowed")
+    encoder_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def embed(self, text: str) -> np.ndarray:
+        if self.encoder is None:
+            raise HTTPException(409, f"this bundle cannot embed a profile: {self.no_text_reason}")
+        recipe = self.bundle.manifest["text_encoder"]
+        vector = np.zeros(self.bundle.manifest["dim"], dtype=np.float32)
+        start, end = recipe["block"]
+        with self.encoder_lock:
+            encoded = self.encoder.encode([text], show_progress=False)[0]
+        vector[start:end] = encoded * recipe["scale"]
+        return vector
+
+
+def _encoder(bundle: Bundle) -> tuple[TextEncoder | None, str]:
+    recipe = bundle.manifest.get("text_encoder")
+    if recipe is None:
+        return None, bundle.manifest.get("text_encoder_unavailable", "no text part")
+    try:
+        return load_encoder(bundle.folder / recipe["folder"]), ""
+    except Exception as error:  # the rest of the bundle still serves; profiles get the reason
+        return None, f"its encoder did not load ({error})"
+
+
+def load_served(folder: str | Path) -> Served:
+    """Load and verify a bundle (checksums), then warm it: ranker, encoder, both indexes."""
+    bundle = Bundle(folder)
+    if bundle.manifest.get("ranker") is not None:
+        bundle.ranker.recommend(np.array([0]), bundle.seen, 1)
+    bundle.recommend(bundle.user_ids[0], 1)
+    bundle.lookalike_users(bundle.user_ids[0], 1)  # builds the user index once, here
+    encoder, reason = _encoder(bundle)
+    fingerprint = (bundle.folder / MANIFEST_DIGEST).read_text().strip()
+    name = f"{bundle.folder.resolve().name}@{fingerprint[:12]}"
+    return Served(bundle, name, fingerprint, encoder, reason)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (two apps never share counts)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("recsys_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("recsys_request_seconds", "Request latency", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.errors = Counter("recsys_errors", "Responses with status >= 400",
+                              ["endpoint", "kind"], registry=self.registry)
+        self.reloads = Counter("recsys_reloads", "Bundle reloads by outcome", ["outcome"],
+                               registry=self.registry)
+        self.bundle = Gauge("recsys_bundle_info", "The bundle being served (value 1)",
+                            ["bundle", "variant", "fingerprint", "created"],
+                            registry=self.registry)
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if status >= 400:
+            self.errors.labels(endpoint, "client" if status < 500 else "server").inc()
+
+    def serving(self, served: Served) -> None:
+        self.bundle.clear()
+        manifest = served.bundle.manifest
+        self.bundle.labels(served.name, manifest["variant"], served.fingerprint,
+                           manifest.get("created", "")).set(1)
+
+
+class MetricsMiddleware:
+    """Counts every response (413s and 500s included) under its route template."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # a route's template, never a raw path that a client could vary without end
+            endpoint = getattr(scope.get("route"), "path", None) or (
+                scope["path"] if status[0] < 400 else "other")
+            self.metrics.observe(endpoint, scope["method"], status[0],
+                                 time.perf_counter() - started)
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes with 413 (reading at most that much)."""
+
+    def __init__(self, app, limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                refusal = JSONResponse({"detail": f"request body over {self.limit:,} bytes"}, 413)
+                return await refusal(scope, receive, send)
+        replayed = [False]
+
+        async def replay():
+            if replayed[0]:
+                return await receive()
+            replayed[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, replay, send)
+
+
+class ProfileRequest(BaseModel):
+    profile: str | None = Field(None, max_length=MAX_PROFILE, description="New user's text")
+    items: list[str] | None = Field(None, min_length=1, max_length=MAX_IDS)  # recent items
+    k: int = Field(20, ge=1)
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_IDS)
+
+
+class BatchRequest(BaseModel):
+    users: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+    k: int = Field(20, ge=1)
+    rank: bool = False
+
+
+class State:
+    """The served bundle; replaced by one assignment, so a reader sees old or new, whole."""
+
+    def __init__(self, folder: Path, served: Served) -> None:
+        self.folder, self.served = folder, served
+        self.reloading = threading.Lock()
+
+    def current(self) -> Served:
+        if self.served is None:
+            raise HTTPException(503, "no bundle loaded")
+        return self.served
+
+
+def _rows(pairs: list[tuple[str, float]]) -> list[dict]:
+    return [{"id": identifier, "score": score} for identifier, score in pairs]
+
+
+def _answer(served: Served, pairs: list[tuple[str, float]], kind: str = "item") -> dict:
+    return {"items": _rows(pairs), "kind": kind, "bundle": served.name}
+
+
+def _known(bundle: Bundle, users: list[str] = (), items: list[str] = ()) -> None:
+    try:
+        for user in users:
+            bundle.user_row(user)
+        for item in items:
+            bundle.item_row(item)
+    except BundleError as error:
+        raise HTTPException(404, str(error)) from error
+
+
+def _check_k(k: int, max_k: int) -> None:
+    if k > max_k:
+        raise HTTPException(422, f"k: at most {max_k} (got {k})")
+
+
+def _without(fetch, k: int, exclude: set[str]) -> list[tuple[str, float]]:
+    """The top k of `fetch(depth)` once `exclude` is dropped (fetched deeper to fill k)."""
+    if not exclude:
+        return fetch(k)
+    return [pair for pair in fetch(k + len(exclude)) if pair[0] not in exclude][:k]
+
+
+def _for_user(served: Served, user: str, k: int, rank: bool,
+              exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+    bundle = served.bundle
+    _known(bundle, users=[user], items=sorted(exclude))
+    if rank and bundle.manifest.get("ranker") is None:
+        raise HTTPException(409, f"this '{bundle.manifest['variant']}' bundle has no ranker")
+    return _without(lambda depth: bundle.recommend(user, depth, rank=rank), k, exclude)
+
+
+def _fold_in(served: Served, request: ProfileRequest) -> list[tuple[str, float]]:
+    """Cold start: the profile's text vector, or the mean of the recent items' vectors."""
+    bundle = served.bundle
+    if (request.profile is None) == (request.items is None):
+        raise HTTPException(422, "give exactly one of 'profile' (text) or 'items' (ids)")
+    _known(bundle, items=[*(request.items or []), *request.exclude])
+    if request.profile is not None:
+        if not request.profile.strip():
+            raise HTTPException(422, "'profile' is empty: give the new user's profile text")
+        vector, seen = served.embed(request.profile), set()
+    else:
+        vector = bundle.items[[bundle.item_row(i) for i in request.items]].mean(axis=0)
+        seen = set(request.items)
+    return _without(lambda depth: bundle.recommend_for_vector(vector, depth), request.k,
+                    seen | set(request.exclude))
+
+
+def _problem(error: dict) -> str:
+    if error["type"] == "json_invalid":
+        return f"malformed JSON body ({error.get('ctx', {}).get('error', error['msg'])})"
+    return f"{'.'.join(str(p) for p in error['loc'] if p != 'body') or 'body'}: {error['msg']}"
+
+
+def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with one readable line in `detail` (FastAPI's error list under `errors`)."""
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    return JSONResponse({"detail": "; ".join(_problem(e) for e in error.errors()),
+                         "errors": errors}, 422)
+
+
+def create_app(bundle_dir: str | Path, admin_token: str | None = None,
+               max_k: int = 1000) -> FastAPI:
+    """The service over `bundle_dir` (loaded and warmed now: a bad bundle raises
+    BundleError here). `/admin/reload` exists only when `admin_token` is given."""
+    metrics = Metrics()
+    state = State(Path(bundle_dir), load_served(bundle_dir))
+    metrics.serving(state.served)
+    app = FastAPI(title="recsys", summary="Recall + Wide&Deep recommendations from a bundle")
+    app.state.served = state
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    _ops_routes(app, state, metrics)
+    _recommendation_routes(app, state, max_k)
+    if admin_token:
+        _admin_routes(app, state, metrics, admin_token)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _ops_routes(app: FastAPI, state: State, metrics: Metrics) -> None:
+    @app.get("/health", tags=["ops"])
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    def ready() -> dict:
+        served = state.current()
+        manifest = served.bundle.manifest
+        return {"status": "ready", "bundle": served.name, "variant": manifest["variant"],
+                "ranker": manifest.get("ranker") is not None, "text": served.encoder is not None,
+                "loaded_at": served.loaded_at, "reloading": state.reloading.locked()}
+
+    @app.get("/metrics", tags=["ops"])
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _recommendation_routes(app: FastAPI, state: State, max_k: int) -> None:
+    K = Query(20, ge=1, le=max_k, description=f"List length (1..{max_k})")
+
+    @app.get("/users/{user_id}/recommendations", tags=["recommend"])
+    def for_user(user_id: str, k: int = K, rank: bool = False,
+                 exclude: str = Query("", description="Item ids to leave out, comma-separated")
+                 ) -> dict:
+        """Top-k items for a known user (training items always excluded); `rank=true`
+        re-orders with the bundle's Wide&Deep ranker (409 when it has none)."""
+        excluded = {i.strip() for i in exclude.split(",") if i.strip()}
+        if len(excluded) > MAX_IDS:
+            raise HTTPException(422, f"exclude: at most {MAX_IDS} ids")
+        served = state.current()
+        return _answer(served, _for_user(served, user_id, k, rank, excluded))
+
+    @app.post("/recommendations", tags=["recommend"])
+    def for_new_user(request: ProfileRequest) -> dict:
+        """Cold start: `profile` text (bundles with an encoder) or recent `items`."""
+        _check_k(request.k, max_k)
+        served = state.current()
+        return _answer(served, _fold_in(served, request))
+
+    @app.get("/items/{item_id}/similar", tags=["recommend"])
+    def similar(item_id: str, k: int = K) -> dict:
+        served = state.current()
+        _known(served.bundle, items=[item_id])
+        return _answer(served, served.bundle.similar_items(item_id, k))
+
+    @app.get("/users/{user_id}/lookalikes", tags=["recommend"])
+    def lookalikes(user_id: str, k: int = K) -> dict:
+        """The most similar users (`items` holds user ids here; `kind` is 'user')."""
+        served = state.current()
+        _known(served.bundle, users=[user_id])
+        return _answer(served, served.bundle.lookalike_users(user_id, k), "user")
+
+    @app.post("/batch/recommendations", tags=["recommend"])
+    def batch(request: BatchRequest) -> dict:
+        """Top-k items for each of up to 256 known users (MAX_BATCH)."""
+        _check_k(request.k, max_k)
+        served = state.current()
+        _known(served.bundle, users=request.users)
+        results = [{"user": user, "items": _rows(_for_user(served, user, request.k,
+                                                           request.rank))}
+                   for user in request.users]
+        return {"results": results, "bundle": served.name}
+
+
+def _authorised(request: Request, token: str) -> None:
+    given = request.headers.get("authorization", "")
+    if not given.startswith("Bearer "):
+        raise HTTPException(401, "missing 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given[7:].encode(), token.encode()):
+        raise HTTPException(403, "wrong admin token")
+
+
+async def _reload_folder(request: Request, default: Path) -> Path:
+    raw = await request.body()
+    try:
+        asked = json.loads(raw) if raw.strip() else {}
+        return Path(asked["bundle"]) if asked.get("bundle") else default
+    except (ValueError, AttributeError, TypeError) as error:
+        raise HTTPException(422, f'body: expected {{"bundle": "folder"}} ({error})') from error
+
+
+def _admin_routes(app: FastAPI, state: State, metrics: Metrics, token: str) -> None:
+    @app.post("/admin/reload", tags=["admin"])
+    async def reload(request: Request) -> dict:
+        """Load and verify a bundle in a worker thread, then swap it in; on failure the
+        current bundle keeps serving. Body (optional): {"bundle": "folder"}; without it,
+        the folder served now is read again (e.g. a re-pointed `current` symlink)."""
+        _authorised(request, token)
+        folder = await _reload_folder(request, state.folder)
+        if not state.reloading.acquire(blocking=False):
+            raise HTTPException(409, "a reload is already in progress")
+        try:
+            served = await anyio.to_thread.run_sync(load_served, folder)
+        except Exception as error:  # whatever a bad bundle raises, the old one serves on
+            metrics.reloads.labels("refused").inc()
+            log.warning("reload of %s refused: %s", folder, error)
+            raise HTTPException(422, f"bundle {folder} refused: {error}") from error
+        finally:
+            state.reloading.release()
+        previous, state.served, state.folder = state.served.name, served, folder
+        metrics.serving(served)
+        metrics.reloads.labels("swapped").inc()
+        log.info("now serving %s (was %s)", served.name, previous)
+        return {"status": "swapped", "bundle": served.name, "previous": previous}
+
+
+def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          admin_token: str | None = None) -> None:
+    """Run the service with uvicorn (admin token: the argument, else $RECSYS_ADMIN_TOKEN)."""
+    token = admin_token or os.environ.get("RECSYS_ADMIN_TOKEN") or None
+    uvicorn.run(create_app(bundle_dir, token), host=host, port=port, log_level="warning")
+
