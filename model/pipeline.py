@@ -222,6 +222,7 @@ class Experiment:
             if (dataset.user_profile_source == "written").any():
                 labels["user_profile"] = np.where(dataset.user_profile_source == "written",
                                                   "written", "not written")
+            labels["train_interactions"] = activity_bands(dataset.train)
             frame = self.evaluator.per_user(top)
             per_user[variant], top_lists[variant] = frame, top.astype(np.int32)
             results[variant] = {"status": "ok", "metrics": summarise(frame, self.evaluator.ks),
@@ -307,6 +308,12 @@ def run_seeds(config: ExperimentConfig) -> Path:
     print(render_seed_summary(summary))
     print(f"seed summary written to {folder}")
     return folder
+
+
+def activity_bands(train) -> np.ndarray:
+    """Per user: '0', '1-3', '4-10' or '>10' training interactions (the few-shot regime)."""
+    counts = np.diff(train.indptr)
+    return np.select([counts == 0, counts <= 3, counts <= 10], ["0", "1-3", "4-10"], ">10")
 
 
 def protocol_notes(dataset: Dataset, ks: tuple[int, ...]) -> list[str]:

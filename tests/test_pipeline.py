@@ -98,3 +98,13 @@ def test_finetuned_encoder_is_saved_and_reused_with_encoder(tmp_path, tiny_rober
                     "--no-quantize", *common(tmp_path, cache="cache2"))
     reused = json.loads((again / "metrics.json").read_text())["variants"]["text"]
     assert reused["metrics"]["ndcg@20"] == tuned["metrics"]["ndcg@20"]
+
+
+def test_users_are_banded_by_training_interactions():
+    import scipy.sparse as sp
+
+    from model.pipeline import activity_bands
+
+    counts = [0, 1, 3, 4, 10, 11]
+    train = sp.csr_matrix(np.array([[1] * c + [0] * (12 - c) for c in counts]))
+    assert activity_bands(train).tolist() == ["0", "1-3", "1-3", "4-10", "4-10", ">10"]
