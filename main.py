@@ -19,6 +19,7 @@ from model.base import ModelError  # noqa: E402
 from model.bundle import Bundle, BundleError, export_bundle, reproduction_verdict  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
 from model.pipeline import build_encoder, load_data, run_experiment  # noqa: E402
+from model.service import serve as serve_bundle  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
 from utils import OutputExists  # noqa: E402
 
@@ -148,6 +149,18 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
     for position, (identifier, score) in enumerate(rows, start=1):
         text = "\t" + textwrap.shorten(bundle.item_profile(identifier), 100) if described else ""
         click.echo(f"{position}\t{identifier}\t{score:.4f}{text}")
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--admin-token", default=None, envvar="RECSYS_ADMIN_TOKEN",
+              help="Enables POST /admin/reload (hot swap) for this bearer token.")
+@clear_errors()
+def serve(bundle_dir: str, host: str, port: int, admin_token: str | None) -> None:
+    """Serve a bundle over HTTP: recommendations, similar items, look-alikes, /metrics."""
+    serve_bundle(bundle_dir, host, port, admin_token)
 
 
 @cli.command()
