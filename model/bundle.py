@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from model.base import Recommender
 from model.config import ExperimentConfig
 from model.ranking import WideDeepRanker
 from model.retrieval import FaissRetriever
-from model.text import ENCODER_DIR, load_encoder
+from model.text import ENCODER_DIR, TextEncoder, load_encoder
 from utils import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -198,6 +199,8 @@ class Bundle:
         self._user_row = {uid: row for row, uid in enumerate(self.user_ids)}
         self._item_row = {iid: row for row, iid in enumerate(self.item_ids)}
         self._ranker: WideDeepRanker | None = None
+        self._encoder: TextEncoder | None = None
+        self._encoder_lock = threading.Lock()  # a fast tokenizer is not shared across threads
 
     def _verified_manifest(self) -> dict:
         manifest_file = self.folder / MANIFEST
@@ -304,20 +307,28 @@ class Bundle:
         rows, scores = self._user_index.search(self.users[row][None, :], k, itself)
         return [(self.user_ids[r], float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
 
-    def embed_profile(self, text: str) -> np.ndarray:
-        """A cold-start user vector from profile text, with the encoder the run used."""
+    @property
+    def encoder(self) -> TextEncoder:
+        """The text encoder the run used (loaded once); BundleError says why there is none."""
         recipe = self.manifest.get("text_encoder")
         if recipe is None:
             reason = self.manifest.get("text_encoder_unavailable", "no text part")
             raise BundleError(f"this '{self.manifest['variant']}' bundle cannot embed a new "
                               f"profile: {reason}")
-        try:
-            encoder = load_encoder(self.folder / recipe["folder"])
-        except Exception as error:  # a rebuilt encoder that differs is refused with the reason
-            raise BundleError(f"{self.folder / recipe['folder']}: {error}") from error
+        if self._encoder is None:
+            try:
+                self._encoder = load_encoder(self.folder / recipe["folder"])
+            except Exception as error:  # a rebuilt encoder that differs is refused, with why
+                raise BundleError(f"{self.folder / recipe['folder']}: {error}") from error
+        return self._encoder
+
+    def embed_profile(self, text: str) -> np.ndarray:
+        """A cold-start user vector from profile text, with the encoder the run used."""
+        encoder, recipe = self.encoder, self.manifest["text_encoder"]
         vector = np.zeros(self.manifest["dim"], dtype=np.float32)
         start, end = recipe["block"]
-        vector[start:end] = encoder.encode([text], show_progress=False)[0] * recipe["scale"]
+        with self._encoder_lock:
+            vector[start:end] = encoder.encode([text], show_progress=False)[0] * recipe["scale"]
         return vector
 
     def evaluate(self, dataset, ks: tuple[int, ...]) -> tuple[dict, dict]:

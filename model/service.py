@@ -27,7 +27,6 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from pydantic import BaseModel, Field
 
 from model.bundle import MANIFEST_DIGEST, Bundle, BundleError
-from model.text import TextEncoder, load_encoder
 
 MAX_BODY = 64 * 1024  # bytes; a larger request body is refused with 413
 MAX_BATCH = 256  # users per batch request
@@ -39,36 +38,21 @@ log = logging.getLogger("recsys.service")
 
 @dataclass
 class Served:
-    """A warmed bundle, its name and its encoder (loaded once: embed_profile reloads it)."""
+    """A warmed bundle and its name; `no_text_reason` says why profiles cannot be embedded."""
     bundle: Bundle
     name: str
     fingerprint: str
-    encoder: TextEncoder | None
     no_text_reason: str
     loaded_at: float = field(default_factory=time.time)
-    # a fast tokenizer used from two threads at once fails ("Already borrowed")
-    encoder_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def has_text(self) -> bool:
+        return not self.no_text_reason
 
     def embed(self, text: str) -> np.ndarray:
-        if self.encoder is None:
+        if not self.has_text:
             raise HTTPException(409, f"this bundle cannot embed a profile: {self.no_text_reason}")
-        recipe = self.bundle.manifest["text_encoder"]
-        vector = np.zeros(self.bundle.manifest["dim"], dtype=np.float32)
-        start, end = recipe["block"]
-        with self.encoder_lock:
-            encoded = self.encoder.encode([text], show_progress=False)[0]
-        vector[start:end] = encoded * recipe["scale"]
-        return vector
-
-
-def _encoder(bundle: Bundle) -> tuple[TextEncoder | None, str]:
-    recipe = bundle.manifest.get("text_encoder")
-    if recipe is None:
-        return None, bundle.manifest.get("text_encoder_unavailable", "no text part")
-    try:
-        return load_encoder(bundle.folder / recipe["folder"]), ""
-    except Exception as error:  # the rest of the bundle still serves; profiles get the reason
-        return None, f"its encoder did not load ({error})"
+        return self.bundle.embed_profile(text)
 
 
 def load_served(folder: str | Path) -> Served:
@@ -78,10 +62,14 @@ def load_served(folder: str | Path) -> Served:
         bundle.ranker.recommend(np.array([0]), bundle.seen, 1)
     bundle.recommend(bundle.user_ids[0], 1)
     bundle.lookalike_users(bundle.user_ids[0], 1)  # builds the user index once, here
-    encoder, reason = _encoder(bundle)
+    try:
+        bundle.encoder  # noqa: B018 - loads it once, now
+        reason = ""
+    except BundleError as error:  # the rest of the bundle still serves; profiles get the reason
+        reason = str(error)
     fingerprint = (bundle.folder / MANIFEST_DIGEST).read_text().strip()
     name = f"{bundle.folder.resolve().name}@{fingerprint[:12]}"
-    return Served(bundle, name, fingerprint, encoder, reason)
+    return Served(bundle, name, fingerprint, reason)
 
 
 class Metrics:
@@ -292,7 +280,7 @@ def _ops_routes(app: FastAPI, state: State, metrics: Metrics) -> None:
         served = state.current()
         manifest = served.bundle.manifest
         return {"status": "ready", "bundle": served.name, "variant": manifest["variant"],
-                "ranker": manifest.get("ranker") is not None, "text": served.encoder is not None,
+                "ranker": manifest.get("ranker") is not None, "text": served.has_text,
                 "loaded_at": served.loaded_at, "reloading": state.reloading.locked()}
 
     @app.get("/metrics", tags=["ops"])
