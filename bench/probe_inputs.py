@@ -32,6 +32,7 @@ import scipy.sparse as sp  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from main import cli  # noqa: E402
+from model.text import build_tiny_roberta  # noqa: E402
 
 TIME_LIMIT = 120  # seconds per probe; a probe still running then is stopped
 THESIS = "years of work"  # the user's file in a folder the tool did not create
@@ -110,26 +111,8 @@ def crafted_pickle(folder: Path, marker: Path) -> Path:
 
 
 def tiny_roberta(folder: Path) -> Path:
-    """A 4-layer RoBERTa with a byte-level BPE tokenizer trained on the fly (no download)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import RobertaProcessing
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
-
     corpus = ["Thai food and cozy cafes.", "Sports bars and basketball.", "A quiet bakery."]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus * 4, vocab_size=300, min_frequency=1, show_progress=False,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")),
-                                                      ("<s>", bpe.token_to_id("<s>")))
-    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
-                                     eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                     mask_token="<mask>")
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=140, pad_token_id=tokenizer.pad_token_id)
-    RobertaModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_tiny_roberta(folder, corpus)
 
 
 def run_dirs_args(tmp: Path) -> list[str]:

@@ -386,6 +386,31 @@ class TextRecall(Recommender):
         self._encoder_folder = folder / ENCODER_DIR
 
 
+def build_tiny_roberta(folder: Path, corpus: list[str]) -> Path:
+    """A randomly initialised 4-layer RoBERTa (hidden size 32) with a byte-level BPE
+    tokenizer trained on `corpus`, saved to `folder`: an encoder for tests and probes that
+    needs no download."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus * 4, vocab_size=400, min_frequency=1, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")),
+                                                      ("<s>", bpe.token_to_id("<s>")))
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                     eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                     mask_token="<mask>")
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=140, pad_token_id=tokenizer.pad_token_id)
+    RobertaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_encoder(encoder: TextEncoder, folder: Path) -> None:
     """An encoder that the base model rebuilds (zero-shot) is saved as its recipe and weight
     hash, a few hundred bytes; a trained one with its weights."""
