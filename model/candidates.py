@@ -15,17 +15,18 @@ class ChannelCandidates:
     union of the first `widths[c]` items of channel c (channel 0's order first), and a
     lookup of where each channel ranks any (user, item) pair (`depth` when not in its list).
 
-    channels: name -> (user vectors, item vectors) scored by inner product.
+    channels: name -> (user vectors, a retriever over the channel's item vectors), scored by
+    inner product (`channel_retrievers` builds them once per model).
     """
 
-    def __init__(self, channels: dict[str, tuple[np.ndarray, np.ndarray]], users: np.ndarray,
-                 exclude: sp.csr_matrix | None, depth: int, widths: list[int]) -> None:
+    def __init__(self, channels: dict[str, tuple[np.ndarray, FaissRetriever]],
+                 users: np.ndarray, exclude: sp.csr_matrix | None, depth: int,
+                 widths: list[int]) -> None:
         self.users, self.depth = np.asarray(users), depth
         self.names = list(channels)
-        n_items = next(iter(channels.values()))[1].shape[0]
-        lists = [FaissRetriever("flat", use_gpu=False).fit(items)
-                 .search(user_vectors, min(depth, n_items), exclude, self.users)[0]
-                 for user_vectors, items in channels.values()]
+        n_items = next(iter(channels.values()))[1].index.ntotal
+        lists = [retriever.search(user_vectors, min(depth, n_items), exclude, self.users)[0]
+                 for user_vectors, retriever in channels.values()]
         self.candidates = union_of_lists([top[:, :width] for top, width in zip(lists, widths)])
         self._row_of_user = np.full(int(self.users.max(initial=-1)) + 1, -1, dtype=np.int64)
         self._row_of_user[self.users] = np.arange(len(self.users))
@@ -55,3 +56,11 @@ class ChannelCandidates:
             hit = (sorted_keys[position] == keys) & (items >= 0)
             out[hit, column] = ranks[position[hit]]
         return out
+
+
+def channel_retrievers(channels: dict[str, tuple[np.ndarray, np.ndarray]]
+                       ) -> dict[str, tuple[np.ndarray, FaissRetriever]]:
+    """(user vectors, exact inner-product retriever over the item vectors) per channel."""
+    return {name: (np.ascontiguousarray(users, dtype=np.float32),
+                   FaissRetriever("flat", use_gpu=False).fit(items))
+            for name, (users, items) in channels.items()}

@@ -14,7 +14,7 @@ from coreMethod import (BestState, ranking_pairs, rerank, train_until_no_improve
                         unit_rows)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
-from model.candidates import ChannelCandidates
+from model.candidates import ChannelCandidates, channel_retrievers
 from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
 
 HASH_SIZE = 1 << 18
@@ -243,6 +243,7 @@ class WideDeepRanker:
         self.features: RankingFeatures | None = None
         self.recall_name, self.kept_recall_order = "", False
         self.training_log: dict = {}
+        self._retrievers: dict | None = None
 
     def params(self) -> dict:
         return {"mode": self.mode, "candidates": self.candidates, "positives": self.positives,
@@ -256,6 +257,7 @@ class WideDeepRanker:
         self.recall_name = recall.name
         self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
                                         seed=self.seed)
+        self._retrievers = None
         rng = np.random.default_rng(self.seed)
         val_users = users_with_test_items(dataset.val)
         rng.shuffle(val_users)
@@ -288,7 +290,9 @@ class WideDeepRanker:
         """The union of the channels' candidates for `users` (items of `exclude` removed)."""
         n_other = len(self.features.signals) - 1
         widths = [self.candidates] + [self.channel_candidates] * n_other
-        return ChannelCandidates(self.features.channels(), users, exclude, max(widths), widths)
+        if self._retrievers is None:  # built once: a served ranker answers one user at a time
+            self._retrievers = channel_retrievers(self.features.channels())
+        return ChannelCandidates(self._retrievers, users, exclude, max(widths), widths)
 
     def _train(self, pairs, check: ChannelCandidates, validation: Evaluator,
                device: str) -> dict:

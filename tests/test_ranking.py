@@ -99,13 +99,14 @@ def test_union_keeps_the_first_lists_order_and_adds_what_others_find():
 
 
 def test_each_channel_ranks_the_union_and_training_items_are_never_candidates():
-    from model.candidates import ChannelCandidates
+    from model.candidates import ChannelCandidates, channel_retrievers
 
     items = np.eye(6, dtype=np.float32)
     a = np.array([[6, 5, 4, 3, 2, 1]], dtype=np.float32)  # channel a: 0 > 1 > 2 > ...
     b = a[:, ::-1].copy()  # channel b: 5 > 4 > 3 > ...
     seen = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 1]], dtype=np.float32))
-    channels = ChannelCandidates({"a": (a, items), "b": (b, items)}, np.array([0]), seen,
+    channels = ChannelCandidates(channel_retrievers({"a": (a, items), "b": (b, items)}),
+                                 np.array([0]), seen,
                                  depth=4, widths=[2, 1])
     assert channels.candidates.tolist() == [[1, 2, 4]]  # a's top 2, then b's top 1
     ranks = channels.ranks(np.array([0, 0, 0, 0]), np.array([1, 4, 0, -1]))
