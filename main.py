@@ -131,19 +131,26 @@ def export(run_dir: str, variant: str, out: str, storage: str, overwrite: bool) 
 @click.option("--lookalike", default=None, help="User id: the most similar users.")
 @click.option("--rank/--no-rank", default=False, show_default=True,
               help="Re-order --user's recall candidates with the bundle's Wide&Deep ranker.")
+@click.option("--recent-items", default=None,
+              help="Comma-separated items --user just interacted with: folded into their "
+                   "vector on the fly (near-online, no training).")
 @click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 10000))
 @clear_errors()
 def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str | None,
-              lookalike: str | None, rank: bool, k: int) -> None:
+              lookalike: str | None, rank: bool, recent_items: str | None, k: int) -> None:
     """Answer from a bundle alone: recommendations, similar items, look-alike users."""
     asked = [q for q in (user, profile, item, lookalike) if q is not None]
     if len(asked) != 1:
         raise click.UsageError("give exactly one of --user, --profile, --similar-items, "
                                "--lookalike")
-    if rank and user is None:
-        raise click.UsageError("--rank re-orders the recommendations of a known --user")
+    if (rank or recent_items) and user is None:
+        raise click.UsageError("--rank and --recent-items apply to a known --user")
+    if rank and recent_items:
+        raise click.UsageError("--recent-items folds into the recall vector; use it without "
+                               "--rank")
     bundle = Bundle(bundle_dir)
-    rows, kind = bundle.answer(user, profile, item, lookalike, k, rank)
+    recent = [i.strip() for i in recent_items.split(",") if i.strip()] if recent_items else None
+    rows, kind = bundle.answer(user, profile, item, lookalike, k, rank, recent)
     described = kind == "item" and bundle.item_profiles is not None
     click.echo(f"rank\t{kind}\tscore" + ("\tprofile" if described else ""))
     for position, (identifier, score) in enumerate(rows, start=1):

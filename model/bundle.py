@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from evaluation import Evaluator, file_name
+from coreMethod import unit_rows
 from model.base import Recommender
 from model.config import ExperimentConfig
 from model.ranking import WideDeepRanker
@@ -277,8 +278,12 @@ class Bundle:
 
     def answer(self, user: str | None = None, profile: str | None = None,
                item: str | None = None, lookalike: str | None = None, k: int = 20,
-               rank: bool = False) -> tuple[list[tuple[str, float]], str]:
-        """(rows, 'item' or 'user') for the one question asked, as `recommend` prints it."""
+               rank: bool = False, recent: list[str] | None = None
+               ) -> tuple[list[tuple[str, float]], str]:
+        """(rows, 'item' or 'user') for the one question asked, as `recommend` prints it
+        (`recent`: items the user just interacted with, folded into their vector)."""
+        if user is not None and recent:
+            return self.recommend_with_recent(user, recent, k), "item"
         if user is not None:
             return self.recommend(user, k, rank=rank), "item"
         if profile is not None:
@@ -288,6 +293,24 @@ class Bundle:
         if item is not None:
             return self.similar_items(item, k), "item"
         return self.lookalike_users(lookalike, k), "user"
+
+    def recommend_with_recent(self, user: str, recent: list[str],
+                              k: int = 20) -> list[tuple[str, float]]:
+        """Near-online fold-in, no training: the user's vector moved toward the mean of the
+        items they just interacted with, in proportion to how many those are among all their
+        interactions (the norm is kept); seen and recent items are excluded."""
+        row = self.user_row(user)
+        recent_rows = np.array([self.item_row(i) for i in recent], dtype=np.int64)
+        user_vector, recent_mean = self.users[row], self.items[recent_rows].mean(axis=0)
+        n_seen, n_recent = self.seen[row].nnz, len(recent_rows)
+        direction = n_seen * unit_rows(user_vector[None])[0] + \
+            n_recent * unit_rows(recent_mean[None])[0]
+        vector = unit_rows(direction[None])[0] * max(np.linalg.norm(user_vector), 1e-12)
+        exclude = self.seen[row].tolil()
+        exclude[0, recent_rows] = 1
+        items, scores = self.retriever.search(vector[None].astype(np.float32), k,
+                                              exclude.tocsr())
+        return self._named(items[0], scores[0])
 
     def recommend_for_vector(self, vector: np.ndarray, k: int = 20) -> list[tuple[str, float]]:
         items, scores = self.retriever.search(vector[None, :].astype(np.float32), k)

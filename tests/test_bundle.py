@@ -104,3 +104,22 @@ def test_int8_storage_keeps_the_ranking_close(exported, tmp_path):
     overlap = [len({i for i, _ in exact.recommend(u, 20)} & {i for i, _ in small.recommend(u, 20)})
                for u in ("1", "2", "3", "4")]
     assert np.mean(overlap) >= 16
+
+
+def test_recent_items_pull_a_users_list_toward_their_neighbours(exported):
+    root, _ = exported
+    bundle = Bundle(root / "lightgcn")
+    counts = np.diff(bundle.seen.indptr).astype(float)
+    counts[counts == 0] = np.inf
+    user = bundle.user_ids[int(np.argmin(counts))]  # the lightest user with a history
+    seen = {bundle.item_ids[i] for i in bundle.seen[bundle.user_row(user)].indices}
+    recent = [i for i in bundle.item_ids if i not in seen][:3]
+    neighbours = {i for item in recent for i, _ in bundle.similar_items(item, 10)}
+    before = {i for i, _ in bundle.recommend(user, 20)}
+    after = [i for i, _ in bundle.recommend_with_recent(user, recent, 20)]
+    assert not set(after) & (set(recent) | seen)  # seen and just-seen items are excluded
+    assert len(set(after) & neighbours) > len(before & neighbours)
+    shown = CliRunner().invoke(cli, ["recommend", "--bundle", str(root / "lightgcn"),
+                                     "--user", user, "--recent-items", ",".join(recent),
+                                     "-k", "20"], catch_exceptions=False)
+    assert [line.split("\t")[1] for line in shown.output.splitlines()[1:]] == after
