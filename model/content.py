@@ -69,7 +69,8 @@ class TfidfRecall(Recommender):
         """Profiles of one source replace the item-mean where validation says so ('auto')."""
         rows = np.flatnonzero(dataset.user_profile_source == source)
         profiles = self.vectorizer.transform([dataset.user_profiles[u] for u in rows])
-        with_profiles = self.user_matrix.tolil()
+        rows, profiles = rows[profiles.getnnz(1) > 0], profiles[profiles.getnnz(1) > 0]
+        with_profiles = self.user_matrix.tolil()  # (a profile without known words is skipped)
         with_profiles[rows] = profiles
         with_profiles = with_profiles.tocsr()
         if self.user_text == "auto":
@@ -88,7 +89,13 @@ class TfidfRecall(Recommender):
                 log(f"tfidf users ({source} profiles): val R@20 profile {profile:.4f} vs "
                     f"item-mean {mean:.4f}")
                 if profile < mean:
-                    return
+                    rows = rows[self.user_kind[rows] == "none"]  # their profile is all they have
+                    if len(rows) == 0:
+                        return
+                    with_profiles = self.user_matrix.tolil()
+                    with_profiles[rows] = self.vectorizer.transform(
+                        [dataset.user_profiles[u] for u in rows])
+                    with_profiles = with_profiles.tocsr()
         self.user_matrix = with_profiles
         self.user_kind[rows] = source
 

@@ -324,11 +324,12 @@ class TextRecall(Recommender):
             rows = np.flatnonzero(dataset.user_profile_source == source)
             encoded = encode_cached(encoder, [dataset.user_profiles[u] for u in rows],
                                     self.cache_dir, "users")
+            use = np.ones(len(rows), dtype=bool)
             if self.user_text == "auto" and not self._profile_wins(
                     dataset, source, rows, encoded, item_mean, item_vectors):
-                continue
-            user_vectors[rows] = encoded
-            self.user_kind[rows] = source
+                use = self.user_kind[rows] == "none"  # their profile is all they have
+            user_vectors[rows[use]] = encoded[use]
+            self.user_kind[rows[use]] = source
         self.user_mask = self.user_kind != "none"
         self.user_vectors, self.item_vectors = user_vectors, item_vectors
         self.training_log = {"encoder": encoder.describe(),

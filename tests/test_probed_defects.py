@@ -179,3 +179,22 @@ def test_out_of_range_options_are_one_line_errors_before_any_work(tmp_path, flag
     assert result.exit_code == 1 and message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("model_name", ["text", "tfidf"])
+def test_a_user_with_only_a_profile_keeps_it_when_item_mean_wins(model_name):
+    from model import TextRecall, TfidfRecall
+
+    data = topic_data("A technician, every place")  # tasteless: item-mean wins on validation
+    train = data.train.tolil()
+    train[0] = 0  # user 0: a written profile, no training items
+    data = dataclasses.replace(data, train=train.tocsr())
+    data.user_profiles[0] = "thai place"
+    data.user_profiles[1] = "xyzzy plugh"  # no word the items use
+    model = TextRecall(KeywordEncoder()) if model_name == "text" else TfidfRecall(min_df=1)
+    model.fit(data)
+    assert model.training_log["user_text_choice_on_validation"]["written"]["chosen"] == \
+        "item-mean"
+    assert model.user_kind[0] == "written" and model.user_mask[0]
+    assert model.recommend(np.array([0]), 3)[0][0, 0] >= 0
+    assert model.user_kind[1] == "item-mean"  # an empty profile never replaces a vector
