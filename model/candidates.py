@@ -21,12 +21,14 @@ class ChannelCandidates:
 
     def __init__(self, channels: dict[str, tuple[np.ndarray, FaissRetriever]],
                  users: np.ndarray, exclude: sp.csr_matrix | None, depth: int,
-                 widths: list[int]) -> None:
+                 widths: list[int], n_items: int) -> None:
         self.users, self.depth = np.asarray(users), depth
         self.names = list(channels)
-        n_items = next(iter(channels.values()))[1].index.ntotal
-        lists = [retriever.search(user_vectors, min(depth, n_items), exclude, self.users)[0]
-                 for user_vectors, retriever in channels.values()]
+        lists = []
+        for user_vectors, retriever in channels.values():
+            top = retriever.search(user_vectors, depth, exclude, self.users)[0]
+            top[~user_vectors[self.users].any(axis=1)] = -1  # a user this channel cannot score
+            lists.append(top)
         self.candidates = union_of_lists([top[:, :width] for top, width in zip(lists, widths)])
         self._row_of_user = np.full(int(self.users.max(initial=-1)) + 1, -1, dtype=np.int64)
         self._row_of_user[self.users] = np.arange(len(self.users))
@@ -60,7 +62,9 @@ class ChannelCandidates:
 
 def channel_retrievers(channels: dict[str, tuple[np.ndarray, np.ndarray]]
                        ) -> dict[str, tuple[np.ndarray, FaissRetriever]]:
-    """(user vectors, exact inner-product retriever over the item vectors) per channel."""
+    """(user vectors, exact inner-product retriever over the item vectors) per channel; an
+    item with a zero vector in a channel (e.g. no text) is not retrievable from it."""
     return {name: (np.ascontiguousarray(users, dtype=np.float32),
-                   FaissRetriever("flat", use_gpu=False).fit(items))
+                   FaissRetriever("flat", use_gpu=False).fit(items,
+                                                             np.flatnonzero(items.any(axis=1))))
             for name, (users, items) in channels.items()}

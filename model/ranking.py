@@ -285,14 +285,16 @@ class WideDeepRanker:
             positives=self.positives, training_pairs=int(len(labels)), device=device)
         return self
 
-    def channel_candidates_of(self, users: np.ndarray,
-                              exclude: sp.csr_matrix | None) -> ChannelCandidates:
-        """The union of the channels' candidates for `users` (items of `exclude` removed)."""
+    def channel_candidates_of(self, users: np.ndarray, exclude: sp.csr_matrix | None,
+                              k: int = 0) -> ChannelCandidates:
+        """The union of the channels' candidates for `users` (items of `exclude` removed);
+        the primary channel gives at least `k`."""
         n_other = len(self.features.signals) - 1
-        widths = [self.candidates] + [self.channel_candidates] * n_other
+        widths = [max(self.candidates, k)] + [self.channel_candidates] * n_other
         if self._retrievers is None:  # built once: a served ranker answers one user at a time
             self._retrievers = channel_retrievers(self.features.channels())
-        return ChannelCandidates(self._retrievers, users, exclude, max(widths), widths)
+        return ChannelCandidates(self._retrievers, users, exclude, max(widths), widths,
+                                 len(self.features.popularity))
 
     def _train(self, pairs, check: ChannelCandidates, validation: Evaluator,
                device: str) -> dict:
@@ -362,7 +364,7 @@ class WideDeepRanker:
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), chunk):
             rows = slice(start, start + chunk)
-            channels = self.channel_candidates_of(users[rows], exclude)
+            channels = self.channel_candidates_of(users[rows], exclude, k)
             ordered = self._order(channels)[:, :k]
             pair_users = np.repeat(users[rows], ordered.shape[1])
             pair_items = ordered.ravel()

@@ -106,8 +106,7 @@ def test_each_channel_ranks_the_union_and_training_items_are_never_candidates():
     b = a[:, ::-1].copy()  # channel b: 5 > 4 > 3 > ...
     seen = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 1]], dtype=np.float32))
     channels = ChannelCandidates(channel_retrievers({"a": (a, items), "b": (b, items)}),
-                                 np.array([0]), seen,
-                                 depth=4, widths=[2, 1])
+                                 np.array([0]), seen, depth=4, widths=[2, 1], n_items=6)
     assert channels.candidates.tolist() == [[1, 2, 4]]  # a's top 2, then b's top 1
     ranks = channels.ranks(np.array([0, 0, 0, 0]), np.array([1, 4, 0, -1]))
     assert ranks.tolist() == [[0, 3], [3, 0], [4, 4], [4, 4]]  # absent, seen, padding: depth
@@ -143,3 +142,15 @@ def test_ranker_adds_other_channels_candidates(tmp_path):
 def rows_seen(matrix, users, items):
     from utils import rows_contain
     return rows_contain(matrix, users, items)
+
+
+def test_a_channel_never_offers_items_or_users_it_has_no_vector_for():
+    from model.candidates import ChannelCandidates, channel_retrievers
+
+    items = np.eye(6, dtype=np.float32)
+    items[2] = 0  # item 2: no vector in this channel (e.g. no text)
+    users = np.array([[6, 5, 4, 3, 2, 1], [0, 0, 0, 0, 0, 0]], dtype=np.float32)
+    channels = ChannelCandidates(channel_retrievers({"text": (users, items)}), np.array([0, 1]),
+                                 None, depth=6, widths=[6], n_items=6)
+    assert channels.candidates[0].tolist() == [0, 1, 3, 4, 5]  # the union is trimmed
+    assert (channels.candidates[1] == -1).all()  # user 1 cannot be scored here
