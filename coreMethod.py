@@ -191,7 +191,7 @@ def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], 
         best.offer(value, 0)
         history.append({"round": 0, metric: round(value, 5)})
         log(f"{label}: before training {metric} {value:.4f}")
-    waited, started = 0, time.perf_counter()
+    waited, started, stopped_early = 0, time.perf_counter(), False
     for round_ in range(1, rounds + 1):
         logged = step(round_)
         value = score()
@@ -204,12 +204,13 @@ def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], 
             waited = 0
         else:
             waited += 1
-            if patience is not None and waited >= patience:
+            stopped_early = patience is not None and waited >= patience
+            if stopped_early:
                 break
     best.restore()
     best.module.eval()
     return {"best_round": best.round, f"best_{metric}": round(float(best.score), 5),
-            "history": history}
+            "stopped_early": stopped_early, "history": history}
 
 
 def _time_estimate(elapsed: float, done: int, total: int) -> str:

@@ -160,21 +160,25 @@ def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[s
 
 
 def versus_best_classic(results: dict[str, dict], per_user: dict[str, pd.DataFrame],
-                        classic: tuple[str, ...], seed: int = 0) -> dict | None:
-    """The project's best row (by Recall@20) against the best classic row of the same run:
-    means, ratio, and the paired bootstrap CI of the per-user difference, for Recall@20 and
-    NDCG@20. None when either side is missing."""
-    ok = {name: r["metrics"]["recall@20"] for name, r in results.items()
+                        classic: tuple[str, ...], ours: str, seed: int = 0) -> dict | None:
+    """The run's final row `ours` (named before the run, not picked on test) against the
+    classic row with the best *validation* Recall@20 (`best_val_recall@20` in its log; every
+    classic row when none has one): means, ratio, and the paired bootstrap CI of the
+    per-user difference, for Recall@20 and NDCG@20. None when either side is missing."""
+    ok = {name for name, r in results.items()
           if r.get("status") == "ok" and "recall@20" in r["metrics"]}
-    classics = [name for name in ok if name in classic]
-    ours = [name for name in ok if name not in classic and name != "popularity"]
-    if not classics or not ours:
+    classics = [name for name in classic if name in ok]
+    if ours not in ok or ours in classic or not classics:
         return None
-    best_classic, best = max(classics, key=ok.get), max(ours, key=ok.get)
-    out = {"best_classic": best_classic, "best_row": best}
+    validated = [n for n in classics
+                 if np.isfinite(results[n].get("best_val_recall@20") or np.nan)]
+    best_classic = max(validated, key=lambda n: results[n]["best_val_recall@20"]) \
+        if validated else max(classics, key=lambda n: results[n]["metrics"]["recall@20"])
+    out = {"best_classic": best_classic, "best_row": ours,
+           "classic_chosen_on": "validation" if validated else "test (no validation figure)"}
     for metric in ("recall@20", "ndcg@20"):
         compared = compare_metric(per_user[best_classic][metric].to_numpy(),
-                                  per_user[best][metric].to_numpy(), seed)
+                                  per_user[ours][metric].to_numpy(), seed)
         out[metric] = {**{k: round(v, 5) for k, v in compared.items()},
                        "ratio": round(compared["b"] / compared["a"], 4) if compared["a"] else None}
     return out
@@ -182,11 +186,13 @@ def versus_best_classic(results: dict[str, dict], per_user: dict[str, pd.DataFra
 
 def describe_comparison(comparison: dict) -> str:
     """One line: 'fused + Wide&Deep vs als: R@20 1.036x [+0.0026, +0.0074], N@20 ...'."""
-    parts = [f"{metric.replace('recall', 'R').replace('ndcg', 'N')} {c['ratio']:.3f}x "
-             f"[{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]"
+    parts = [f"{metric.replace('recall', 'R').replace('ndcg', 'N')} "
+             + (f"{c['ratio']:.3f}x" if c["ratio"] is not None else "ratio n/a (classic 0)")
+             + f" [{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]"
              for metric, c in comparison.items() if isinstance(c, dict)]
-    return (f"best row {comparison['best_row']!r} vs best classic {comparison['best_classic']!r}"
-            f": {', '.join(parts)} (ratio of means; 95% paired bootstrap CI of the difference)")
+    return (f"final row {comparison['best_row']!r} vs best classic "
+            f"{comparison['best_classic']!r} (chosen on validation): {', '.join(parts)} "
+            "(ratio of means; 95% paired bootstrap CI of the difference)")
 
 
 def seed_summary(run_dirs: list[Path]) -> dict:

@@ -24,6 +24,8 @@ from parser import _int_list, config_options, experiment_config  # noqa: E402
 from utils import OutputExists  # noqa: E402
 
 USER_ERRORS = (DataError, BundleError, ConfigError, ModelError, FileNotFoundError, OutputExists)
+
+
 def clear_errors(*more: type[Exception]):
     """The library's errors about the user's input become one-line CLI errors."""
     def decorate(command):

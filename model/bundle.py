@@ -201,7 +201,7 @@ class Bundle:
         self._item_row = {iid: row for row, iid in enumerate(self.item_ids)}
         self._ranker: WideDeepRanker | None = None
         self._encoder: TextEncoder | None = None
-        self._encoder_lock = threading.Lock()  # a fast tokenizer is not shared across threads
+        self._encoder_lock = threading.RLock()  # loading and a fast tokenizer: one thread
 
     def _verified_manifest(self) -> dict:
         manifest_file = self.folder / MANIFEST
@@ -338,11 +338,12 @@ class Bundle:
             reason = self.manifest.get("text_encoder_unavailable", "no text part")
             raise BundleError(f"this '{self.manifest['variant']}' bundle cannot embed a new "
                               f"profile: {reason}")
-        if self._encoder is None:
-            try:
-                self._encoder = load_encoder(self.folder / recipe["folder"])
-            except Exception as error:  # a rebuilt encoder that differs is refused, with why
-                raise BundleError(f"{self.folder / recipe['folder']}: {error}") from error
+        with self._encoder_lock:  # two first callers load it once
+            if self._encoder is None:
+                try:
+                    self._encoder = load_encoder(self.folder / recipe["folder"])
+                except Exception as error:  # a rebuilt encoder that differs is refused
+                    raise BundleError(f"{self.folder / recipe['folder']}: {error}") from error
         return self._encoder
 
     def embed_profile(self, text: str) -> np.ndarray:

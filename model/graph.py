@@ -161,9 +161,7 @@ class _BPRGraphModel(Recommender):
                                               config.patience, label=self.name)
         best = next(h for h in log_["history"] if h["round"] == log_["best_round"])
         best_epoch = int(str(best["epoch"]).split("/")[0])
-        # ran every round: early stopping never fired, validation was still improving lately
-        at_cap = len(log_["history"]) == rounds and best_epoch > config.epochs - \
-            config.patience * config.eval_every
+        at_cap = not log_["stopped_early"]  # the epoch cap ended it, not early stopping
         if at_cap:
             log(f"{self.name}: stopped by the epoch cap ({config.epochs}), not by early "
                 f"stopping (best epoch {best_epoch}); validation was still rising: more "

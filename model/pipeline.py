@@ -178,6 +178,14 @@ class Experiment:
             rows += [(f"{rank.rank_on} + {RANK_MODES[m]}", self._ranking_row(m)) for m in modes]
         return rows
 
+    def final_row(self) -> str:
+        """The row this run is built to produce, named before it runs: the Wide&Deep row
+        when ranking, else the last recall variant."""
+        run, rank = self.config.run, self.config.rank
+        if rank.rank == "widedeep":
+            return f"{rank.rank_on} + {RANK_MODES['widedeep']}"
+        return RECALL_VARIANTS[-1] if run.variants == "all" else run.variants
+
     def run(self) -> Path:
         config = self.config
         set_seed(config.run.seed)
@@ -196,7 +204,8 @@ class Experiment:
             self.staging = staging
             results, per_user, top_lists = self._evaluate_rows(dataset, staging)
             notes = protocol_notes(dataset, tuple(config.run.ks))
-            comparison = versus_best_classic(results, per_user, BASELINES, config.run.seed)
+            comparison = versus_best_classic(results, per_user, (*BASELINES, "tfidf"),
+                                             self.final_row(), config.run.seed)
             write_run(staging, {"command": " ".join(sys.argv), **config.to_dict()}, summary,
                       results, per_user, notes, top_lists, comparison)
         print(format_table(results, tuple(config.run.ks)))

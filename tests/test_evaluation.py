@@ -79,7 +79,7 @@ def test_too_short_top_lists_are_rejected():
 def test_best_row_is_compared_with_the_best_classic_row_per_user():
     import pandas as pd
 
-    from evaluation import versus_best_classic
+    from evaluation import describe_comparison, versus_best_classic
 
     frames = {"als": pd.DataFrame({"recall@20": [0.5, 0.5, 1.0, 0.0],
                                    "ndcg@20": [0.4, 0.4, 0.8, 0.0]}),
@@ -91,13 +91,20 @@ def test_best_row_is_compared_with_the_best_classic_row_per_user():
     results = {name: {"status": "ok", "metrics": {m: float(f[m].mean()) for m in f}}
                for name, f in frames.items()}
     results["text"] = {"status": "unavailable"}
-    comparison = versus_best_classic(results, frames, ("als", "ease"))
+    results["als"]["best_val_recall@20"], results["ease"]["best_val_recall@20"] = 0.3, 0.2
+    comparison = versus_best_classic(results, frames, ("als", "ease"), "fused")
     assert (comparison["best_classic"], comparison["best_row"]) == ("als", "fused")
+    results["ease"]["best_val_recall@20"] = 0.4  # chosen on validation, not on test
+    assert versus_best_classic(results, frames, ("als", "ease"), "fused")["best_classic"] == "ease"
+    results["ease"]["best_val_recall@20"] = 0.2
     recall = comparison["recall@20"]
     assert recall["ratio"] == 1.5 and recall["lift"] == 0.25  # 0.75 / 0.5
     assert 0 <= recall["ci95_low"] <= 0.25 <= recall["ci95_high"] <= 0.5
     assert comparison["ndcg@20"]["ratio"] == 1.375  # 0.55 / 0.4
-    assert versus_best_classic({"als": results["als"]}, frames, ("als",)) is None
+    assert versus_best_classic({"als": results["als"]}, frames, ("als",), "fused") is None
+    zero = {n: pd.DataFrame({"recall@20": [0.0] * 4, "ndcg@20": [0.0] * 4}) for n in frames}
+    flat = versus_best_classic(results, zero, ("als", "ease"), "fused")
+    assert flat["recall@20"]["ratio"] is None and "n/a" in describe_comparison(flat)
 
 
 def test_seed_summary_is_the_mean_and_std_over_runs(tmp_path):
