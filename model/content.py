@@ -83,7 +83,8 @@ class TfidfRecall(Recommender):
                 profile = validation.mean(validation.top_of(self, 20))
                 self.user_matrix = item_mean_matrix
                 self.user_text_choice[source] = {
-                    "users_compared": int(len(compared)), "val_recall@20_profile": round(profile, 5),
+                    "users_compared": int(len(compared)),
+                    "val_recall@20_profile": round(profile, 5),
                     "val_recall@20_item_mean": round(mean, 5),
                     "chosen": "profile" if profile >= mean else "item-mean"}
                 log(f"tfidf users ({source} profiles): val R@20 profile {profile:.4f} vs "
