@@ -198,3 +198,28 @@ def test_a_user_with_only_a_profile_keeps_it_when_item_mean_wins(model_name):
     assert model.user_kind[0] == "written" and model.user_mask[0]
     assert model.recommend(np.array([0]), 3)[0][0, 0] >= 0
     assert model.user_kind[1] == "item-mean"  # an empty profile never replaces a vector
+
+
+def test_early_stopping_on_the_last_round_is_still_early_stopping():
+    from coreMethod import BestState, train_until_no_improvement
+
+    scores = iter([0.5, 0.4, 0.3])  # 3 rounds; patience 2 runs out on the last one
+
+    def run(rounds: int) -> dict:
+        return train_until_no_improvement(lambda r: {}, lambda: next(scores),
+                                          BestState(torch.nn.Linear(1, 1)), rounds, patience=2)
+    assert run(3)["stopped_early"] is True
+    scores = iter([0.3, 0.4, 0.5])
+    assert run(3)["stopped_early"] is False  # still improving at the cap
+
+
+def test_ranked_lists_hold_k_items_when_k_exceeds_the_candidates(tmp_path):
+    from dataHandler import open_dataset
+    from model import LightGCN, WideDeepRanker
+
+    data = open_dataset("demo", tmp_path)
+    recall = LightGCN(dim=8, train={"epochs": 2, "eval_every": 2}, device="cpu").fit(data)
+    ranker = WideDeepRanker(candidates=10, channel_candidates=0, epochs=1,
+                            device="cpu").fit(data, recall)
+    top, _ = ranker.recommend(np.arange(30), data.train, 25)
+    assert (top >= 0).all()  # 25 items each, not the 10 candidates
