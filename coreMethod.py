@@ -363,11 +363,18 @@ def rerank(score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
            users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Candidates of each user (row r is users[r]'s) reordered by
     `score(users, items, recall ranks)`; padding (-1) stays last."""
+    return rerank_with_scores(score, users, candidates)[0]
+
+
+def rerank_with_scores(score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+                       users: np.ndarray, candidates: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """`rerank`, with each reordered candidate's score (-inf for padding)."""
     ranks = np.tile(np.arange(candidates.shape[1]), len(users))
     scores = score(np.repeat(users, candidates.shape[1]), candidates.ravel(), ranks)
-    scores = np.where(candidates.ravel() >= 0, scores, -np.inf)
-    order = np.argsort(-scores.reshape(candidates.shape), axis=1, kind="stable")
-    return np.take_along_axis(candidates, order, axis=1)
+    scores = np.where(candidates.ravel() >= 0, scores, -np.inf).reshape(candidates.shape)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)
 
 
 # ---------------------------------------------------------------- contrastive fine-tuning

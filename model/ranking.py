@@ -1,5 +1,5 @@
 """The ranking stage: features of (user, candidate item) pairs, the Wide&Deep network, and
-`WideDeepRanker` (fit on a recall model's candidates, score, rerank, save, load)."""
+`WideDeepRanker` (fit on the recall channels' candidates, recommend, save, load)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from coreMethod import (BestState, ranking_pairs, rerank, train_until_no_improvement,
-                        unit_rows)
+from coreMethod import (BestState, ranking_pairs, rerank_with_scores,
+                        train_until_no_improvement, unit_rows)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
 from model.candidates import ChannelCandidates, channel_retrievers
@@ -324,7 +324,7 @@ class WideDeepRanker:
 
         def score() -> float:  # before the first epoch: the recall order itself
             self.kept_recall_order = not trained
-            order = self._order(check)
+            order = self._order(check)[0]
             padding = np.full((len(order), max(0, 20 - order.shape[1])), -1, dtype=order.dtype)
             return check_split.mean(np.hstack([order, padding]), "ndcg", 20)
 
@@ -347,12 +347,17 @@ class WideDeepRanker:
         label away."""
         return np.zeros_like(ranks) if self.positives == "train" else ranks
 
-    def _order(self, channels: ChannelCandidates) -> np.ndarray:
-        """The union candidates in ranker order (or in recall order, if that was kept)."""
+    def _order(self, channels: ChannelCandidates) -> tuple[np.ndarray, np.ndarray]:
+        """(union candidates, their scores) in ranker order, or in recall order with the
+        recall model's scores if that order was kept."""
         if self.kept_recall_order:
-            return channels.candidates
-        return rerank(lambda u, i, _: self._pair_scores(channels, u, i), channels.users,
-                      channels.candidates)
+            candidates = channels.candidates
+            users = np.repeat(channels.users, candidates.shape[1])
+            scores = self.features.primary_scores(users, np.maximum(candidates.ravel(), 0))
+            return candidates, np.where(candidates >= 0, scores.reshape(candidates.shape),
+                                        -np.inf)
+        return rerank_with_scores(lambda u, i, _: self._pair_scores(channels, u, i),
+                                  channels.users, channels.candidates)
 
     def recommend(self, users: np.ndarray, exclude: sp.csr_matrix | None, k: int,
                   chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -364,16 +369,10 @@ class WideDeepRanker:
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), chunk):
             rows = slice(start, start + chunk)
-            channels = self.channel_candidates_of(users[rows], exclude, k)
-            ordered = self._order(channels)[:, :k]
-            pair_users = np.repeat(users[rows], ordered.shape[1])
-            pair_items = ordered.ravel()
-            scores = self.features.primary_scores(pair_users, np.maximum(pair_items, 0)) \
-                if self.kept_recall_order else self._pair_scores(channels, pair_users,
-                                                                 pair_items)
-            scores = np.where(pair_items >= 0, scores, -np.inf).reshape(ordered.shape)
-            top_items[rows, :ordered.shape[1]], top_scores[rows, :ordered.shape[1]] = \
-                ordered, scores
+            ordered, scores = self._order(self.channel_candidates_of(users[rows], exclude, k))
+            width = min(k, ordered.shape[1])
+            top_items[rows, :width], top_scores[rows, :width] = \
+                ordered[:, :width], scores[:, :width]
         return top_items, top_scores
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
