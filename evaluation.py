@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from model.retrieval import FaissRetriever
-from utils import atomic_path, rows_contain, write_json_atomic, write_text_atomic
+from utils import atomic_path, log, rows_contain, write_json_atomic, write_text_atomic
 
 DEFAULT_KS = (5, 10, 20, 50)
 
@@ -116,6 +117,26 @@ class Evaluator:
                       k: int = 20) -> float:
         """Recall@k of inner-product retrieval over these vectors."""
         return self.mean(self.top_of_vectors(user_vectors, item_vectors, k), "recall", k)
+
+
+def profile_or_item_mean(dataset, label: str, users: np.ndarray,
+                         top_with_profiles: Callable[["Evaluator"], np.ndarray],
+                         top_with_item_mean: Callable[["Evaluator"], np.ndarray]) -> dict | None:
+    """Validation Recall@20 of representing `users` (those with a profile and training items)
+    by their profile or by the mean of their items; each callable gives the ranked lists of
+    the evaluator's users. The record of the choice, None when no user has validation items."""
+    validation = Evaluator.on_validation(dataset, (20,), max_users=None)
+    compared = np.intersect1d(users, validation.users)
+    if len(compared) == 0:
+        return None
+    validation = validation.restricted(compared)
+    profile = validation.mean(top_with_profiles(validation))
+    mean = validation.mean(top_with_item_mean(validation))
+    log(f"{label} ({len(compared):,} users with validation items): val R@20 profile "
+        f"{profile:.4f} vs item-mean {mean:.4f}")
+    return {"users_compared": int(len(compared)), "val_recall@20_profile": round(profile, 5),
+            "val_recall@20_item_mean": round(mean, 5),
+            "chosen": "profile" if profile >= mean else "item-mean"}
 
 
 def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:

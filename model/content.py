@@ -10,10 +10,9 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.preprocessing import normalize
 
-from evaluation import Evaluator
+from evaluation import profile_or_item_mean
 from model.base import Recommender, Unavailable, register
 from model.config import USER_TEXT_CHOICES, USER_TEXT_SOURCES
-from utils import log
 
 
 @register
@@ -66,39 +65,34 @@ class TfidfRecall(Recommender):
         return self
 
     def _use_profiles(self, dataset, source: str) -> None:
-        """Profiles of one source replace the item-mean where validation says so ('auto')."""
+        """Profiles of one source replace the item-mean where validation says so ('auto');
+        users without training items always get theirs, and a profile with no known word is
+        never used."""
         rows = np.flatnonzero(dataset.user_profile_source == source)
         profiles = self.vectorizer.transform([dataset.user_profiles[u] for u in rows])
         rows, profiles = rows[profiles.getnnz(1) > 0], profiles[profiles.getnnz(1) > 0]
-        with_profiles = self.user_matrix.tolil()  # (a profile without known words is skipped)
-        with_profiles[rows] = profiles
-        with_profiles = with_profiles.tocsr()
+        use = np.ones(len(rows), dtype=bool)
         if self.user_text == "auto":
-            validation = Evaluator.on_validation(dataset, (20,), max_users=None)
-            compared = np.intersect1d(rows[self.user_kind[rows] != "none"], validation.users)
-            if len(compared):
-                validation = validation.restricted(compared)
-                mean = validation.mean(validation.top_of(self, 20))
-                item_mean_matrix, self.user_matrix = self.user_matrix, with_profiles
-                profile = validation.mean(validation.top_of(self, 20))
-                self.user_matrix = item_mean_matrix
-                self.user_text_choice[source] = {
-                    "users_compared": int(len(compared)),
-                    "val_recall@20_profile": round(profile, 5),
-                    "val_recall@20_item_mean": round(mean, 5),
-                    "chosen": "profile" if profile >= mean else "item-mean"}
-                log(f"tfidf users ({source} profiles): val R@20 profile {profile:.4f} vs "
-                    f"item-mean {mean:.4f}")
-                if profile < mean:
-                    rows = rows[self.user_kind[rows] == "none"]  # their profile is all they have
-                    if len(rows) == 0:
-                        return
-                    with_profiles = self.user_matrix.tolil()
-                    with_profiles[rows] = self.vectorizer.transform(
-                        [dataset.user_profiles[u] for u in rows])
-                    with_profiles = with_profiles.tocsr()
-        self.user_matrix = with_profiles
-        self.user_kind[rows] = source
+            choice = profile_or_item_mean(
+                dataset, f"tfidf users ({source} profiles)", rows[self.user_kind[rows] != "none"],
+                self._lists_with(_replace_rows(self.user_matrix, rows, profiles)),
+                self._lists_with(self.user_matrix))
+            if choice is not None:
+                self.user_text_choice[source] = choice
+                if choice["chosen"] == "item-mean":
+                    use = self.user_kind[rows] == "none"  # their profile is all they have
+        self.user_matrix = _replace_rows(self.user_matrix, rows[use], profiles[use])
+        self.user_kind[rows[use]] = source
+
+    def _lists_with(self, user_matrix: sp.csr_matrix):
+        """The ranked lists of a split's users if `user_matrix` held the user vectors."""
+        def lists(split) -> np.ndarray:
+            kept, self.user_matrix = self.user_matrix, user_matrix
+            try:
+                return split.top_of(self, 20)
+            finally:
+                self.user_matrix = kept
+        return lists
 
     def score(self, users: np.ndarray) -> np.ndarray:
         self._check_fitted()
@@ -138,3 +132,11 @@ def _place_rows(rows_matrix: sp.csr_matrix, rows: list[int], n_rows: int) -> sp.
                                (np.asarray(rows), np.arange(len(rows)))),
                               shape=(n_rows, rows_matrix.shape[0]))
     return (placement @ rows_matrix).tocsr()
+
+
+def _replace_rows(matrix: sp.csr_matrix, rows: np.ndarray, values: sp.csr_matrix) -> sp.csr_matrix:
+    """A copy of `matrix` with rows[j] set to values[j]."""
+    out = matrix.tolil()
+    if len(rows):
+        out[rows] = values
+    return out.tocsr()

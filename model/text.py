@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from coreMethod import mean_of_items
-from evaluation import Evaluator
+from evaluation import profile_or_item_mean
 from model.base import Recommender, Unavailable, register
 from model.config import USER_TEXT_CHOICES, USER_TEXT_SOURCES
 from model.finetune import (ADAPTER_FILE, PROMPT_DIR, is_prompt_model, load_adapters,
@@ -350,27 +350,18 @@ class TextRecall(Recommender):
     def _profile_wins(self, dataset, source: str, rows: np.ndarray, encoded: np.ndarray,
                       item_mean: np.ndarray, item_vectors: np.ndarray) -> bool:
         """Whether encoded profiles beat the item-mean on validation for the users of one
-        profile source who have both (users without training items always keep the profile,
-        the only vector they have)."""
-        has_items = np.abs(item_mean[rows]).sum(1) > 0
-        validation = Evaluator.on_validation(dataset, (20,), max_users=None)
-        compared = np.intersect1d(rows[has_items], validation.users)
-        if len(compared) == 0:
-            return True
-        validation = validation.restricted(compared)
+        profile source who have both."""
         items = np.flatnonzero(self.item_mask)
         profile_vectors = item_mean.copy()
         profile_vectors[rows] = encoded
-        profile = validation.mean(validation.top_of_vectors(profile_vectors, item_vectors,
-                                                            20, items))
-        mean = validation.mean(validation.top_of_vectors(item_mean, item_vectors, 20, items))
-        self.user_text_choice[source] = {"users_compared": int(len(compared)),
-                                         "val_recall@20_profile": round(profile, 5),
-                                         "val_recall@20_item_mean": round(mean, 5),
-                                         "chosen": "profile" if profile >= mean else "item-mean"}
-        log(f"text users ({source} profiles, {len(compared):,} with validation items): "
-            f"val R@20 profile {profile:.4f} vs item-mean {mean:.4f}")
-        return profile >= mean
+        choice = profile_or_item_mean(
+            dataset, f"text users ({source} profiles)", rows[self.user_kind[rows] != "none"],
+            lambda split: split.top_of_vectors(profile_vectors, item_vectors, 20, items),
+            lambda split: split.top_of_vectors(item_mean, item_vectors, 20, items))
+        if choice is None:
+            return True
+        self.user_text_choice[source] = choice
+        return choice["chosen"] == "profile"
 
     def embed_profiles(self, texts: list[str]) -> np.ndarray:
         """User vectors for new profile texts (cold start), in this model's space."""
