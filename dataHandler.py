@@ -75,6 +75,7 @@ class Dataset:
     item_profile_source: np.ndarray
     user_ids: list[str] = field(default_factory=list)  # original ids, index = row
     item_ids: list[str] = field(default_factory=list)
+    hygiene: dict = field(default_factory=dict)  # what profile cleaning found (model/hygiene)
 
     @property
     def n_users(self) -> int:
@@ -95,7 +96,7 @@ class Dataset:
             "test_users": int(len(test_users)),
             "text_coverage": self.text_coverage(),
             "split_sha256": self.split_digest(),
-        }
+        } | ({"profile_hygiene": self.hygiene} if self.hygiene else {})
 
     def split_digest(self) -> str:
         """Identity of the three splits' contents (not just their sizes): runs compared in an
@@ -149,7 +150,7 @@ def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
     item_source = _sources(item_profiles)
     meta_file = folder / "item_meta.json"
     if meta_file.exists():
-        metadata = _read_id_lines(meta_file, "item_id", n_items)
+        metadata = read_id_lines(meta_file, "item_id", n_items)
         for item, (_, meta) in metadata.items():
             if item_profiles[item] is None and (text := item_profile_from_metadata(meta)):
                 item_profiles[item], item_source[item] = text, "built"
@@ -267,7 +268,7 @@ def _to_csr(frame: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
     return matrix
 
 
-def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
+def iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
@@ -286,10 +287,10 @@ def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
             yield line_number, record
 
 
-def _read_id_lines(path: Path, id_key: str, limit: int) -> dict[int, tuple[int, dict]]:
+def read_id_lines(path: Path, id_key: str, limit: int) -> dict[int, tuple[int, dict]]:
     """{id: (line number, record)} from JSON lines keyed by an in-range integer `id_key`."""
     records: dict[int, tuple[int, dict]] = {}
-    for line_number, record in _iter_json_lines(path):
+    for line_number, record in iter_json_lines(path):
         key = record.get(id_key)
         if not isinstance(key, int) or isinstance(key, bool):
             raise DataError(f"{path}:{line_number}: missing integer '{id_key}'")
@@ -306,7 +307,7 @@ def _read_profiles(path: Path, id_key: str, limit: int) -> list[str | None]:
     profiles: list[str | None] = [None] * limit
     if not path.exists():
         return profiles
-    for key, (line_number, record) in _read_id_lines(path, id_key, limit).items():
+    for key, (line_number, record) in read_id_lines(path, id_key, limit).items():
         text = record.get("profile")
         if not isinstance(text, str):
             raise DataError(f"{path}:{line_number}: 'profile' must be a string")
@@ -320,7 +321,7 @@ def _read_mapper(path: Path, limit: int) -> list[str]:
     if not path.exists():
         return [str(row) for row in range(limit)]
     ids: list[str] = [""] * limit
-    for line_number, record in _iter_json_lines(path):
+    for line_number, record in iter_json_lines(path):
         index = next((v for k, v in record.items() if isinstance(v, int) and k in ("uid", "iid")),
                      None)
         original = next((v for v in record.values() if isinstance(v, str)), None)

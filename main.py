@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0" if os.environ.get("RECSYS_ONLINE") else "1")
@@ -12,12 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import click  # noqa: E402
 
 from bench import run_benchmarks  # noqa: E402
-from dataHandler import DataError  # noqa: E402
+from dataHandler import DataError, prepare_dataset  # noqa: E402
 from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # noqa: E402
                         write_ab_report)
 from model.base import ModelError  # noqa: E402
 from model.bundle import Bundle, BundleError, export_bundle, reproduction_verdict  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
+from model.llm_profiles import LLMConfig, describe_report, write_llm_profiles  # noqa: E402
 from model.pipeline import build_encoder, load_data, run_experiment  # noqa: E402
 from model.service import serve as serve_bundle  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
@@ -74,6 +76,26 @@ def run(ctx: click.Context, config_file: str | None, **values) -> None:
 def prepare(ctx: click.Context, **values) -> None:
     """Fill dataset/NAME (copy, download or generate) and write built profiles."""
     click.echo(load_data(experiment_config(ctx, None, values)).summary())
+
+
+@cli.command()
+@config_options("data")
+@config_options("run", only=("seed",))
+@click.option("--users", "target", flag_value="users", default=True,
+              help="Write user profiles (from their training items only) [default].")
+@click.option("--items", "target", flag_value="items",
+              help="Write item profiles (from item_meta.json and --reviews).")
+@config_options(LLMConfig)
+@click.pass_context
+@clear_errors()
+def profiles(ctx: click.Context, target: str, **values) -> None:
+    """Write missing user or item profiles with an LLM (OpenAI-compatible API) into the data
+    folder's user_profile.json / item_profile.json; resumable, with a token and cost report."""
+    llm = LLMConfig(**{f.name: values.pop(f.name) for f in fields(LLMConfig)})
+    config = experiment_config(ctx, None, values)
+    folder = prepare_dataset(config.data.dataset, config.data.data_root, config.data.data_source,
+                             config.data.data_url, config.run.seed)
+    click.echo(describe_report(write_llm_profiles(load_data(config), folder, target, llm)))
 
 
 @cli.command()

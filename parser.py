@@ -61,9 +61,11 @@ def _click_option(f) -> Callable:
     return click.option(flag, f.name, default=default, **kwargs)
 
 
-def config_options(*sections: str, only: tuple[str, ...] | None = None) -> Callable:
-    """Decorator adding the options of the named config sections (or just `only` of them)."""
-    chosen = [f for name in sections for f in fields(SECTIONS[name])
+def config_options(*sections: str | type, only: tuple[str, ...] | None = None) -> Callable:
+    """Decorator adding the options of the named config sections, or of option dataclasses
+    given directly (or just `only` of them)."""
+    chosen = [f for name in sections
+              for f in fields(SECTIONS[name] if isinstance(name, str) else name)
               if only is None or f.name in only]
 
     def decorate(command: Callable) -> Callable:

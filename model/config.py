@@ -48,6 +48,10 @@ class DataConfig:
                                      "else download].", kind="path")
     data_url: str | None = option(None, "Download the data set from this zip URL instead of "
                                   "its registered one.")
+    clean_profiles: bool = option(True, "Take e-mail addresses, URLs, phone and card numbers out "
+                                  "of profile text before it is encoded, exported or sent to "
+                                  "an LLM, and count duplicate profiles (metrics.json -> "
+                                  "profile_hygiene). The files themselves are never changed.")
 
 
 @dataclass

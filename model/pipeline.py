@@ -22,6 +22,7 @@ from model.config import BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConf
 from model.contrastive import finetune_encoder
 from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
+from model.hygiene import clean_dataset_profiles
 from model.ranking import WideDeepRanker
 from model.text import ENCODER_CONFIG, ENCODER_DIR, TextEncoder, TextRecall
 from model.tuning import tuned
@@ -34,8 +35,11 @@ RANK_MODES = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
 def load_data(config: ExperimentConfig) -> Dataset:
     """Prepare (copy, download or generate) and load the configured data set."""
     data = config.data
-    return open_dataset(data.dataset, data.data_root, data.data_source, data.data_url,
-                        config.run.seed)
+    dataset = open_dataset(data.dataset, data.data_root, data.data_source, data.data_url,
+                           config.run.seed)
+    if data.clean_profiles:
+        dataset.hygiene = clean_dataset_profiles(dataset)
+    return dataset
 
 
 def build_encoder(config: ExperimentConfig, quantize: bool | None = None) -> TextEncoder:
