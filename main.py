@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import textwrap
+from datetime import datetime
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,10 +22,14 @@ from model.base import ModelError  # noqa: E402
 from model.bundle import Bundle, BundleError, export_bundle, reproduction_verdict  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
 from model.llm_profiles import LLMConfig, describe_report, write_llm_profiles  # noqa: E402
-from model.pipeline import build_encoder, load_data, run_experiment  # noqa: E402
+from model.pipeline import RecallModels, build_encoder, load_data, run_experiment  # noqa: E402
 from model.service import serve as serve_bundle  # noqa: E402
+from model.stream import (STREAM_MODELS, Stream, render_stream_report,  # noqa: E402
+                          write_stream_report)
+from model.update import update_bundle  # noqa: E402
+from model.versions import BundleStore, VersionError  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
-from utils import OutputExists  # noqa: E402
+from utils import OutputExists, atomic_path  # noqa: E402
 
 USER_ERRORS = (DataError, BundleError, ConfigError, ModelError, FileNotFoundError, OutputExists)
 
@@ -134,7 +140,7 @@ def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> Non
               help="Which variant's model to export (text, deepwalk, graphsage, lightgcn, "
                    "fused, ...); its Wide&Deep ranker comes along when the run trained one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Bundle folder to write (replaced atomically).")
+              help="Bundle store: created, or given a new version that becomes current.")
 @click.option("--format", "storage", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "int8"]),
               help="Storage of the embedding matrices.")
@@ -142,9 +148,9 @@ def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> Non
 @clear_errors()
 def export(run_dir: str, variant: str, out: str, storage: str, overwrite: bool) -> None:
     """Export a run's model, FAISS index, id maps, ranker and manifest as a bundle."""
-    export_bundle(Path(run_dir), variant, load_data(_run_config(run_dir)), Path(out), storage,
-                  overwrite)
-    click.echo(f"bundle written to {out}")
+    version = export_bundle(Path(run_dir), variant, load_data(_run_config(run_dir)), Path(out),
+                            storage, overwrite)
+    click.echo(f"bundle version {version} written to {out} (now current)")
 
 
 @cli.command()
@@ -183,15 +189,94 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
 
 
 @cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="Bundle store (from `export`); the update becomes a new version.")
+@click.option("--interactions", required=True, type=click.Path(dir_okay=False),
+              help="CSV 'user,item[,timestamp]' with original ids; unknown ids are new.")
+@click.option("--user-profiles", default=None, type=click.Path(dir_okay=False),
+              help="JSON lines {\"user_id\": id, \"profile\": text} of new users.")
+@click.option("--item-profiles", default=None, type=click.Path(dir_okay=False),
+              help="JSON lines {\"item_id\": id, \"profile\": text} of new items.")
+@click.option("--remove-items", default=None, type=click.Path(dir_okay=False),
+              help="Item ids (one per line) to take out of the index.")
+@click.option("--validation", default=None, type=click.Path(dir_okay=False),
+              help="Held-out 'user,item' CSV: the update is not made current when its "
+                   "Recall@20 falls more than --max-drop below the parent's.")
+@click.option("--max-drop", default=0.02, show_default=True, type=click.FloatRange(0, 1))
+@clear_errors()
+def update(bundle_dir: str, interactions: str, user_profiles: str | None,
+           item_profiles: str | None, remove_items: str | None, validation: str | None,
+           max_drop: float) -> None:
+    """Daily update without retraining: fold new interactions, users and items into a new
+    version of the bundle (made current unless validation says it got worse)."""
+    result = update_bundle(Path(bundle_dir), Path(interactions), user_profiles, item_profiles,
+                           remove_items, validation, max_drop)
+    click.echo(json.dumps(result.report, indent=1))
+    click.echo(f"version {result.version} written; "
+               + ("now current" if result.made_current else "NOT made current"))
+
+
+@cli.command()
+@config_options("data")
+@config_options("run", only=("seed", "runs_dir", "tune_baselines", "tune_budget", "threads"))
+@click.option("--model", "variant", default="als", show_default=True,
+              type=click.Choice(STREAM_MODELS), help="Recall model replayed.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="Increments after the base.")
+@click.pass_context
+@clear_errors()
+def stream(ctx: click.Context, variant: str, steps: int, **values) -> None:
+    """Replay a data set as a stream: base model, then STEPS daily updates, each compared
+    with a full retrain on the same data (parity, freshness, cost); writes a report."""
+    config = experiment_config(ctx, None, values)
+    dataset = load_data(config)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(config.run.runs_dir) / dataset.name / f"stream-{stamp}"
+    with atomic_path(out) as staging:
+        staging.mkdir(parents=True)
+        report = Stream(dataset, lambda data: RecallModels(data, config), variant, steps,
+                        staging, config.run.seed).run()
+        write_stream_report(report, staging)
+    click.echo(render_stream_report(report))
+    click.echo(f"stream report written to {out}/stream.md (bundle store: {out}/bundle)")
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--rollback", "rollback_to", is_flag=False, flag_value="parent", default=None,
+              help="Make the current version's parent (or the version given) current.")
+@clear_errors(VersionError)
+def versions(bundle_dir: str, rollback_to: str | None) -> None:
+    """List a bundle store's versions (the current one marked); --rollback switches back."""
+    store = BundleStore(bundle_dir)
+    if rollback_to:
+        target = store.parent_of(store.current()) if rollback_to == "parent" else rollback_to
+        if target is None:
+            raise click.ClickException(f"version {store.current()} has no parent")
+        Bundle(store.path(target))  # verified before it serves
+        with store.lock():
+            store.switch(target)
+        click.echo(f"current version is now {target}")
+    click.echo("version\tcurrent\tparent\tkind\tusers\titems\tcreated")
+    for row in store.history():
+        click.echo("\t".join(str(row[k]) for k in ("version", "current", "parent", "kind",
+                                                    "users", "items", "created")))
+
+
+@cli.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--admin-token", default=None, envvar="RECSYS_ADMIN_TOKEN",
               help="Enables POST /admin/reload (hot swap) for this bearer token.")
+@click.option("--watch-seconds", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="How often the store's `current` version is checked and swapped in when "
+                   "it changed (0: only on /admin/reload).")
 @clear_errors()
-def serve(bundle_dir: str, host: str, port: int, admin_token: str | None) -> None:
+def serve(bundle_dir: str, host: str, port: int, admin_token: str | None,
+          watch_seconds: float) -> None:
     """Serve a bundle over HTTP: recommendations, similar items, look-alikes, /metrics."""
-    serve_bundle(bundle_dir, host, port, admin_token)
+    serve_bundle(bundle_dir, host, port, admin_token, watch_seconds)
 
 
 @cli.command()

@@ -135,14 +135,14 @@ def setup(tmp: Path) -> dict:
     run_b = made(["run", "--dataset", "demo", "--model", "popularity", "--seed", 2024,
                   *run_dirs_args(tmp)], "run written to ")
     made(["export", "--run", run_a, "--variant", "lightgcn", "--out", tmp / "bundle"],
-         "bundle written to ")
+         "bundle version ")
     return {"run_a": run_a, "run_b": run_b, "bundle": tmp / "bundle",
             "roberta": tiny_roberta(tmp / "tiny-roberta")}
 
 
 def edited_bundle(ctx: dict, tmp: Path) -> Path:
     copy = tmp / "bundle-edited"
-    shutil.copytree(ctx["bundle"], copy)
+    shutil.copytree(ctx["bundle"] / "current", copy)  # the current version, as a folder
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["metrics_at_export"]["recall@20"] += 0.05
     (copy / "manifest.json").write_text(json.dumps(manifest))

@@ -22,6 +22,7 @@ from model.config import ExperimentConfig
 from model.ranking import WideDeepRanker
 from model.retrieval import FaissRetriever
 from model.text import ENCODER_DIR, TextEncoder, load_encoder
+from model.versions import CURRENT, BundleStore, VersionError, is_store
 from utils import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -62,9 +63,11 @@ def _ids(ids: list[str], count: int) -> list[str]:
 
 
 def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
-                  storage: str = "float32", overwrite: bool = False) -> Path:
-    """Write the bundle of one recall variant of a run to `out` (atomically)."""
-    run_dir = Path(run_dir)
+                  storage: str = "float32", overwrite: bool = False) -> str:
+    """Add the bundle of one recall variant of a run to the store `out` as a new version and
+    make it current (a full retrain); a new store is created whole or not at all. Returns
+    the version's name."""
+    run_dir, out = Path(run_dir), Path(out)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model_dir = run_dir / "models" / file_name(variant)
     if not model_dir.exists():
@@ -74,42 +77,73 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
     if not model.has_vectors():
         raise BundleError(f"variant '{variant}' has no vectors to export")
     config = json.loads((run_dir / "config.json").read_text())
+
+    def write(store: BundleStore) -> str:
+        with store.lock(), store.staged_version() as (version, folder):
+            parent = store.current() if (store.root / CURRENT).is_symlink() else None
+            lineage = {"version": version, "parent": parent,
+                       "data_cutoff": {"training_interactions": int(dataset.train.nnz),
+                                       "split_sha256": metrics["dataset"]["split_sha256"]},
+                       "changes": {"kind": "full", "source_run": str(run_dir),
+                                   "variant": variant}}
+            _write_bundle(folder, run_dir, variant, model, dataset, metrics, config, storage,
+                          lineage)
+        store.switch(version)
+        return version
+
+    if is_store(out):
+        return write(BundleStore(out))
+    with atomic_path(out, MANIFEST, overwrite) as tmp:  # a new store, whole or not at all
+        return write(BundleStore.initialise(tmp))
+
+
+def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, dataset,
+                  metrics: dict, config: dict, storage: str, lineage: dict) -> None:
     users, items = model.embeddings()
-    with atomic_path(out, MANIFEST, overwrite) as tmp:
-        tmp.mkdir(parents=True)
-        stored_users, user_scale = _quantise(users, storage)
-        stored_items, item_scale = _quantise(items, storage)
-        np.save(tmp / "user_embeddings.npy", stored_users)
-        np.save(tmp / "item_embeddings.npy", stored_items)
-        _write_id_tables(tmp, dataset, len(users), len(items))
-        indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
-            else np.arange(len(items))
-        FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
-                                                  indexed).save(tmp / "items.faiss")
-        np.save(tmp / "index_items.npy", indexed)
-        sp.save_npz(tmp / "seen.npz", model.seen)
-        text = _copy_encoder(run_dir, variant, model, tmp)
-        ranker = _copy_ranker(run_dir, variant, tmp)
-        data = config.get("data", config)
-        manifest = {
-            "format_version": FORMAT_VERSION, "variant": variant, "model_class": type(model).__name__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "code_version": _code_version(), "source_run": str(run_dir),
-            "dataset": metrics["dataset"],
-            "data": _absolute_data_paths(data),
-            "users": int(users.shape[0]), "items": int(items.shape[0]),
-            "dim": int(items.shape[1]), "storage": storage,
-            "scales": {"users": user_scale, "items": item_scale},
-            "metric": "inner_product", "index": {"file": "items.faiss", "type": "IndexFlatIP"},
-            "metrics_at_export": metrics["variants"][variant]["metrics"],
-            "text_encoder": text, "ranker": ranker}
-        if text is None:
-            manifest["text_encoder_unavailable"] = _no_text_reason(variant, model)
-        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p)
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json_atomic(tmp / MANIFEST, manifest)
-        (tmp / MANIFEST_DIGEST).write_text(sha256_file(tmp / MANIFEST) + "\n")
-    return out
+    tmp.mkdir(parents=True)
+    stored_users, user_scale = _quantise(users, storage)
+    stored_items, item_scale = _quantise(items, storage)
+    np.save(tmp / "user_embeddings.npy", stored_users)
+    np.save(tmp / "item_embeddings.npy", stored_items)
+    _write_id_tables(tmp, dataset, len(users), len(items))
+    indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
+        else np.arange(len(items))
+    FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
+                                              indexed).save(tmp / "items.faiss")
+    np.save(tmp / "index_items.npy", indexed)
+    sp.save_npz(tmp / "seen.npz", model.seen)
+    text = _copy_encoder(run_dir, variant, model, tmp)
+    ranker = _copy_ranker(run_dir, variant, tmp)
+    data = config.get("data", config)
+    manifest = {
+        "format_version": FORMAT_VERSION, "variant": variant, "model_class": type(model).__name__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": _code_version(), "source_run": str(run_dir),
+        "dataset": metrics["dataset"],
+        "data": _absolute_data_paths(data),
+        "users": int(users.shape[0]), "items": int(items.shape[0]),
+        "dim": int(items.shape[1]), "storage": storage,
+        "scales": {"users": user_scale, "items": item_scale},
+        "metric": "inner_product", "index": {"file": "items.faiss", "type": "IndexFlatIP"},
+        "metrics_at_export": metrics["variants"][variant]["metrics"],
+        "text_encoder": text, "ranker": ranker, "model_params": _json_params(model), **lineage}
+    if text is None:
+        manifest["text_encoder_unavailable"] = _no_text_reason(variant, model)
+    seal_manifest(tmp, manifest)
+
+
+def _json_params(model: Recommender) -> dict:
+    """The model's settings that JSON can hold (an update's fold-in may use ALS's)."""
+    return {k: v for k, v in model.params().items()
+            if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def seal_manifest(folder: Path, manifest: dict) -> None:
+    """Write the manifest with every file's checksum, and the manifest's own digest."""
+    manifest["files"] = {str(p.relative_to(folder)): sha256_file(p)
+                         for p in sorted(folder.rglob("*")) if p.is_file()}
+    write_json_atomic(folder / MANIFEST, manifest)
+    (folder / MANIFEST_DIGEST).write_text(sha256_file(folder / MANIFEST) + "\n")
 
 
 def _absolute_data_paths(data: dict) -> dict:
@@ -180,7 +214,17 @@ class Bundle:
     run had them) the text encoder and the Wide&Deep ranker."""
 
     def __init__(self, folder: str | Path) -> None:
+        """`folder`: a bundle store (its `current` version is read, resolved once) or one
+        version's folder."""
         self.folder = Path(folder)
+        self.store: BundleStore | None = None
+        if is_store(self.folder):
+            try:
+                self.store = BundleStore(self.folder)
+                self.folder = self.store.path(self.store.current())
+            except VersionError as error:
+                raise BundleError(str(error)) from None
+        self.version = self.folder.name
         self.manifest = self._verified_manifest()
         scales = self.manifest["scales"]
         self.users = _restore(np.load(self.folder / "user_embeddings.npy"), scales["users"])
@@ -273,7 +317,13 @@ class Bundle:
         if not rank:
             items, scores = self.retriever.search(self.users, k, self.seen, row)
             return self._named(items[0], scores[0])
-        items, scores = self.ranker.recommend(row, self.seen, k)
+        trained = self.manifest.get("ranker_rows", {"users": len(self.users),
+                                                    "items": len(self.items)})
+        if row[0] >= trained["users"]:
+            raise BundleError(f"user {user!r} joined in an update after the ranker was trained;"
+                              " ask without rank (recall) until the next full retrain")
+        items, scores = self.ranker.recommend(row, self.seen[:trained["users"],
+                                                             :trained["items"]], k)
         return self._named(items[0], scores[0])
 
     def answer(self, user: str | None = None, profile: str | None = None,
@@ -358,6 +408,9 @@ class Bundle:
     def evaluate(self, dataset, ks: tuple[int, ...]) -> tuple[dict, dict]:
         """(metrics now, metrics at export) on the data set's test split. Items without an
         indexed vector (no text, in a text bundle) are left out exactly as at export."""
+        if self.manifest.get("changes", {}).get("kind") == "update":
+            raise BundleError(f"version {self.version} was updated with interactions from "
+                              "outside the data set; evaluate the version of a full export")
         if dataset.summary() != self.manifest["dataset"]:
             raise BundleError("the data set on disk differs from the one the bundle was "
                               "exported from")

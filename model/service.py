@@ -7,6 +7,7 @@ they started with, and a bundle that fails to load is refused while the old one 
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -68,7 +69,9 @@ def load_served(folder: str | Path) -> Served:
     except BundleError as error:  # the rest of the bundle still serves; profiles get the reason
         reason = str(error)
     fingerprint = (bundle.folder / MANIFEST_DIGEST).read_text().strip()
-    name = f"{bundle.folder.resolve().name}@{fingerprint[:12]}"
+    where = f"{bundle.store.root.resolve().name}/{bundle.version}" if bundle.store \
+        else bundle.folder.resolve().name
+    name = f"{where}@{fingerprint[:12]}"
     return Served(bundle, name, fingerprint, reason)
 
 
@@ -250,13 +253,26 @@ def _validation_error(request: Request, error: RequestValidationError) -> JSONRe
 
 
 def create_app(bundle_dir: str | Path, admin_token: str | None = None,
-               max_k: int = 1000) -> FastAPI:
+               max_k: int = 1000, watch_seconds: float = 2.0) -> FastAPI:
     """The service over `bundle_dir` (loaded and warmed now: a bad bundle raises
-    BundleError here). `/admin/reload` exists only when `admin_token` is given."""
+    BundleError here). `/admin/reload` exists only when `admin_token` is given. When
+    `bundle_dir` is a store, its `current` pointer is checked every `watch_seconds` (0: never)
+    and a new current version is swapped in as a reload would."""
     metrics = Metrics()
     state = State(Path(bundle_dir), load_served(bundle_dir))
     metrics.serving(state.served)
-    app = FastAPI(title="recsys", summary="Recall + Wide&Deep recommendations from a bundle")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        stop = threading.Event()
+        if watch_seconds > 0 and state.served.bundle.store is not None:
+            threading.Thread(target=_watch_current, args=(state, metrics, watch_seconds, stop),
+                             daemon=True, name="watch-current").start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="recsys", summary="Recall + Wide&Deep recommendations from a bundle",
+                  lifespan=lifespan)
     app.state.served = state
     app.add_exception_handler(RequestValidationError, _validation_error)
     _ops_routes(app, state, metrics)
@@ -362,23 +378,57 @@ def _admin_routes(app: FastAPI, state: State, metrics: Metrics, token: str) -> N
         if not state.reloading.acquire(blocking=False):
             raise HTTPException(409, "a reload is already in progress")
         try:
-            served = await anyio.to_thread.run_sync(load_served, folder)
+            previous, served = await anyio.to_thread.run_sync(_swap_in, state, metrics, folder)
         except Exception as error:  # whatever a bad bundle raises, the old one serves on
-            metrics.reloads.labels("refused").inc()
-            log.warning("reload of %s refused: %s", folder, error)
             raise HTTPException(422, f"bundle {folder} refused: {error}") from error
         finally:
             state.reloading.release()
-        previous, state.served, state.folder = state.served.name, served, folder
-        metrics.serving(served)
-        metrics.reloads.labels("swapped").inc()
-        log.info("now serving %s (was %s)", served.name, previous)
         return {"status": "swapped", "bundle": served.name, "previous": previous}
 
 
+def _swap_in(state: State, metrics: Metrics, folder: Path) -> tuple[str, Served]:
+    """Load and verify `folder`, then serve it (the caller holds `state.reloading`)."""
+    try:
+        served = load_served(folder)
+    except Exception as error:
+        metrics.reloads.labels("refused").inc()
+        log.warning("reload of %s refused: %s", folder, error)
+        raise
+    previous, state.served, state.folder = state.served.name, served, folder
+    metrics.serving(served)
+    metrics.reloads.labels("swapped").inc()
+    log.info("now serving %s (was %s)", served.name, previous)
+    return previous, served
+
+
+def _watch_current(state: State, metrics: Metrics, every: float, stop: threading.Event) -> None:
+    """Swap in the store's `current` version when it changes (a refused version is not
+    tried again until `current` moves on)."""
+    refused = None
+    while not stop.wait(every):
+        store = state.current().bundle.store
+        if store is None:  # a reload pointed the service at a single version
+            continue
+        try:
+            current = store.current()
+        except ValueError:
+            continue
+        if current in (state.current().bundle.version, refused):
+            continue
+        if state.reloading.acquire(blocking=False):
+            try:
+                _swap_in(state, metrics, store.root)
+                refused = None
+            except Exception:  # logged and counted; the old version serves on
+                refused = current
+            finally:
+                state.reloading.release()
+
+
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          admin_token: str | None = None) -> None:
+          admin_token: str | None = None, watch_seconds: float = 2.0) -> None:
     """Run the service with uvicorn (admin token: the argument, else $RECSYS_ADMIN_TOKEN)."""
     token = admin_token or os.environ.get("RECSYS_ADMIN_TOKEN") or None
-    uvicorn.run(create_app(bundle_dir, token), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(bundle_dir, token, watch_seconds=watch_seconds), host=host,
+                port=port, log_level="warning")
 

@@ -58,7 +58,7 @@ def test_cold_start_profile_uses_the_runs_encoder(exported, tiny_roberta):
 
     root, _ = exported
     bundle = Bundle(root / "text")
-    assert (root / "text" / "encoder" / "config.json").exists()  # a local base: weights kept
+    assert (root / "text" / "current" / "encoder" / "config.json").exists()  # a local base: weights kept
     vector = bundle.embed_profile("This user enjoys Thai places in Tucson.")
     encoder = TextEncoder.from_pretrained(str(tiny_roberta), layers=2, quantize=False)
     assert np.allclose(vector, encoder.encode(["This user enjoys Thai places in Tucson."],
@@ -77,7 +77,7 @@ def test_cold_start_profile_uses_the_runs_encoder(exported, tiny_roberta):
 def test_corrupted_or_incomplete_bundles_are_refused(exported, tmp_path):
     root, _ = exported
     broken = tmp_path / "broken"
-    shutil.copytree(root / "fused", broken)
+    shutil.copytree(root / "fused" / "current", broken)  # one version
     vectors = np.load(broken / "item_embeddings.npy")
     vectors[0, 0] += 1.0
     np.save(broken / "item_embeddings.npy", vectors)
@@ -99,7 +99,7 @@ def test_int8_storage_keeps_the_ranking_close(exported, tmp_path):
                                       str(out), "--format", "int8"], catch_exceptions=False)
     assert result.exit_code == 0
     exact, small = Bundle(root / "fused"), Bundle(out)
-    assert np.load(out / "item_embeddings.npy").dtype == np.int8
+    assert np.load(out / "current" / "item_embeddings.npy").dtype == np.int8
     assert np.abs(exact.items - small.items).max() < 0.02 * np.abs(exact.items).max()
     overlap = [len({i for i, _ in exact.recommend(u, 20)} & {i for i, _ in small.recommend(u, 20)})
                for u in ("1", "2", "3", "4")]

@@ -43,13 +43,21 @@ def test_an_output_never_replaces_a_folder_the_tool_did_not_write(small_run, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["my-folder"]  # no staging left behind
 
 
-def test_an_earlier_bundle_is_replaced_only_with_overwrite(small_run, tmp_path):
+def test_exporting_again_adds_a_version_and_a_foreign_folder_is_refused(small_run, tmp_path):
+    from model.versions import BundleStore
+
     args = ["export", "--run", str(small_run), "--variant", "lightgcn", "--out",
             str(tmp_path / "bundle")]
-    assert CliRunner().invoke(cli, args).exit_code == 0
-    again = CliRunner().invoke(cli, args)
-    assert again.exit_code != 0 and "pass --overwrite" in again.output
-    assert CliRunner().invoke(cli, [*args, "--overwrite"]).exit_code == 0
+    assert "version v0001 written" in CliRunner().invoke(cli, args).output
+    assert "version v0002 written" in CliRunner().invoke(cli, args).output
+    store = BundleStore(tmp_path / "bundle")
+    assert store.current() == "v0002" and store.parent_of("v0002") == "v0001"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(cli, [*args[:-1], str(foreign), "--overwrite"])
+    assert refused.exit_code != 0 and "was not written by this tool" in refused.output
+    assert os.listdir(foreign) == ["notes.txt"]
 
 
 def test_shrink_refuses_a_foreign_folder(tmp_path, tiny_roberta):
@@ -88,23 +96,24 @@ def test_edited_manifest_and_differing_metrics_are_caught(small_run, tmp_path):
     out = tmp_path / "bundle"
     assert CliRunner().invoke(cli, ["export", "--run", str(small_run), "--variant", "lightgcn",
                                     "--out", str(out)]).exit_code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    version = out / "current"
+    manifest = json.loads((version / "manifest.json").read_text())
     assert Path(manifest["data"]["data_root"]).is_absolute()
     good = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])
     assert good.exit_code == 0 and "verdict: reproduced" in good.output
     manifest["metrics_at_export"]["recall@20"] += 0.01
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (version / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="does not match manifest.sha256"):
         Bundle(out)
     from utils import sha256_file
-    (out / "manifest.sha256").write_text(sha256_file(out / "manifest.json"))
+    (version / "manifest.sha256").write_text(sha256_file(version / "manifest.json"))
     differs = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])
     assert differs.exit_code == 1 and "verdict: DIFFERS" in differs.output
     manifest["files"] = {}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (version / "manifest.json").write_text(json.dumps(manifest))
     del manifest["files"]
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    (out / "manifest.sha256").write_text(sha256_file(out / "manifest.json"))
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    (version / "manifest.sha256").write_text(sha256_file(version / "manifest.json"))
     with pytest.raises(BundleError, match="missing required fields files"):
         Bundle(out)
     ok, line = reproduction_verdict({"recall@20": 0.30}, {"recall@20": 0.31}, 1e-4)

@@ -84,7 +84,7 @@ def test_health_ready_docs(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready").json()
     assert ready["variant"] == "fused" and ready["ranker"] and ready["text"]
-    assert ready["bundle"].startswith("fused@")
+    assert ready["bundle"].startswith("fused/v0001@")
     assert client.get("/docs").status_code == 200
     assert "/users/{user_id}/recommendations" in client.get("/openapi.json").json()["paths"]
 
@@ -96,7 +96,7 @@ def test_user_recommendations_equal_the_bundle_and_the_cli(client, bundles):
             got = client.get(f"/users/{user}/recommendations",
                              params={"k": 10, "rank": str(rank).lower()})
             assert _ids(got) == [i for i, _ in bundle.recommend(user, 10, rank=rank)]
-            assert got.json()["bundle"].startswith("fused@")
+            assert got.json()["bundle"].startswith("fused/v0001@")
     shown = _cli("recommend", "--bundle", str(bundles[0]), "--user", "5", "--rank", "-k", "10")
     listed = [line.split("\t")[1] for line in shown.splitlines()[1:]]
     assert _ids(client.get("/users/5/recommendations?k=10&rank=true")) == listed
@@ -172,7 +172,7 @@ def test_metrics_count_requests_and_name_the_bundle(client):
     assert 'recsys_requests_total{endpoint="/users/{user_id}/recommendations",method="GET",' \
            'status="404"}' in text
     assert "recsys_request_seconds_bucket" in text and "recsys_errors_total" in text
-    assert 'recsys_bundle_info{bundle="fused@' in text
+    assert 'recsys_bundle_info{bundle="fused/v0001@' in text
 
 
 def _hammer(client: httpx.Client, stop: threading.Event, statuses: list[int]) -> None:
@@ -194,14 +194,14 @@ def test_hot_swap_serves_on_and_refuses_a_broken_bundle(bundles, tmp_path):
         assert swapped.status_code == 200, swapped.text
         assert statuses and set(statuses) == {200}
         after = client.get("/users/5/recommendations?k=10")
-        assert after.json()["bundle"].startswith("lightgcn@")
+        assert after.json()["bundle"].startswith("lightgcn/v0001@")
         assert _ids(after) == [i for i, _ in Bundle(lightgcn).recommend("5", 10)]
         assert client.get("/users/5/recommendations?rank=true").status_code == 409
         assert client.post("/recommendations", json={"profile": "tea"}).status_code == 409
-        assert 'recsys_bundle_info{bundle="lightgcn@' in client.get("/metrics").text
+        assert 'recsys_bundle_info{bundle="lightgcn/v0001@' in client.get("/metrics").text
 
         broken = tmp_path / "broken"
-        shutil.copytree(lightgcn, broken)
+        shutil.copytree(lightgcn / "current", broken)  # one version
         (broken / "seen.npz").write_bytes(b"corrupted")
         for folder in (broken, tmp_path / "missing"):
             refused = client.post("/admin/reload", headers=ADMIN, json={"bundle": str(folder)})

@@ -1,0 +1,132 @@
+"""Versioned bundle stores and the daily update: new items become retrievable, a failed update
+leaves `current` alone, rollback restores the parent exactly, the no-regression check holds
+an update back, and the service follows `current`."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dataHandler import DataError
+from main import cli
+from model import update as update_module
+from model.bundle import Bundle
+from model.update import update_bundle
+from model.versions import BundleStore
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def als_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("versions")
+    output = _cli("run", "--dataset", "demo", "--model", "als", "--data-root", root / "data",
+                  "--runs-dir", root / "runs")
+    return Path([l for l in output.splitlines() if l.startswith("run written to ")][-1][15:])
+
+
+@pytest.fixture
+def store(als_run, tmp_path) -> Path:
+    _cli("export", "--run", als_run, "--variant", "als", "--out", tmp_path / "bundle")
+    return tmp_path / "bundle"
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in rows))
+    return path
+
+
+def test_an_item_added_by_update_is_recommended_and_a_new_user_served(store, tmp_path):
+    rows = [(str(u), "NEW-ITEM") for u in range(0, 60, 2)]
+    rows += [("new-user", str(i)) for i in (3, 17, 42, 108)]
+    output = _cli("update", "--bundle", store, "--interactions", _write_csv(tmp_path / "a.csv",
+                                                                             rows))
+    assert "version v0002 written; now current" in output
+    bundle = Bundle(store)
+    assert bundle.version == "v0002" and bundle.manifest["parent"] == "v0001"
+    report = bundle.manifest["changes"]
+    assert (report["new_items"], report["new_users"], report["new_interactions"]) == (1, 1, 34)
+    assert report["fold_in"]["method"] == "als"  # it reproduces ALS's own users best
+    new_row = bundle.item_row("NEW-ITEM")
+    assert new_row in bundle.retriever.row_to_item
+    top = bundle.retriever.search(bundle.users, 20, bundle.seen)[0]
+    assert (top == new_row).any(axis=1).sum() > 0  # someone is recommended the new item
+    assert "NEW-ITEM" not in [i for i, _ in bundle.recommend("0", 50)]  # seen now: excluded
+    fresh = bundle.recommend("new-user", 10)
+    assert len(fresh) == 10 and not {"3", "17", "42", "108"} & {i for i, _ in fresh}
+
+
+def test_a_failed_update_leaves_the_current_version_untouched(store, tmp_path, monkeypatch):
+    before = sorted(p.name for p in (store / "versions").iterdir())
+    bad = tmp_path / "bad.csv"
+    bad.write_text("who,what\n1,2\n")
+    with pytest.raises(DataError, match="bad.csv:1: header must name 'user' and 'item'"):
+        update_bundle(store, bad)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(update_module, "seal_manifest", crash)
+    with pytest.raises(OSError, match="disk full"):
+        update_bundle(store, _write_csv(tmp_path / "ok.csv", [("1", "2")]))
+    assert BundleStore(store).current() == "v0001"
+    assert sorted(p.name for p in (store / "versions").iterdir()) == before  # no leftovers
+
+
+def test_rollback_restores_the_parent_exactly(store, tmp_path):
+    first = Bundle(store)
+    answers = {u: first.recommend(u, 20) for u in ("1", "7", "33")}
+    digest = (first.folder / "manifest.sha256").read_text()
+    _cli("update", "--bundle", store, "--interactions",
+         _write_csv(tmp_path / "b.csv", [("1", str(i)) for i in range(100, 130)]))
+    assert Bundle(store).recommend("1", 20) != answers["1"]
+    assert "current version is now v0001" in _cli("versions", "--bundle", store, "--rollback")
+    again = Bundle(store)
+    assert again.version == "v0001" and (again.folder / "manifest.sha256").read_text() == digest
+    assert {u: again.recommend(u, 20) for u in answers} == answers
+    listed = _cli("versions", "--bundle", store).splitlines()
+    assert listed[1].startswith("v0001\tTrue\tNone\tfull")
+    assert listed[2].startswith("v0002\tFalse\tv0001\tupdate")
+
+
+def test_an_update_that_hurts_validation_is_not_made_current(store, tmp_path):
+    bundle = Bundle(store)
+    rng = np.random.default_rng(0)
+    users = bundle.user_ids[:200]
+    junk = [(u, str(i)) for u in users for i in rng.choice(400, 40, replace=False)]
+    held_out = []
+    for user in users:  # each user's own best-ranked items stand for what they want next
+        held_out += [(user, i) for i, _ in bundle.recommend(user, 5)]
+    result = update_bundle(store, _write_csv(tmp_path / "junk.csv", junk),
+                           validation=_write_csv(tmp_path / "val.csv", held_out),
+                           max_drop=0.02)
+    assert not result.made_current and "not made current" in result.report["validation"]
+    assert BundleStore(store).current() == "v0001"
+    assert result.version in BundleStore(store).versions()  # kept, for inspection
+
+
+def test_the_service_follows_the_current_pointer(store, tmp_path):
+    from model.service import create_app
+    from test_service import serving
+
+    with serving(create_app(store, watch_seconds=0.1)) as client:
+        assert client.get("/ready").json()["bundle"].startswith("bundle/v0001@")
+        _cli("update", "--bundle", store, "--interactions",
+             _write_csv(tmp_path / "c.csv", [("1", "NEW-ITEM"), ("2", "NEW-ITEM")]))
+        deadline = time.monotonic() + 20
+        while not client.get("/ready").json()["bundle"].startswith("bundle/v0002@"):
+            assert time.monotonic() < deadline, "the new current version was not swapped in"
+            time.sleep(0.1)
+        assert client.get("/items/NEW-ITEM/similar?k=3").status_code == 200
+        _cli("versions", "--bundle", store, "--rollback")
+        while not client.get("/ready").json()["bundle"].startswith("bundle/v0001@"):
+            assert time.monotonic() < deadline, "the rollback was not followed"
+            time.sleep(0.1)
+        assert client.get("/items/NEW-ITEM/similar").status_code == 404
+    assert json.loads(json.dumps(BundleStore(store).history()))[1]["parent"] == "v0001"
