@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-START = "import sys; from model.service import serve; serve(sys.argv[1], port=int(sys.argv[2]))"
+START = ("import sys; from model.service import serve; "
+         "serve(sys.argv[1], port=int(sys.argv[2]), threads=int(sys.argv[3]))")
 START_TIMEOUT = 180  # seconds for the server to load and warm the bundle
 
 
@@ -60,13 +61,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(bundle: Path, token: str) -> Iterator[str]:
+def running_server(bundle: Path, token: str, threads: int = 0) -> Iterator[str]:
     """The service in a subprocess; its base URL once /ready answers; stopped on exit."""
     port = free_port()
     log = tempfile.TemporaryFile()
     env = {**os.environ, "RECSYS_ADMIN_TOKEN": token, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-c", START, str(bundle), str(port)], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-c", START, str(bundle), str(port),
+                                str(threads)], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, log)
@@ -145,7 +147,8 @@ def reload_midway(target: Path, token: str, requests: int, report: dict):
 
 
 async def benchmark(args: argparse.Namespace, url: str, token: str) -> None:
-    users = pd.read_parquet(args.bundle / "users.parquet")["id"].astype(str).tolist()
+    folder = args.bundle / "current" if (args.bundle / "current").is_dir() else args.bundle
+    users = pd.read_parquet(folder / "users.parquet")["id"].astype(str).tolist()
     ready = httpx.get(f"{url}/ready").json()
     modes = [("recall", False)] + ([("recall + ranking", True)] if ready["ranker"] else [])
     print(f"bundle {ready['bundle']} ({args.bundle}); k={args.k}; at most {args.requests} "
@@ -179,10 +182,12 @@ def main() -> None:
     parser.add_argument("-k", "--k", type=int, default=20)
     parser.add_argument("--swap-to", type=Path, default=None,
                         help="Bundle the reload cell swaps to [default: --bundle again].")
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="The service's --threads (0: the libraries' default).")
     args = parser.parse_args()
     random.seed(0)
     token = secrets.token_hex(16)
-    with running_server(args.bundle, token) as url:
+    with running_server(args.bundle, token, args.server_threads) as url:
         asyncio.run(benchmark(args, url, token))
 
 

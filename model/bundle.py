@@ -19,6 +19,7 @@ from evaluation import Evaluator, file_name
 from coreMethod import unit_rows
 from model.base import Recommender
 from model.config import ExperimentConfig
+from model.foldin import choose_fold_in
 from model.ranking import WideDeepRanker
 from model.retrieval import FaissRetriever
 from model.text import ENCODER_DIR, TextEncoder, load_encoder
@@ -108,8 +109,9 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
     _write_id_tables(tmp, dataset, len(users), len(items))
     indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
         else np.arange(len(items))
-    FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
-                                              indexed).save(tmp / "items.faiss")
+    retriever = FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
+                                                          indexed)
+    retriever.save(tmp / "items.faiss")
     np.save(tmp / "index_items.npy", indexed)
     sp.save_npz(tmp / "seen.npz", model.seen)
     text = _copy_encoder(run_dir, variant, model, tmp)
@@ -126,7 +128,11 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         "scales": {"users": user_scale, "items": item_scale},
         "metric": "inner_product", "index": {"file": "items.faiss", "type": "IndexFlatIP"},
         "metrics_at_export": metrics["variants"][variant]["metrics"],
-        "text_encoder": text, "ranker": ranker, "model_params": _json_params(model), **lineage}
+        "text_encoder": text, "ranker": ranker, "model_params": _json_params(model),
+        "fold_in": choose_fold_in(_restore(stored_users, user_scale),
+                                  _restore(stored_items, item_scale), model.seen, retriever,
+                                  model.params()).describe(),
+        **lineage}
     if text is None:
         manifest["text_encoder_unavailable"] = _no_text_reason(variant, model)
     seal_manifest(tmp, manifest)

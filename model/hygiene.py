@@ -21,12 +21,14 @@ from datasketch import MinHash, MinHashLSH
 PII_PATTERNS = {
     "email": re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
                         r"\.[A-Za-z]{2,}"),
-    "url": re.compile(r"(?:https?://|www\.)[^\s<>\"'，。]+[^\s<>\"'.,;:!?)，。]", re.IGNORECASE),
+    "url": re.compile(r"(?:https?://|www\.)[^\s<>\"'，。]+[^\s<>\"'.,;:!?)，。]",
+                      re.IGNORECASE),
     "card": re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)"),
-    "phone": re.compile(r"(?<![\d+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4})"
-                        r"{2,4}|(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}|\d{10,11})(?!\d)"),
+    "phone": re.compile(r"(?<![\d+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}"
+                        r"(?:[ .-]?\d{2,4}){2,4}"
+                        r"|(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}|\d{10,11})(?!\d)"),
 }
-MAY_HOLD_PII = re.compile(r"@|://|www\.|\d{3}", re.IGNORECASE)  # a cheap test before the patterns
+MAY_HOLD_PII = re.compile(r"@|://|www\.|\d{3}", re.IGNORECASE)  # cheap test before the patterns
 PLACEHOLDERS = {kind: f"[{kind.upper()}]" for kind in PII_PATTERNS}
 SHINGLE = 5
 NEAR_DUPLICATE_THRESHOLD = 0.9

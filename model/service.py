@@ -426,9 +426,17 @@ def _watch_current(state: State, metrics: Metrics, every: float, stop: threading
 
 
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          admin_token: str | None = None, watch_seconds: float = 2.0) -> None:
-    """Run the service with uvicorn (admin token: the argument, else $RECSYS_ADMIN_TOKEN)."""
+          admin_token: str | None = None, watch_seconds: float = 2.0, threads: int = 0) -> None:
+    """Run the service with uvicorn (admin token: the argument, else $RECSYS_ADMIN_TOKEN).
+    `threads`: threads each request's FAISS search and ranker use (0: the libraries'
+    default); with many concurrent requests, 1 avoids oversubscribing the cores."""
     token = admin_token or os.environ.get("RECSYS_ADMIN_TOKEN") or None
+    if threads:
+        import faiss
+        import torch
+
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
     uvicorn.run(create_app(bundle_dir, token, watch_seconds=watch_seconds), host=host,
                 port=port, log_level="warning")
 

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from evaluation import Evaluator, paired_bootstrap_ci
 from model.bundle import FORMAT_VERSION, Bundle, seal_manifest
+from model.foldin import choose_fold_in
 from model.retrieval import FaissRetriever
 from model.update import update_bundle
 from model.versions import BundleStore
@@ -99,10 +100,15 @@ class Stream:
                               "id": [self.item_ids[i] for i in known_items]}
                              ).to_parquet(folder / "items.parquet", index=False)
                 indexed = np.arange(len(known_items))
-                FaissRetriever("flat", use_gpu=False).fit(
-                    items[known_items].astype(np.float32), indexed).save(folder / "items.faiss")
+                retriever = FaissRetriever("flat", use_gpu=False).fit(
+                    items[known_items].astype(np.float32), indexed)
+                retriever.save(folder / "items.faiss")
                 np.save(folder / "index_items.npy", indexed)
-                sp.save_npz(folder / "seen.npz", base.train[known_users][:, known_items])
+                seen = base.train[known_users][:, known_items].tocsr()
+                sp.save_npz(folder / "seen.npz", seen)
+                fold_in = choose_fold_in(users[known_users].astype(np.float32),
+                                         items[known_items].astype(np.float32), seen,
+                                         retriever, model.params())
                 seal_manifest(folder, {
                     "format_version": FORMAT_VERSION, "variant": self.variant,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -112,7 +118,7 @@ class Stream:
                     "storage": "float32", "scales": {"users": 1.0, "items": 1.0},
                     "metrics_at_export": {}, "text_encoder": None, "ranker": None,
                     "text_encoder_unavailable": f"stream of '{self.variant}'",
-                    "model_params": model.params(),
+                    "model_params": model.params(), "fold_in": fold_in.describe(),
                     "version": version, "parent": None,
                     "data_cutoff": {"training_interactions": int(base.train.nnz)},
                     "changes": {"kind": "full", "stream_step": 0}})

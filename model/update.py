@@ -1,17 +1,16 @@
 """Daily incremental update of a bundle, without retraining: the day's interactions, new
-users and new items are folded into the current version's vectors and written as a new
-version of the store (made current unless its validation figures fall too far).
+users and new items are folded into the current version's vectors (`model/foldin.py`: the
+rule the bundle recorded at export) and written as a new version of the store, made current
+unless its validation figures fall too far below the parent's.
 
-- Users: a new user's vector is a fold-in of their items' vectors; a changed user keeps what
-  training gave them and moves by the fold-in's change, u + f(all items) - f(old items).
-  The fold-in is the implicit-ALS closed form (as `implicit`'s `recalculate_user`:
-  (YᵀY + Yᵀ(C - I)Y + λI)⁻¹ YᵀCp) or the mean of the item vectors, with the form, α and λ
-  chosen automatically: whichever best reproduces the top-20 lists of existing users from
-  their training items alone.
-- Items: a new item is folded in from its users' vectors, and one with a profile gets its
-  text vector from the bundle's encoder in the text block (only new profiles are encoded);
-  an existing item with new interactions moves by the fold-in's change over its users, as
-  a changed user does. New items are added to the FAISS index; `remove_items` are taken out of it.
+- Users: a new user's vector is the fold-in of their items (or their profile's text vector
+  when they have no interactions yet). A changed user is solved again over all their items
+  with ALS's closed form, warm-started from the trained vector (what training computes);
+  under the mean rule the trained vector moves by the change of the mean instead.
+- Items: a new item is folded in from its users' vectors (again after the users are
+  updated), and one with a profile gets its text vector from the bundle's encoder in the
+  text block (only new profiles are encoded); a changed item is updated like a changed user.
+  New items are added to the FAISS index; `remove_items` are taken out of it.
 - The Wide&Deep ranker is kept as trained: users who joined after it are answered by recall.
 """
 from __future__ import annotations
@@ -29,122 +28,11 @@ import scipy.sparse as sp
 
 from dataHandler import DataError, iter_json_lines
 from model.bundle import Bundle, BundleError, seal_manifest
+from model.foldin import FoldIn, choose_fold_in
 from model.retrieval import FaissRetriever
 from utils import sha256_file
 
-SAMPLE_USERS = 300
-CG_STEPS = 30  # conjugate-gradient iterations at most (stops early when converged)
-CG_CELLS = 1 << 16  # rows x padded width per batch (bounds the (rows, width, dim) array)
-ALPHAS = (1.0, 10.0, 40.0)
-RIDGES = (0.01, 0.1, 1.0)  # times the mean squared norm of an item vector's coordinates
-
-
-@dataclass
-class FoldIn:
-    """Vectors for rows of an interaction matrix from the other side's vectors: the mean of
-    those vectors, or implicit ALS's closed form with confidence `alpha` on observed pairs
-    and 1 elsewhere, and L2 weight `regularization`."""
-    method: str = "mean"  # 'mean' or 'als'
-    alpha: float = 1.0
-    regularization: float = 0.1
-    reproduction_overlap: float = 0.0
-
-    def vectors(self, interactions: sp.csr_matrix, other: np.ndarray,
-                start: np.ndarray | None = None) -> np.ndarray:
-        """One vector per row of `interactions` (rows without interactions: zero, or their
-        `start`). ALS rows are solved by conjugate gradient, warm-started from `start`."""
-        observed = (interactions > 0).astype(np.float32).tocsr()
-        counts = np.diff(observed.indptr)
-        out = np.zeros((observed.shape[0], other.shape[1]), dtype=np.float32) if start is None \
-            else start.astype(np.float32).copy()
-        rows = np.flatnonzero(counts > 0)
-        if self.method == "mean":
-            out[rows] = (observed[rows] @ other) / counts[rows, None]
-            return out
-        gram = other.T @ other + self.regularization * np.eye(other.shape[1], dtype=np.float32)
-        order = rows[np.argsort(counts[rows], kind="stable")]  # similar lengths pad little
-        position = 0
-        while position < len(order):
-            widths = counts[order[position:]]  # ascending: a chunk is as wide as its last row
-            cells = np.arange(1, len(widths) + 1) * widths
-            size = max(1, int(np.searchsorted(cells, CG_CELLS, side="right")))
-            chunk = order[position:position + size]
-            out[chunk] = self._solve(observed[chunk], other, gram, out[chunk])
-            position += size
-        return out
-
-    def _solve(self, rows: sp.csr_matrix, other: np.ndarray, gram: np.ndarray,
-               start: np.ndarray) -> np.ndarray:
-        """Batched conjugate gradient on (G + (α-1)Y_uᵀY_u) x = αY_uᵀ1 for each row u."""
-        counts = np.diff(rows.indptr)
-        width = int(counts.max())
-        slots = np.arange(width)[None, :] < counts[:, None]
-        padded = np.zeros((len(counts), width), dtype=np.int64)
-        padded[slots] = rows.indices
-        vectors = other[padded] * slots[..., None]  # (rows, width, dim), padding zero
-
-        def apply(x: np.ndarray) -> np.ndarray:
-            inner = np.einsum("nld,nd->nl", vectors, x)
-            return x @ gram + (self.alpha - 1.0) * np.einsum("nld,nl->nd", vectors, inner)
-
-        x = start.astype(np.float32)
-        residual = self.alpha * vectors.sum(axis=1) - apply(x)
-        direction, norm = residual.copy(), np.einsum("nd,nd->n", residual, residual)
-        for _ in range(CG_STEPS):
-            if norm.max() < 1e-10:
-                break
-            product = apply(direction)
-            step = norm / np.maximum(np.einsum("nd,nd->n", direction, product), 1e-30)
-            x += step[:, None] * direction
-            residual -= step[:, None] * product
-            new_norm = np.einsum("nd,nd->n", residual, residual)
-            direction = residual + (new_norm / np.maximum(norm, 1e-30))[:, None] * direction
-            norm = new_norm
-        return x
-
-    def describe(self) -> dict:
-        return {"method": self.method, "alpha": self.alpha,
-                "regularization": round(self.regularization, 6),
-                "reproduction_overlap_at_20": round(self.reproduction_overlap, 4)}
-
-
-def fold_in_options(bundle: Bundle) -> list[FoldIn]:
-    """The mean, ALS's closed form at the bundle's own ALS settings when it records them, and
-    a small grid of confidences and (relative) regularisations."""
-    scale = float(np.mean(np.einsum("ij,ij->j", bundle.items, bundle.items)))
-    options = [FoldIn("mean")] + [FoldIn("als", alpha, ridge * scale)
-                                  for alpha in ALPHAS for ridge in RIDGES]
-    params = bundle.manifest.get("model_params") or {}
-    if "alpha" in params and "regularization" in params:
-        options.append(FoldIn("als", float(params["alpha"]), float(params["regularization"])))
-    return options
-
-
-def inherited_fold_in(bundle: Bundle) -> FoldIn | None:
-    """The fold-in an update parent already chose (chosen once after each full export)."""
-    chosen = bundle.manifest.get("changes", {}).get("fold_in")
-    if not chosen:
-        return None
-    return FoldIn(chosen["method"], chosen["alpha"], chosen["regularization"],
-                  chosen["reproduction_overlap_at_20"])
-
-
-def choose_fold_in(bundle: Bundle, seed: int = 0) -> FoldIn:
-    """The fold-in that best reproduces existing users' top-20 lists (their trained vectors
-    vs vectors folded in from their training items), on a sample of users."""
-    rng = np.random.default_rng(seed)
-    active = np.flatnonzero(np.diff(bundle.seen.indptr) >= 2)
-    sample = np.sort(rng.choice(active, min(SAMPLE_USERS, len(active)), replace=False))
-    if len(sample) == 0:
-        return FoldIn()
-    truth = bundle.retriever.search(bundle.users, 20, bundle.seen, sample)[0]
-    options = fold_in_options(bundle)
-    for option in options:
-        folded = option.vectors(bundle.seen[sample], bundle.items)
-        top = bundle.retriever.search(folded, 20, bundle.seen[sample])[0]
-        option.reproduction_overlap = float(np.mean(
-            [len(set(a[a >= 0]) & set(b[b >= 0])) / 20 for a, b in zip(truth, top)]))
-    return max(options, key=lambda o: o.reproduction_overlap)
+GATE_USERS = 1000  # validation users the no-regression check looks at (a fixed sample)
 
 
 @dataclass
@@ -204,31 +92,31 @@ def update_bundle(root: Path, interactions: Path, user_profiles: Path | None = N
                   validation: Path | None = None, max_drop: float = 0.02) -> UpdateResult:
     """Write the update of the store `root`'s current version as a new version; make it
     current unless Recall@20 on `validation` falls more than `max_drop` below the parent's."""
+    began = started = time.perf_counter()
     parent = Bundle(root)
     if parent.store is None:
         raise BundleError(f"{root}: a single bundle version, not a store; `export` writes "
                           "stores, and updates go into one")
-    started = time.perf_counter()
     increment = read_interactions(Path(interactions), parent)
     users_text = read_profiles_by_id(Path(user_profiles), "user_id") if user_profiles else {}
     items_text = read_profiles_by_id(Path(item_profiles), "item_id") if item_profiles else {}
     removed = _read_ids(Path(remove_items), parent) if remove_items else []
     state = _Update(parent, increment, users_text, items_text, removed)
-    state.log("read", started, interactions=len(increment.pairs))
+    state.log("load parent and read", started, interactions=len(increment.pairs))
     state.run()
-    store = parent.store
-    with store.lock(), store.staged_version() as (version, folder):
-        manifest = state.write(folder, version)
     made_current, verdict = True, "no validation file given: made current without a check"
     if validation is not None:
-        made_current, verdict = _no_regression(parent, Bundle(store.path(version)),
-                                               Path(validation), max_drop)
+        started = time.perf_counter()
+        made_current, verdict = _no_regression(parent, state, Path(validation), max_drop)
+        state.log("validation check", started, made_current=made_current)
+    store = parent.store
+    with store.lock(), store.staged_version() as (version, folder):
+        manifest = state.write(folder, version, verdict)
     if made_current:
         with store.lock():
             store.switch(version)
-    return UpdateResult(version, made_current, {**manifest["changes"], "validation": verdict,
-                                                "seconds": round(time.perf_counter() - started,
-                                                                 3)})
+    return UpdateResult(version, made_current, {**manifest["changes"],
+                                                "seconds": round(time.perf_counter() - began, 3)})
 
 
 def _read_ids(path: Path, bundle: Bundle) -> list[int]:
@@ -276,7 +164,9 @@ class _Update:
         self.seen = (old + self.added).tocsr()
         self.log("interactions", started, new_pairs=int(self.added.nnz))
         started = time.perf_counter()
-        self.fold_in = inherited_fold_in(self.parent) or choose_fold_in(self.parent)
+        self.fold_in = FoldIn.recorded(self.parent.manifest) or choose_fold_in(
+            self.parent.users, self.parent.items, self.parent.seen, self.parent.retriever,
+            self.parent.manifest.get("model_params"))
         self.log("choose fold-in", started, **self.fold_in.describe())
         self._item_vectors()
         self._user_vectors()
@@ -328,8 +218,8 @@ class _Update:
         touched = np.flatnonzero(np.diff(self.added.indptr) > 0)
         old, new = touched[touched < self.n_old_users], touched[touched >= self.n_old_users]
         if len(old):
-            users[old] = self._refreshed(self.seen[old], self.parent.seen[old], self.items,
-                                         users[old])
+            users[old] = self._refreshed(self.seen[old], lambda: self.parent.seen[old],
+                                         self.items, users[old])
         users[new] = self.fold_in.vectors(self.seen[new], self.items)
         quiet = np.array([r for r in range(self.n_old_users, len(self.user_ids))
                           if self.added.indptr[r + 1] == self.added.indptr[r]
@@ -348,9 +238,9 @@ class _Update:
         by_users, seen_by_item = self.added.T.tocsr(), self.seen.T.tocsr()
         touched = np.flatnonzero(np.diff(by_users.indptr[:self.n_old_items + 1]) > 0)
         if len(touched):
-            self.items[touched] = self._refreshed(seen_by_item[touched],
-                                                  self.parent.seen.T.tocsr()[touched],
-                                                  self.users, self.items[touched])
+            self.items[touched] = self._refreshed(
+                seen_by_item[touched], lambda: self.parent.seen.T.tocsr()[touched], self.users,
+                self.items[touched])
         new_rows = np.arange(self.n_old_items, len(self.item_ids))
         refold = new_rows[np.diff(by_users.indptr)[new_rows] > 0]  # now with the new users too
         self.items[refold] = self.fold_in.vectors(seen_by_item[refold], self.users,
@@ -359,14 +249,14 @@ class _Update:
         self.log("changed items", started, changed_items=len(touched),
                  new_items_refolded=len(refold))
 
-    def _refreshed(self, after: sp.csr_matrix, before: sp.csr_matrix, other: np.ndarray,
+    def _refreshed(self, after: sp.csr_matrix, before, other: np.ndarray,
                    current: np.ndarray) -> np.ndarray:
         """Touched rows' vectors: ALS's closed form over all their interactions (what
         training computes, warm-started from the current vector), or for the mean rule the
         current vector moved by the change of the mean."""
         if self.fold_in.method == "als":
             return self.fold_in.vectors(after, other, current)
-        before = before.tocsr()
+        before = before().tocsr()  # (a callable: only this rule needs the old interactions)
         before.resize(after.shape)
         return current + self.fold_in.vectors(after, other) \
             - self.fold_in.vectors(before.tocsr(), other)
@@ -376,10 +266,11 @@ class _Update:
         kept = np.setdiff1d(self.parent.retriever.row_to_item, self.removed)
         new_rows = [r for r in range(self.n_old_items, len(self.item_ids)) if self.items[r].any()]
         self.index_items = np.concatenate([kept, np.array(new_rows, dtype=np.int64)])
+        self.retriever = FaissRetriever("flat", use_gpu=False).fit(self.items, self.index_items)
         self.log("index", started, added_items=len(new_rows), removed_items=len(self.removed),
                  new_items_not_retrievable=len(self.item_ids) - self.n_old_items - len(new_rows))
 
-    def write(self, folder: Path, version: str) -> dict:
+    def write(self, folder: Path, version: str, verdict: str) -> dict:
         """Write the new version's files and its sealed manifest; return the manifest."""
         started = time.perf_counter()
         parent = self.parent
@@ -396,8 +287,7 @@ class _Update:
             table["profile"] = list(parent.item_profiles or [""] * self.n_old_items) + \
                 [self.items_text.get(i, "") for i in self.item_ids[self.n_old_items:]]
         pd.DataFrame(table).to_parquet(folder / "items.parquet", index=False)
-        FaissRetriever("flat", use_gpu=False).fit(self.items, self.index_items).save(
-            folder / "items.faiss")
+        self.retriever.save(folder / "items.faiss")
         np.save(folder / "index_items.npy", self.index_items)
         sp.save_npz(folder / "seen.npz", self.seen)
         self.log("write version", started)
@@ -413,11 +303,13 @@ class _Update:
                             "interactions_file": self.increment.source,
                             "interactions_sha256": sha256_file(self.increment.source),
                             "latest_timestamp": self.increment.latest_timestamp},
+            "fold_in": self.fold_in.describe(),
             "changes": {"kind": "update", "new_interactions": int(self.added.nnz),
                         "new_users": len(self.user_ids) - self.n_old_users,
                         "new_items": len(self.item_ids) - self.n_old_items,
                         "removed_items": len(self.removed),
                         "fold_in": self.fold_in.describe(), "steps": self.steps,
+                        "validation": verdict,
                         "ranker": "kept as trained: users and items that joined after it are "
                                   "answered by recall" if parent.manifest.get("ranker") else None}})
         seal_manifest(folder, manifest)
@@ -431,21 +323,29 @@ def _link(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _no_regression(parent: Bundle, candidate: Bundle, validation: Path,
-                   max_drop: float) -> tuple[bool, str]:
-    """Recall@20 of both versions on held-out `user,item` pairs of users the parent knows."""
+def _no_regression(parent: Bundle, candidate: _Update, validation: Path,
+                   max_drop: float, seed: int = 0) -> tuple[bool, str]:
+    """Recall@20 of both versions on held-out `user,item` pairs of (a fixed sample of at most
+    GATE_USERS) users and items the parent knows."""
     frame = read_interactions(validation, parent).pairs
-    known = frame[frame["user"].isin(parent._user_row) & frame["item"].isin(parent._item_row)]
-    if known.empty:
+    users, items = frame["user"].map(parent._user_row), frame["item"].map(parent._item_row)
+    known = (users.notna() & items.notna()).to_numpy()
+    if not known.any():
         return True, f"{validation}: no pairs of known users and items: made current unchecked"
+    users = users.to_numpy()[known].astype(np.int64)
+    items = items.to_numpy()[known].astype(np.int64)
+    truth = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                          shape=(len(parent.user_ids), len(parent.item_ids)))
+    rows = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if len(rows) > GATE_USERS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, GATE_USERS, replace=False))
+    wanted = np.asarray((truth[rows] > 0).sum(axis=1)).ravel()
     figures = []
-    for bundle in (parent, candidate):
-        held = known.groupby("user")["item"].agg(set)
-        rows = np.array([bundle.user_row(u) for u in held.index])
+    for bundle in (parent, candidate):  # the parent's rows are the candidate's first rows
         top = bundle.retriever.search(bundle.users, 20, bundle.seen, rows)[0]
-        hits = [len({bundle.item_ids[i] for i in found if i >= 0} & items) / min(len(items), 20)
-                for found, items in zip(top, held)]
-        figures.append(float(np.mean(hits)))
+        hits = [np.isin(top[n], truth.indices[truth.indptr[r]:truth.indptr[r + 1]]).sum()
+                for n, r in enumerate(rows)]
+        figures.append(float(np.mean(np.asarray(hits) / np.minimum(wanted, 20))))
     before, after = figures
     if after < before * (1 - max_drop):
         return False, (f"not made current: validation Recall@20 {after:.4f} is more than "

@@ -60,6 +60,8 @@ def test_an_item_added_by_update_is_recommended_and_a_new_user_served(store, tmp
     assert "NEW-ITEM" not in [i for i, _ in bundle.recommend("0", 50)]  # seen now: excluded
     fresh = bundle.recommend("new-user", 10)
     assert len(fresh) == 10 and not {"3", "17", "42", "108"} & {i for i, _ in fresh}
+    refused = CliRunner().invoke(cli, ["evaluate", "--bundle", str(store)])
+    assert refused.exit_code != 0 and "evaluate the version of a full export" in refused.output
 
 
 def test_a_failed_update_leaves_the_current_version_untouched(store, tmp_path, monkeypatch):
@@ -130,3 +132,21 @@ def test_the_service_follows_the_current_pointer(store, tmp_path):
             time.sleep(0.1)
         assert client.get("/items/NEW-ITEM/similar").status_code == 404
     assert json.loads(json.dumps(BundleStore(store).history()))[1]["parent"] == "v0001"
+
+
+def test_fold_in_rules_on_hand_checked_data():
+    from model.foldin import FoldIn
+
+    items = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]], dtype=np.float32)
+    seen = np.array([[1, 1, 0], [0, 0, 0], [0, 2, 1]], dtype=np.float32)
+    import scipy.sparse as sp
+
+    mean = FoldIn("mean").vectors(sp.csr_matrix(seen), items)
+    assert np.allclose(mean, [[0.5, 1.0], [0.0, 0.0], [1.5, 1.5]])  # counts do not weigh
+    als = FoldIn("als", alpha=10.0, regularization=0.5).vectors(sp.csr_matrix(seen), items)
+    for row, wanted in ((0, [0, 1]), (2, [1, 2])):
+        chosen = items[wanted].astype(np.float64)
+        system = items.T @ items + 9.0 * chosen.T @ chosen + 0.5 * np.eye(2)
+        assert np.allclose(als[row], np.linalg.solve(system, 10.0 * chosen.sum(axis=0)),
+                           rtol=1e-3)
+    assert not als[1].any()  # no interactions: no vector
