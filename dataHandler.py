@@ -30,10 +30,9 @@ SPLIT_FILES = {
     "easyrec": ("trn_mat.pkl", "val_mat.pkl", "tst_mat.pkl"),
     "csv": ("train.csv", "val.csv", "test.csv"),
 }
-OPTIONAL_FILES = ("user_profile.json", "item_profile.json", "user_mapper.json",
-                  "item_mapper.json", "item_meta.json")
-BUILT_USER_FILE = "user_profile.built.json"
-BUILT_ITEM_FILE = "item_profile.built.json"
+OPTIONAL_FILES = ("user_profile.json", "item_profile.json", "user_profile.llm.json",
+                  "item_profile.llm.json", "user_mapper.json", "item_mapper.json", "item_meta.json")
+BUILT_USER_FILE, BUILT_ITEM_FILE = "user_profile.built.json", "item_profile.built.json"
 MAX_ITEMS_IN_BUILT_PROFILE = 5
 DEMO_SEED = 2023  # the built-in demo data of the default seed lives in dataset/demo
 
@@ -304,14 +303,14 @@ def read_id_lines(path: Path, id_key: str, limit: int) -> dict[int, tuple[int, d
 
 
 def _read_profiles(path: Path, id_key: str, limit: int) -> list[str | None]:
+    """The data's profiles, then for the others those `main.py profiles` wrote (NAME.llm.json)."""
     profiles: list[str | None] = [None] * limit
-    if not path.exists():
-        return profiles
-    for key, (line_number, record) in read_id_lines(path, id_key, limit).items():
-        text = record.get("profile")
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{line_number}: 'profile' must be a string")
-        profiles[key] = text.strip() or None
+    for source in (path.with_suffix(".llm.json"), path):  # the data's own file wins
+        for key, (line_number, record) in (read_id_lines(source, id_key, limit).items()
+                                           if source.exists() else ()):
+            if not isinstance(record.get("profile"), str):
+                raise DataError(f"{source}:{line_number}: 'profile' must be a string")
+            profiles[key] = record["profile"].strip() or profiles[key]
     return profiles
 
 

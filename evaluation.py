@@ -307,6 +307,14 @@ def load_run_variant(run_dir: Path, variant: str | None) -> tuple[dict, str, pd.
     return metrics, variant, frame, top
 
 
+def same_data(summary_a: dict, summary_b: dict) -> bool:
+    """Two data set summaries describe the same interactions (what profile cleaning found
+    is not part of that: runs from before it, or with it off, compare)."""
+    def core(summary: dict) -> dict:
+        return {k: v for k, v in summary.items() if k != "profile_hygiene"}
+    return core(summary_a) == core(summary_b)
+
+
 def paired_bootstrap_ci(differences: np.ndarray, resamples: int = 2000, seed: int = 0,
                         level: float = 0.95) -> tuple[float, float]:
     """Percentile CI of the mean of paired per-user differences (users resampled)."""
@@ -388,7 +396,7 @@ def ab_compare(run_a: Path, run_b: Path, variant_a: str | None, variant_b: str |
     train, test = evaluator.exclude, evaluator.truth
     metrics_a, variant_a, frame_a, top_a = load_run_variant(run_a, variant_a)
     metrics_b, variant_b, frame_b, top_b = load_run_variant(run_b, variant_b)
-    if metrics_a["dataset"] != metrics_b["dataset"]:
+    if not same_data(metrics_a["dataset"], metrics_b["dataset"]):
         raise ABError(f"runs are on different datasets or splits: {run_a} has "
                       f"{_split_line(metrics_a['dataset'])}, {run_b} has "
                       f"{_split_line(metrics_b['dataset'])}")

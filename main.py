@@ -212,8 +212,10 @@ def update(bundle_dir: str, interactions: str, user_profiles: str | None,
     result = update_bundle(Path(bundle_dir), Path(interactions), user_profiles, item_profiles,
                            remove_items, validation, max_drop)
     click.echo(json.dumps(result.report, indent=1))
-    click.echo(f"version {result.version} written; "
-               + ("now current" if result.made_current else "NOT made current"))
+    click.echo(f"version {result.version} written; " + (
+        "now current" if result.made_current else
+        f"NOT made current, so its interactions are not served: check them, then `versions "
+        f"--bundle {bundle_dir} --rollback {result.version}` makes it current"))
 
 
 @cli.command()
@@ -272,11 +274,13 @@ def versions(bundle_dir: str, rollback_to: str | None) -> None:
 @click.option("--watch-seconds", default=2.0, show_default=True, type=click.FloatRange(0),
               help="How often the store's `current` version is checked and swapped in when "
                    "it changed (0: only on /admin/reload).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="Threads per request for FAISS and the ranker (0: the libraries' default).")
 @clear_errors()
 def serve(bundle_dir: str, host: str, port: int, admin_token: str | None,
-          watch_seconds: float) -> None:
+          watch_seconds: float, threads: int) -> None:
     """Serve a bundle over HTTP: recommendations, similar items, look-alikes, /metrics."""
-    serve_bundle(bundle_dir, host, port, admin_token, watch_seconds)
+    serve_bundle(bundle_dir, host, port, admin_token, watch_seconds, threads)
 
 
 @cli.command()

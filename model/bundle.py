@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from evaluation import Evaluator, file_name
+from evaluation import Evaluator, file_name, same_data
 from coreMethod import unit_rows
 from model.base import Recommender
 from model.config import ExperimentConfig
@@ -80,16 +80,17 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
     config = json.loads((run_dir / "config.json").read_text())
 
     def write(store: BundleStore) -> str:
-        with store.lock(), store.staged_version() as (version, folder):
-            parent = store.current() if (store.root / CURRENT).is_symlink() else None
-            lineage = {"version": version, "parent": parent,
-                       "data_cutoff": {"training_interactions": int(dataset.train.nnz),
-                                       "split_sha256": metrics["dataset"]["split_sha256"]},
-                       "changes": {"kind": "full", "source_run": str(run_dir),
-                                   "variant": variant}}
-            _write_bundle(folder, run_dir, variant, model, dataset, metrics, config, storage,
-                          lineage)
-        store.switch(version)
+        with store.lock():
+            with store.staged_version() as (version, folder):
+                parent = store.current() if (store.root / CURRENT).is_symlink() else None
+                lineage = {"version": version, "parent": parent,
+                           "data_cutoff": {"training_interactions": int(dataset.train.nnz),
+                                           "split_sha256": metrics["dataset"]["split_sha256"]},
+                           "changes": {"kind": "full", "source_run": str(run_dir),
+                                       "variant": variant}}
+                _write_bundle(folder, run_dir, variant, model, dataset, metrics, config,
+                              storage, lineage)
+            store.switch(version)
         return version
 
     if is_store(out):
@@ -328,8 +329,13 @@ class Bundle:
         if row[0] >= trained["users"]:
             raise BundleError(f"user {user!r} joined in an update after the ranker was trained;"
                               " ask without rank (recall) until the next full retrain")
+        removed = set(self.manifest.get("removed_rows", []))  # still in the ranker's channels
         items, scores = self.ranker.recommend(row, self.seen[:trained["users"],
-                                                             :trained["items"]], k)
+                                                             :trained["items"]],
+                                              k + len(removed))
+        if removed:
+            kept = [n for n, item in enumerate(items[0]) if item not in removed][:k]
+            items, scores = items[:, kept], scores[:, kept]
         return self._named(items[0], scores[0])
 
     def answer(self, user: str | None = None, profile: str | None = None,
@@ -417,7 +423,7 @@ class Bundle:
         if self.manifest.get("changes", {}).get("kind") == "update":
             raise BundleError(f"version {self.version} was updated with interactions from "
                               "outside the data set; evaluate the version of a full export")
-        if dataset.summary() != self.manifest["dataset"]:
+        if not same_data(dataset.summary(), self.manifest["dataset"]):
             raise BundleError("the data set on disk differs from the one the bundle was "
                               "exported from")
         evaluator = Evaluator.on_test(dataset, ks)

@@ -2,10 +2,10 @@
 sent to an LLM, and exact / near-duplicate profiles counted.
 
 PII kinds (each replaced by a placeholder such as `[EMAIL]`): e-mail addresses, URLs, card-like
-numbers (13-19 digits passing the Luhn check) and phone numbers (an international `+` prefix,
-the 3-3-4 digit groups of North American numbers, or 10-11 digits in a row as in Chinese mobile
-numbers). The patterns are deliberately narrow: a street number, a year or a price is not
-personal data and stays.
+numbers (13-19 digits passing the Luhn check, not a run of years) and phone numbers (an
+international `+` prefix, the 3-3-4 digit groups of North American numbers, or the 11 digits
+of a Chinese mobile number, 1[3-9]...). The patterns are deliberately narrow: a street
+number, a year or a price is not personal data and stays.
 Near duplicates are found with MinHash LSH (the `datasketch` library) over character 5-grams,
 which works the same for languages written without spaces (e.g. Chinese)."""
 from __future__ import annotations
@@ -23,10 +23,10 @@ PII_PATTERNS = {
                         r"\.[A-Za-z]{2,}"),
     "url": re.compile(r"(?:https?://|www\.)[^\s<>\"'，。]+[^\s<>\"'.,;:!?)，。]",
                       re.IGNORECASE),
-    "card": re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)"),
+    "card": re.compile(r"(?<![\d+])\d(?:[ -]?\d){12,18}(?!\d)"),
     "phone": re.compile(r"(?<![\d+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}"
                         r"(?:[ .-]?\d{2,4}){2,4}"
-                        r"|(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}|\d{10,11})(?!\d)"),
+                        r"|(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}|1[3-9]\d{9})(?!\d)"),
 }
 MAY_HOLD_PII = re.compile(r"@|://|www\.|\d{3}", re.IGNORECASE)  # cheap test before the patterns
 PLACEHOLDERS = {kind: f"[{kind.upper()}]" for kind in PII_PATTERNS}
@@ -41,6 +41,14 @@ def _luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _looks_like_card(text: str) -> bool:
+    """Passes the Luhn check and is not a run of years ("2015 2016 2017 2018")."""
+    groups = re.findall(r"\d+", text)
+    if all(len(g) == 4 and 1900 <= int(g) <= 2099 for g in groups):
+        return False
+    return _luhn_valid("".join(groups))
+
+
 def scrub_pii(text: str) -> tuple[str, Counter]:
     """`text` with each PII match replaced by its placeholder, and the count per kind."""
     found: Counter = Counter()
@@ -49,7 +57,7 @@ def scrub_pii(text: str) -> tuple[str, Counter]:
 
     def replace(kind: str):
         def substitute(match: re.Match) -> str:
-            if kind == "card" and not _luhn_valid(re.sub(r"\D", "", match.group())):
+            if kind == "card" and not _looks_like_card(match.group()):
                 return match.group()
             found[kind] += 1
             return PLACEHOLDERS[kind]

@@ -6,14 +6,19 @@ only; an item's from its metadata (`item_meta.json`) and, when given, its review
 templates are text files (system prompt, a line `---`, user prompt with `${history}` or
 `${metadata}` / `${reviews}`); the template's name and digest are stored with every profile.
 
-The run is resumable and loses nothing when interrupted: each answer is appended to a journal
-(`user_profile.json.partial`) as it arrives, and the journal is merged into the profile file
-atomically at the end, or at the start of the next run after a crash. Profiles already in the
-file are skipped; the lines already there are kept as they are."""
+Profiles go to `user_profile.llm.json` / `item_profile.llm.json` beside the data (the same
+JSON-lines format; the loader reads them after the data's own profile files, which are never
+changed). The run is resumable and loses nothing when interrupted: each answer is appended to
+a journal (`user_profile.llm.json.partial`) as it arrives, and the journal is merged into the
+file atomically at the end, or at the start of the next run after a crash. Users and items
+that already have a written profile are skipped. One run at a time writes a folder's file."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import string
 import threading
 import time
@@ -22,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from tqdm import tqdm
@@ -32,7 +38,8 @@ from model.hygiene import scrub_pii
 from utils import atomic_path, log, sha256_of, write_json_atomic
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
-TARGETS = {"users": ("user_id", "user_profile.json"), "items": ("item_id", "item_profile.json")}
+TARGETS = {"users": ("user_id", "user_profile.llm.json"),
+           "items": ("item_id", "item_profile.llm.json")}
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text, used for estimates only
 SHOWN_IN_DRY_RUN = 2
 MIN_PROFILE_CHARS = 20
@@ -116,7 +123,7 @@ def item_prompts(dataset: Dataset, folder: Path, template: Template,
     """(item, prompt) for items without a written profile that have metadata or reviews."""
     metadata = read_id_lines(folder / "item_meta.json", "item_id", dataset.n_items) \
         if (folder / "item_meta.json").exists() else {}
-    reviews = _read_reviews(Path(reviews_file), dataset.n_items) if reviews_file else {}
+    reviews = _read_reviews(Path(reviews_file), dataset) if reviews_file else {}
     for item in np.flatnonzero(dataset.item_profile_source != "written"):
         meta = {k: v for k, v in metadata.get(int(item), (0, {}))[1].items() if k != "item_id"}
         said = reviews.get(int(item), [])
@@ -128,16 +135,32 @@ def item_prompts(dataset: Dataset, folder: Path, template: Template,
         yield int(item), template.fill(metadata=shown, reviews=quoted)
 
 
-def _read_reviews(path: Path, n_items: int) -> dict[int, list[str]]:
+def _read_reviews(path: Path, dataset: Dataset) -> dict[int, list[str]]:
+    """Reviews per item. A review with a `user_id` is kept only if that user's interaction
+    with the item is in the training split (a review is the interaction: one from a
+    validation or test pair would leak it into the item's profile)."""
     if not path.is_file():
         raise ProfileError(f"{path}: reviews file not found")
     reviews: dict[int, list[str]] = {}
+    held_out = unchecked = 0
     for line_number, record in iter_json_lines(path):
-        item, text = record.get("item_id"), record.get("review")
-        if not isinstance(item, int) or not 0 <= item < n_items or not isinstance(text, str):
-            raise ProfileError(f"{path}:{line_number}: expected {{\"item_id\": 0..{n_items - 1}, "
-                               "\"review\": str}")
+        item, text, user = record.get("item_id"), record.get("review"), record.get("user_id")
+        if not isinstance(item, int) or not 0 <= item < dataset.n_items \
+                or not isinstance(text, str) or not (user is None or isinstance(user, int)):
+            raise ProfileError(f"{path}:{line_number}: expected {{\"item_id\": "
+                               f"0..{dataset.n_items - 1}, \"review\": str, optional "
+                               "\"user_id\": int}")
+        if user is None:
+            unchecked += 1
+        elif not 0 <= user < dataset.n_users or dataset.train[user, item] == 0:
+            held_out += 1
+            continue
         reviews.setdefault(item, []).append(text)
+    if held_out:
+        log(f"{path}: {held_out} reviews of pairs outside the training split left out")
+    if unchecked:
+        log(f"{path}: {unchecked} reviews without user_id: make sure they come from training "
+            "interactions only")
     return reviews
 
 
@@ -150,6 +173,19 @@ class ProfileFile:
     def __init__(self, path: Path, id_key: str):
         self.path, self.id_key = path, id_key
         self.journal = path.with_name(path.name + ".partial")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One `profiles` run per file at a time (a second one stops with a clear error)."""
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ProfileError(f"{self.path}: another `profiles` run is writing it") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def ids(self) -> set[int]:
         return {key for key, _ in self._records(self.path)} | \
@@ -195,6 +231,9 @@ class ProfileWriter:
         from openai import OpenAI  # imported here: only this command needs it
 
         self.config = config
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", config.api_key_env):
+            raise ProfileError("--api-key-env takes the NAME of an environment variable that "
+                               "holds the key, not the key itself")
         key = os.environ.get(config.api_key_env)
         if not key:
             log(f"${config.api_key_env} is not set: sending no API key (fine for local servers)")
@@ -260,24 +299,25 @@ def write_llm_profiles(dataset: Dataset, folder: Path, target: str, config: LLMC
     _check(config)
     id_key, file_name = TARGETS[target]
     template = Template.load(Path(config.template) if config.template
-                             else PROMPTS / file_name.replace(".json", ".txt"))
+                             else PROMPTS / f"{target[:-1]}_profile.txt")
     profiles = ProfileFile(folder / file_name, id_key)
-    recovered = profiles.commit()  # answers of an interrupted earlier run
-    if recovered:
-        log(f"{recovered} profiles recovered from an interrupted run's journal")
-    done = profiles.ids()
-    prompts = user_prompts(dataset, template, config.history) if target == "users" else \
-        item_prompts(dataset, folder, template, config.reviews)
-    jobs = [(key, prompt) for key, prompt in prompts if key not in done]
-    if config.limit:
-        jobs = jobs[:config.limit]
-    if config.dry_run:
-        return _dry_run(jobs, template, config)
-    writer, started = ProfileWriter(config), time.perf_counter()
-    written = _ask_all(writer, jobs, template, profiles, id_key)
-    report = _report(writer, config, template, profiles.path, written, len(jobs), len(done),
-                     time.perf_counter() - started)
-    write_json_atomic(folder / file_name.replace(".json", ".report.json"), report)
+    with profiles.locked():
+        recovered = profiles.commit()  # answers of an interrupted earlier run
+        if recovered:  # their ids are skipped below (they are in the file now)
+            log(f"{recovered} profiles recovered from an interrupted run's journal")
+        done = profiles.ids()
+        prompts = user_prompts(dataset, template, config.history) if target == "users" else \
+            item_prompts(dataset, folder, template, config.reviews)
+        jobs = [(key, prompt) for key, prompt in prompts if key not in done]
+        if config.limit:
+            jobs = jobs[:config.limit]
+        if config.dry_run:
+            return _dry_run(jobs, template, config)
+        writer, started = ProfileWriter(config), time.perf_counter()
+        written = _ask_all(writer, jobs, template, profiles, id_key)
+        report = _report(writer, config, template, profiles.path, written, len(jobs),
+                         len(done), time.perf_counter() - started)
+        write_json_atomic(folder / file_name.replace(".json", ".report.json"), report)
     return report
 
 
@@ -324,7 +364,7 @@ def _report(writer: ProfileWriter, config: LLMConfig, template: Template, path: 
             written: int, asked: int, existing: int, seconds: float) -> dict:
     tokens_in, tokens_out = writer.usage["prompt_tokens"], writer.usage["completion_tokens"]
     priced = config.price_input or config.price_output
-    return {"file": str(path), "model": config.llm_model, "url": config.llm_url,
+    return {"file": str(path), "model": config.llm_model, "url": _redacted(config.llm_url),
             "template": template.name, "template_sha256": template.digest,
             "asked": asked, "written": written, "already_present": existing,
             "failed": dict(writer.failed), "failed_ids_first_20": writer.failed_ids,
@@ -333,6 +373,14 @@ def _report(writer: ProfileWriter, config: LLMConfig, template: Template, path: 
             "cost_usd": round((tokens_in * config.price_input
                                + tokens_out * config.price_output) / 1e6, 6) if priced else None,
             "seconds": round(seconds, 2)}
+
+
+def _redacted(url: str) -> str:
+    """The URL without user info or query (either may carry a credential)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) if \
+        parts.port is None else urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port}",
+                                             parts.path, "", ""))
 
 
 def _dry_run(jobs: list[tuple[int, str]], template: Template, config: LLMConfig) -> dict:

@@ -60,7 +60,7 @@ def load_served(folder: str | Path) -> Served:
     """Load and verify a bundle (checksums), then warm it: ranker, encoder, both indexes."""
     bundle = Bundle(folder)
     if bundle.manifest.get("ranker") is not None:
-        bundle.ranker.recommend(np.array([0]), bundle.seen, 1)
+        bundle.recommend(bundle.user_ids[0], 1, rank=True)
     bundle.recommend(bundle.user_ids[0], 1)
     bundle.lookalike_users(bundle.user_ids[0], 1)  # builds the user index once, here
     try:

@@ -63,6 +63,7 @@ class Stream:
         self.coo = dataset.train.tocoo()
         self.arrival = arrival_steps(dataset.train, steps, seed)
         self.evaluator = Evaluator.on_test(dataset, (20,))
+        self.held_back: list[int] = []
 
     def train_until(self, step: int) -> sp.csr_matrix:
         return _matrix(self.coo, self.arrival <= step)
@@ -125,7 +126,9 @@ class Stream:
             bundle_store.switch(version)
 
     def _increment_files(self, step: int, known_before: np.ndarray) -> tuple[Path, Path]:
-        pairs = self.arrival == step
+        """This step's arrivals, plus those of earlier steps whose update was held back (they
+        are not in the current version; a real pipeline would send them again)."""
+        pairs = np.isin(self.arrival, [*self.held_back, step])
         increment = self.out / "increments" / f"step{step}.csv"
         increment.parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"user": [self.user_ids[u] for u in self.coo.row[pairs]],
@@ -145,11 +148,12 @@ class Stream:
         started = time.perf_counter()
         result = update_bundle(store, increment, validation=validation)
         update_seconds = time.perf_counter() - started
+        self.held_back = [] if result.made_current else [*self.held_back, step]
         train = self.train_until(step)
         started = time.perf_counter()
         retrained = type(model)(**params).fit(dataclasses.replace(self.dataset, train=train))
         retrain_seconds = time.perf_counter() - started
-        bundle = Bundle(store.parent / store.name / "versions" / result.version)
+        bundle = Bundle(store)  # the served version: the update, or its parent if held back
         return self._row(step, train, bundle, retrained, update_seconds, retrain_seconds,
                          result.made_current, result.report["validation"])
 

@@ -15,6 +15,7 @@ unless its validation figures fall too far below the parent's.
 """
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import time
@@ -29,7 +30,9 @@ import scipy.sparse as sp
 from dataHandler import DataError, iter_json_lines
 from model.bundle import Bundle, BundleError, seal_manifest
 from model.foldin import FoldIn, choose_fold_in
+from model.hygiene import scrub_pii
 from model.retrieval import FaissRetriever
+from model.versions import BundleStore, is_store
 from utils import sha256_file
 
 GATE_USERS = 1000  # validation users the no-regression check looks at (a fixed sample)
@@ -47,36 +50,59 @@ class Increment:
 
 
 def read_interactions(path: Path, bundle: Bundle) -> Increment:
-    """`user,item[,timestamp]` rows with the bundle's original ids; unknown ids are new."""
+    """`user,item[,timestamp]` rows with the bundle's original ids (surrounding spaces
+    ignored); unknown ids are new. A row with a different number of fields, an empty id or
+    a timestamp that is neither a number nor a date stops with its line."""
     if not path.is_file():
         raise DataError(f"{path}: interactions file not found")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{path}: not a readable CSV ({error})") from None
-    if not {"user", "item"} <= set(frame.columns):
+        with open(path, newline="", encoding="utf-8") as handle:
+            lines = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a readable UTF-8 CSV ({error})") from None
+    header = [name.strip() for name in lines[0]] if lines else []
+    if not {"user", "item"} <= set(header):
         raise DataError(f"{path}:1: header must name 'user' and 'item' columns "
-                        f"(found {', '.join(frame.columns)})")
-    blank = np.flatnonzero((frame["user"].str.strip() == "") | (frame["item"].str.strip() == ""))
-    if len(blank):
-        raise DataError(f"{path}:{blank[0] + 2}: empty user or item id")
+                        f"(found {', '.join(header) or 'nothing'})")
+    for number, row in enumerate(lines[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
+    frame = pd.DataFrame([[v.strip() for v in row] for row in lines[1:]], columns=header,
+                         dtype=str)
     if frame.empty:
         raise DataError(f"{path}: no interactions")
+    blank = np.flatnonzero(((frame["user"] == "") | (frame["item"] == "")).to_numpy())
+    if len(blank):
+        raise DataError(f"{path}:{blank[0] + 2}: empty user or item id")
     new_users = list(dict.fromkeys(u for u in frame["user"] if u not in bundle._user_row))
     new_items = list(dict.fromkeys(i for i in frame["item"] if i not in bundle._item_row))
-    latest = str(frame["timestamp"].max()) if "timestamp" in frame else None
+    latest = _latest_timestamp(path, frame["timestamp"]) if "timestamp" in frame else None
     return Increment(frame[["user", "item"]], new_users, new_items, latest, str(path))
 
 
+def _latest_timestamp(path: Path, values: pd.Series) -> str:
+    """The newest timestamp, compared as numbers (epoch seconds) or as dates."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        return str(values.iloc[int(numbers.to_numpy().argmax())])
+    dates = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
+    if dates.isna().any():
+        bad = int(np.flatnonzero(dates.isna().to_numpy())[0])
+        raise DataError(f"{path}:{bad + 2}: timestamp {values.iloc[bad]!r} is neither a "
+                        "number nor a date")
+    return dates.max().isoformat()
+
+
 def read_profiles_by_id(path: Path, key: str) -> dict[str, str]:
-    """JSON lines {key: id, "profile": text}; ids as in the bundle (strings or integers)."""
+    """JSON lines {key: id, "profile": text}; ids as in the bundle (strings or integers).
+    Personal data is taken out of the text (model/hygiene.py) before it is encoded or stored."""
     if not path.is_file():
         raise DataError(f"{path}: profile file not found")
     profiles = {}
     for line_number, record in iter_json_lines(path):
         if key not in record or not isinstance(record.get("profile"), str):
             raise DataError(f"{path}:{line_number}: expected {{\"{key}\": id, \"profile\": str}}")
-        profiles[str(record[key])] = record["profile"].strip()
+        profiles[str(record[key])] = scrub_pii(record["profile"].strip())[0]
     return profiles
 
 
@@ -92,11 +118,20 @@ def update_bundle(root: Path, interactions: Path, user_profiles: Path | None = N
                   validation: Path | None = None, max_drop: float = 0.02) -> UpdateResult:
     """Write the update of the store `root`'s current version as a new version; make it
     current unless Recall@20 on `validation` falls more than `max_drop` below the parent's."""
+    if not is_store(root):
+        raise BundleError(f"{root}: not a bundle store; `export` writes stores, and updates "
+                          "go into one")
+    store = BundleStore(root)
+    with store.lock():  # one writer: the parent stays current until this update switches
+        return _update_locked(store, interactions, user_profiles, item_profiles,
+                              remove_items, validation, max_drop)
+
+
+def _update_locked(store: BundleStore, interactions: Path, user_profiles: Path | None,
+                   item_profiles: Path | None, remove_items: Path | None,
+                   validation: Path | None, max_drop: float) -> UpdateResult:
     began = started = time.perf_counter()
-    parent = Bundle(root)
-    if parent.store is None:
-        raise BundleError(f"{root}: a single bundle version, not a store; `export` writes "
-                          "stores, and updates go into one")
+    parent = Bundle(store.root)
     increment = read_interactions(Path(interactions), parent)
     users_text = read_profiles_by_id(Path(user_profiles), "user_id") if user_profiles else {}
     items_text = read_profiles_by_id(Path(item_profiles), "item_id") if item_profiles else {}
@@ -109,12 +144,10 @@ def update_bundle(root: Path, interactions: Path, user_profiles: Path | None = N
         started = time.perf_counter()
         made_current, verdict = _no_regression(parent, state, Path(validation), max_drop)
         state.log("validation check", started, made_current=made_current)
-    store = parent.store
-    with store.lock(), store.staged_version() as (version, folder):
+    with store.staged_version() as (version, folder):
         manifest = state.write(folder, version, verdict)
     if made_current:
-        with store.lock():
-            store.switch(version)
+        store.switch(version)
     return UpdateResult(version, made_current, {**manifest["changes"],
                                                 "seconds": round(time.perf_counter() - began, 3)})
 
@@ -297,6 +330,8 @@ class _Update:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "users": len(self.user_ids), "items": len(self.item_ids), "storage": "float32",
             "scales": {"users": 1.0, "items": 1.0},
+            "removed_rows": sorted(set(parent.manifest.get("removed_rows", []))
+                                   | {int(r) for r in self.removed}),
             "ranker_rows": parent.manifest.get("ranker_rows") or
             {"users": parent.manifest["users"], "items": parent.manifest["items"]},
             "data_cutoff": {"training_interactions": int(self.seen.nnz),

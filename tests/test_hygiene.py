@@ -16,12 +16,14 @@ def test_each_kind_of_personal_data_is_replaced_and_counted():
     assert found == {"email": 1, "phone": 2, "url": 1, "card": 1}
     text, found = scrub_pii("电话13812345678，邮箱abc@qq.com。")
     assert text == "电话[PHONE]，邮箱[EMAIL]。" and found == {"phone": 1, "email": 1}
+    assert scrub_pii("call +86 138 1234 5678") == ("call [PHONE]", {"phone": 1})
 
 
 def test_numbers_and_handles_that_are_not_personal_data_stay():
     for text in ("1200 Chophouse in 1950's style, $12.99, open 9-5, 2019 and 2020",
                  "1234 Main St, Tucson 85001", "AM@FM in Nashville and @Ramen",
-                 "Card-like but not Luhn: 4111 1111 1111 1112"):
+                 "Card-like but not Luhn: 4111 1111 1111 1112", "Seasons 2015 2016 2017 2018",
+                 "ISBN 0306406152, at 1617181920 (Unix time)"):
         assert scrub_pii(text) == (text, {})
 
 

@@ -29,7 +29,7 @@ def test_profiles_written_through_the_openai_client_resume_and_feed_a_run(easyre
     with StubLLM(KEY, faults=["429", "500", "slow"], malformed_at=2) as stub:
         first = _profiles(easyrec_folder, stub.url)
         assert first.exit_code == 0, first.output
-        report = json.loads((easyrec_folder / "user_profile.report.json").read_text())
+        report = json.loads((easyrec_folder / "user_profile.llm.report.json").read_text())
         assert (report["asked"], report["written"]) == (2, 1)
         assert report["failed"] == {"malformed_answer": 1}
         assert report["retries"] >= 3  # the 429, the 500 and the slow reply were retried
@@ -38,7 +38,7 @@ def test_profiles_written_through_the_openai_client_resume_and_feed_a_run(easyre
 
         second = _profiles(easyrec_folder, stub.url, "--price-input", "1", "--price-output", "2")
         assert second.exit_code == 0, second.output
-        report = json.loads((easyrec_folder / "user_profile.report.json").read_text())
+        report = json.loads((easyrec_folder / "user_profile.llm.report.json").read_text())
         assert (report["asked"], report["written"], report["failed"]) == (1, 1, {})
         assert report["cost_usd"] == (100 * 1 + 20 * 2) / 1e6
         # nothing left to write: no request is sent
@@ -48,17 +48,17 @@ def test_profiles_written_through_the_openai_client_resume_and_feed_a_run(easyre
 
     assert not any("VALIDATION-ONLY" in p for p in stub.prompts)  # train items only
     assert all(KEY not in text for text in (first.output, second.output,
-                                            (easyrec_folder / "user_profile.report.json")
+                                            (easyrec_folder / "user_profile.llm.report.json")
                                             .read_text()))
-    text = (easyrec_folder / "user_profile.json").read_text()
-    assert text.startswith(original)  # the lines that were there are kept as they were
-    records = [json.loads(line) for line in text.splitlines()]
-    assert sorted(r["user_id"] for r in records) == [0, 1, 3]
-    written = [r for r in records if r["user_id"] != 1]
+    assert (easyrec_folder / "user_profile.json").read_text() == original  # never changed
+    records = [json.loads(line) for line in
+               (easyrec_folder / "user_profile.llm.json").read_text().splitlines()]
+    assert sorted(r["user_id"] for r in records) == [0, 3]
+    written = records
     assert all(r["template"] == "user_profile.txt" and r["model"] == "stub-model"
                and len(r["template_sha256"]) == 16 for r in written)
     assert all("[EMAIL]" in r["profile"] and "@" not in r["profile"] for r in written)
-    assert not (easyrec_folder / "user_profile.json.partial").exists()
+    assert not (easyrec_folder / "user_profile.llm.json.partial").exists()
 
     dataset = load_dataset(easyrec_folder)
     assert list(dataset.user_profile_source) == ["written", "written", "none", "written"]
@@ -78,7 +78,7 @@ def test_dry_run_sends_nothing_and_estimates_tokens(easyrec_folder):
     assert result.exit_code == 0, result.output
     assert stub.prompts == []
     assert "dry run: 2 prompts" in result.output and "[user] Businesses" in result.output
-    assert not (easyrec_folder / "user_profile.report.json").exists()
+    assert not (easyrec_folder / "user_profile.llm.report.json").exists()
 
 
 def test_an_unreachable_server_is_reported_not_a_traceback(easyrec_folder):
@@ -88,13 +88,13 @@ def test_an_unreachable_server_is_reported_not_a_traceback(easyrec_folder):
     result = _profiles(easyrec_folder, url, "--retries", "0")
     assert result.exit_code == 0, result.output
     assert "failed: connection: 2" in result.output and "run again" in result.output
-    assert (easyrec_folder / "user_profile.json").read_text().count("\n") == 1
+    assert not (easyrec_folder / "user_profile.llm.json").exists()
 
 
 def test_a_journal_cut_by_a_crash_is_merged_without_its_broken_line(tmp_path):
-    path = tmp_path / "user_profile.json"
+    path = tmp_path / "user_profile.llm.json"
     path.write_text('{"user_id": 1, "profile": "Likes coffee."}')  # no final newline
-    journal = tmp_path / "user_profile.json.partial"
+    journal = tmp_path / "user_profile.llm.json.partial"
     journal.write_text('{"user_id": 4, "profile": "Enjoys tacos and beer."}\n'
                        '{"user_id": 1, "profile": "a duplicate of an existing id"}\n'
                        '{"user_id": 7, "prof')  # the process died mid-line
@@ -109,6 +109,12 @@ def test_a_journal_cut_by_a_crash_is_merged_without_its_broken_line(tmp_path):
 def test_bad_settings_and_templates_are_one_line_errors(easyrec_folder, tmp_path):
     result = _profiles(easyrec_folder, "http://127.0.0.1:9/v1", "--concurrency", "0")
     assert result.exit_code != 0 and "--concurrency must be at least 1" in result.output
+    result = _profiles(easyrec_folder, "http://127.0.0.1:9/v1", "--api-key-env", KEY)
+    assert result.exit_code != 0 and "not the key itself" in result.output
+    assert KEY not in result.output  # not echoed back
+    with ProfileFile(easyrec_folder / "user_profile.llm.json", "user_id").locked():
+        busy = _profiles(easyrec_folder, "http://127.0.0.1:9/v1")
+    assert busy.exit_code != 0 and "another `profiles` run is writing it" in busy.output
     template = tmp_path / "t.txt"
     template.write_text("no separator here ${history}")
     result = _profiles(easyrec_folder, "http://127.0.0.1:9/v1", "--template", str(template))
@@ -122,8 +128,10 @@ def test_item_profiles_come_from_metadata_and_reviews(easyrec_folder, tmp_path):
     (easyrec_folder / "item_meta.json").write_text(json.dumps(
         {"item_id": 3, "name": "Gym One", "categories": "Fitness", "city": "Tucson"}) + "\n")
     reviews = tmp_path / "reviews.json"
-    reviews.write_text(json.dumps({"item_id": 3, "review": "Great trainers, call 520-555-0199"})
-                       + "\n")
+    reviews.write_text(json.dumps({"item_id": 3, "review": "Great trainers, call 520-555-0199",
+                                   "user_id": 2}) + "\n"  # user 2 trains on item 3
+                       + json.dumps({"item_id": 3, "review": "TEST-PAIR review",
+                                     "user_id": 0}) + "\n")  # user 0 has item 3 in test only
     with StubLLM(KEY) as stub:
         result = CliRunner().invoke(cli, [
             "profiles", "--dataset", str(easyrec_folder), "--items", "--llm-url", stub.url,
@@ -132,6 +140,7 @@ def test_item_profiles_come_from_metadata_and_reviews(easyrec_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert len(stub.prompts) == 1  # item 3 is the only item with no written profile
     assert '"Gym One"' in stub.prompts[0] and "Great trainers, call [PHONE]" in stub.prompts[0]
+    assert "TEST-PAIR" not in stub.prompts[0]  # a review of a held-out pair would leak it
     dataset = load_dataset(easyrec_folder)
     assert dataset.item_profile_source[3] == "written"
-    assert "item_profile.txt" in (easyrec_folder / "item_profile.json").read_text()
+    assert "item_profile.txt" in (easyrec_folder / "item_profile.llm.json").read_text()

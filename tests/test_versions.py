@@ -150,3 +150,32 @@ def test_fold_in_rules_on_hand_checked_data():
         assert np.allclose(als[row], np.linalg.solve(system, 10.0 * chosen.sum(axis=0)),
                            rtol=1e-3)
     assert not als[1].any()  # no interactions: no vector
+
+
+def test_an_update_that_keeps_validation_is_made_current_and_removed_items_leave(store,
+                                                                                 tmp_path):
+    bundle = Bundle(store)
+    held_out = [(u, i) for u in bundle.user_ids[:100] for i, _ in bundle.recommend(u, 3)]
+    gone = bundle.recommend("5", 1)[0][0]
+    (tmp_path / "gone.txt").write_text(gone + "\n")
+    result = update_bundle(store, _write_csv(tmp_path / "small.csv", [("5", "NEW-ITEM")]),
+                           remove_items=tmp_path / "gone.txt",
+                           validation=_write_csv(tmp_path / "val.csv", held_out))
+    assert result.made_current and "made current" in result.report["validation"]
+    updated = Bundle(store)
+    assert updated.manifest["removed_rows"] == [bundle.item_row(gone)]
+    assert all(gone not in [i for i, _ in updated.recommend(u, 50)] for u in ("5", "6", "7"))
+    assert gone not in [i for i, _ in updated.similar_items("NEW-ITEM", 400)]
+
+
+def test_stream_replays_demo_data_and_reports_every_step(tmp_path):
+    output = _cli("stream", "--dataset", "demo", "--steps", "2", "--no-tune-baselines",
+                  "--data-root", tmp_path / "data", "--runs-dir", tmp_path / "runs")
+    folder = Path(output.strip().splitlines()[-1].split("written to ")[1].split("/stream.md")[0])
+    report = json.loads((folder / "stream.json").read_text())
+    assert [row["step"] for row in report["rows"]] == [0, 1, 2]
+    assert all(r["new_items_retrievable"] == r["new_items_so_far"] > 0 for r in report["rows"][1:])
+    assert report["rows"][0]["ratio_recall@20"] == 1.0  # version 1 is the base model itself
+    assert all(0.8 < r["ratio_recall@20"] < 1.2 for r in report["rows"])
+    assert BundleStore(folder / "bundle").versions() == ["v0001", "v0002", "v0003"]
+    assert {"stream.md", "stream.html", "stream.png"} <= {p.name for p in folder.iterdir()}
