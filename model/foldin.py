@@ -42,6 +42,7 @@ class FoldIn:
             out[rows] = (observed[rows] @ other) / counts[rows, None]
             return out
         gram = other.T @ other + self.regularization * np.eye(other.shape[1], dtype=np.float32)
+        padded_other = np.vstack([other, np.zeros((1, other.shape[1]), other.dtype)])
         order = rows[np.argsort(counts[rows], kind="stable")]  # similar lengths pad little
         position = 0
         while position < len(order):
@@ -49,19 +50,20 @@ class FoldIn:
             cells = np.arange(1, len(widths) + 1) * widths
             size = max(1, int(np.searchsorted(cells, CG_CELLS, side="right")))
             chunk = order[position:position + size]
-            out[chunk] = self._solve(observed[chunk], other, gram, out[chunk])
+            out[chunk] = self._solve(observed[chunk], padded_other, gram, out[chunk])
             position += size
         return out
 
-    def _solve(self, rows: sp.csr_matrix, other: np.ndarray, gram: np.ndarray,
+    def _solve(self, rows: sp.csr_matrix, padded_other: np.ndarray, gram: np.ndarray,
                start: np.ndarray) -> np.ndarray:
-        """Batched conjugate gradient on (G + (α-1)Y_uᵀY_u) x = αY_uᵀ1 for each row u."""
+        """Batched conjugate gradient on (G + (α-1)Y_uᵀY_u) x = αY_uᵀ1 for each row u
+        (`padded_other`: the other side's vectors and a last zero row for padding)."""
         counts = np.diff(rows.indptr)
         width = int(counts.max())
         slots = np.arange(width)[None, :] < counts[:, None]
-        padded = np.zeros((len(counts), width), dtype=np.int64)
+        padded = np.full((len(counts), width), len(padded_other) - 1, dtype=np.int64)
         padded[slots] = rows.indices
-        vectors = other[padded] * slots[..., None]  # (rows, width, dim), padding zero
+        vectors = padded_other[padded]  # (rows, width, dim)
 
         def apply(x: np.ndarray) -> np.ndarray:
             inner = np.einsum("nld,nd->nl", vectors, x)

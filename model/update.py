@@ -19,6 +19,7 @@ import csv
 import os
 import shutil
 import time
+import warnings
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,28 +57,36 @@ def read_interactions(path: Path, bundle: Bundle) -> Increment:
     if not path.is_file():
         raise DataError(f"{path}: interactions file not found")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            lines = list(csv.reader(handle))
-    except (UnicodeDecodeError, csv.Error) as error:
+        with warnings.catch_warnings():  # a row with extra fields must not be cut silently
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=object, keep_default_na=False, index_col=False,
+                                encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.ParserWarning):
+        raise DataError(f"{path}:{_first_ragged_line(path)}: more fields than the header "
+                        "names") from None
+    except (UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{path}: not a readable UTF-8 CSV ({error})") from None
-    header = [name.strip() for name in lines[0]] if lines else []
-    if not {"user", "item"} <= set(header):
+    frame.columns = [str(name).strip() for name in frame.columns]
+    if not {"user", "item"} <= set(frame.columns):
         raise DataError(f"{path}:1: header must name 'user' and 'item' columns "
-                        f"(found {', '.join(header) or 'nothing'})")
-    for number, row in enumerate(lines[1:], start=2):
-        if len(row) != len(header):
-            raise DataError(f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
-    frame = pd.DataFrame([[v.strip() for v in row] for row in lines[1:]], columns=header,
-                         dtype=str)
+                        f"(found {', '.join(frame.columns)})")
+    frame = frame.apply(lambda column: column.str.strip())
     if frame.empty:
         raise DataError(f"{path}: no interactions")
     blank = np.flatnonzero(((frame["user"] == "") | (frame["item"] == "")).to_numpy())
     if len(blank):
         raise DataError(f"{path}:{blank[0] + 2}: empty user or item id")
-    new_users = list(dict.fromkeys(u for u in frame["user"] if u not in bundle._user_row))
-    new_items = list(dict.fromkeys(i for i in frame["item"] if i not in bundle._item_row))
+    new_users = frame.loc[~frame["user"].isin(bundle._user_row.keys()), "user"].unique().tolist()
+    new_items = frame.loc[~frame["item"].isin(bundle._item_row.keys()), "item"].unique().tolist()
     latest = _latest_timestamp(path, frame["timestamp"]) if "timestamp" in frame else None
     return Increment(frame[["user", "item"]], new_users, new_items, latest, str(path))
+
+
+def _first_ragged_line(path: Path) -> int:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        width = len(next(rows, []))
+        return next((n for n, row in enumerate(rows, start=2) if len(row) > width), 2)
 
 
 def _latest_timestamp(path: Path, values: pd.Series) -> str:
@@ -322,7 +331,7 @@ class _Update:
         pd.DataFrame(table).to_parquet(folder / "items.parquet", index=False)
         self.retriever.save(folder / "items.faiss")
         np.save(folder / "index_items.npy", self.index_items)
-        sp.save_npz(folder / "seen.npz", self.seen)
+        sp.save_npz(folder / "seen.npz", self.seen, compressed=False)  # a daily write: speed
         self.log("write version", started)
         manifest = {key: value for key, value in parent.manifest.items() if key != "files"}
         manifest.update({
