@@ -67,8 +67,9 @@ class LLMConfig:
     temperature: float = option(0.2, "Sampling temperature.")
     template: str | None = option(None, "Prompt template file [default: model/prompts/"
                                   "user_profile.txt or item_profile.txt].", kind="path")
-    reviews: str | None = option(None, "Item reviews as JSON lines {\"item_id\": int, "
-                                 "\"review\": str}, used in item prompts.", kind="path")
+    reviews: str | None = option(None, "Item reviews for item prompts, JSON lines {\"item_id\": "
+                                 "int, \"review\": str, \"user_id\": int}; a review of a "
+                                 "pair outside the training split is left out.", kind="path")
     history: int = option(20, "Training items (most visited first) shown in a user prompt.")
     price_input: float = option(0.0, "USD per 1M prompt tokens, for the cost report.")
     price_output: float = option(0.0, "USD per 1M answer tokens, for the cost report.")
