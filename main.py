@@ -231,13 +231,15 @@ def stream(ctx: click.Context, variant: str, steps: int, **values) -> None:
     """Replay a data set as a stream: base model, then STEPS daily updates, each compared
     with a full retrain on the same data (parity, freshness, cost); writes a report."""
     config = experiment_config(ctx, None, values)
-    dataset = load_data(config)
+    dataset, data = load_data(config), config.data
+    folder = prepare_dataset(data.dataset, data.data_root, data.data_source, data.data_url,
+                             config.run.seed)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(config.run.runs_dir) / dataset.name / f"stream-{stamp}"
     with atomic_path(out) as staging:
         staging.mkdir(parents=True)
-        report = Stream(dataset, lambda data: RecallModels(data, config), variant, steps,
-                        staging, config.run.seed).run()
+        report = Stream(dataset, lambda part: RecallModels(part, config), variant, steps,
+                        staging, config.run.seed, folder).run()
         write_stream_report(report, staging)
     click.echo(render_stream_report(report))
     click.echo(f"stream report written to {out}/stream.md (bundle store: {out}/bundle)")

@@ -1,10 +1,12 @@
 """`main.py stream`: replay a data set as a stream and measure what the daily update
 guarantees against a full retrain on the same data, step by step.
 
-Arrival (seeded): 10% of users and 5% of items are new, so all their training interactions
-arrive later; 10% of the other training interactions arrive later too. The rest is the base.
-The later interactions are spread over `steps` increments at random. The base model (tuned on
-validation, as in `run`) is exported as version 1 of a bundle store; at each step the
+Arrival by time when the data's train.csv has a `timestamp` column: the newest 20% of the
+training pairs arrive in `steps` slices of time order. Otherwise seeded: 10% of users and 5%
+of items are new, so all their training interactions arrive later; 10% of the other training
+interactions arrive later too; the later interactions are spread over the steps at random.
+The base model (tuned on validation, as in `run`) is exported as version 1 of a bundle
+store; at each step the
 increment goes through `update_bundle` (with the validation pairs of known users as its
 no-regression check), and the same model class with the same hyperparameters is retrained
 from scratch on base + increments so far. Both are evaluated on the test items of the users
@@ -21,6 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from dataHandler import DataError
 from evaluation import Evaluator, paired_bootstrap_ci
 from model.bundle import FORMAT_VERSION, Bundle, seal_manifest
 from model.foldin import choose_fold_in
@@ -31,6 +34,7 @@ from utils import atomic_path, log, write_json_atomic, write_text_atomic
 
 STREAM_MODELS = ("als", "lightgcn")
 NEW_USERS, NEW_ITEMS, LATE_PAIRS = 0.10, 0.05, 0.10
+LATEST_BY_TIME = 0.20  # with timestamps: the newest fifth of the training pairs streams in
 
 
 def arrival_steps(train: sp.csr_matrix, steps: int, seed: int) -> np.ndarray:
@@ -46,6 +50,35 @@ def arrival_steps(train: sp.csr_matrix, steps: int, seed: int) -> np.ndarray:
     return np.where(late, rng.integers(1, steps + 1, coo.nnz), 0)
 
 
+def timestamp_steps(train: sp.csr_matrix, folder: Path | None, steps: int) -> np.ndarray | None:
+    """Arrival by time when `folder`/train.csv has a `timestamp` column (numbers or dates): a
+    pair arrives at its first timestamp; the newest LATEST_BY_TIME of the pairs form the
+    increments, in equal-sized slices of time order. None without timestamps."""
+    path = folder / "train.csv" if folder is not None else None
+    if path is None or not path.is_file() or \
+            "timestamp" not in pd.read_csv(path, nrows=0).columns:
+        return None
+    frame = pd.read_csv(path, usecols=["user", "item", "timestamp"], dtype={"timestamp": str})
+    when = pd.to_numeric(frame["timestamp"], errors="coerce")
+    if when.isna().any():
+        when = pd.to_datetime(frame["timestamp"], errors="coerce", utc=True, format="mixed")
+        if when.isna().any():
+            bad = int(np.flatnonzero(when.isna().to_numpy())[0])
+            raise DataError(f"{path}:{bad + 2}: timestamp {frame['timestamp'].iloc[bad]!r} is "
+                            "neither a number nor a date")
+        when = when.astype("int64")
+    first = pd.Series(when.to_numpy(np.float64), index=frame["user"].to_numpy(np.int64)
+                      * train.shape[1] + frame["item"].to_numpy(np.int64)).groupby(level=0).min()
+    coo = train.tocoo()
+    keys = coo.row.astype(np.int64) * train.shape[1] + coo.col
+    times = first.reindex(keys).to_numpy()
+    order = np.argsort(times, kind="stable")
+    late = order[int(round((1 - LATEST_BY_TIME) * len(order))):]
+    arrival = np.zeros(coo.nnz, dtype=np.int64)
+    arrival[late] = 1 + np.arange(len(late)) * steps // max(len(late), 1)
+    return arrival
+
+
 def _matrix(coo: sp.coo_matrix, keep: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=coo.shape)
 
@@ -55,13 +88,17 @@ def _ids(ids: list[str], count: int) -> list[str]:
 
 
 class Stream:
-    def __init__(self, dataset, models, variant: str, steps: int, out: Path, seed: int) -> None:
+    def __init__(self, dataset, models, variant: str, steps: int, out: Path, seed: int,
+                 folder: Path | None = None) -> None:
         self.dataset, self.models, self.variant, self.steps = dataset, models, variant, steps
         self.out, self.seed = out, seed
         self.user_ids = _ids(dataset.user_ids, dataset.n_users)
         self.item_ids = _ids(dataset.item_ids, dataset.n_items)
         self.coo = dataset.train.tocoo()
-        self.arrival = arrival_steps(dataset.train, steps, seed)
+        by_time = timestamp_steps(dataset.train, folder, steps)
+        self.arrival_kind = "timestamp" if by_time is not None else "seeded random"
+        self.arrival = by_time if by_time is not None else arrival_steps(dataset.train, steps,
+                                                                         seed)
         self.evaluator = Evaluator.on_test(dataset, (20,))
         self.held_back: list[int] = []
 
@@ -82,7 +119,7 @@ class Stream:
             rows.append(self._step(step, store, model, params))
             log(f"stream step {step}: {rows[-1]}")
         return {"dataset": self.dataset.name, "variant": self.variant, "steps": self.steps,
-                "seed": self.seed, "params": params, "rows": rows}
+                "seed": self.seed, "arrival": self.arrival_kind, "params": params, "rows": rows}
 
     def _write_base(self, model, base, store: Path) -> None:
         known_users = np.flatnonzero(np.diff(base.train.indptr) > 0)
@@ -197,7 +234,8 @@ class Stream:
 
 def render_stream_report(report: dict) -> str:
     lines = [f"# Stream replay: {report['dataset']}, {report['variant']}, {report['steps']} steps",
-             "", f"Hyperparameters (tuned on the base's validation split): `{report['params']}`",
+             "", f"Arrival: {report['arrival']}. Hyperparameters (tuned on the base's "
+             f"validation split): `{report['params']}`",
              "", "| step | users | R@20 full | R@20 incr. | ratio | 95% CI of diff | N@20 ratio "
              "| new items retrievable | update s | retrain s | cost | made current |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

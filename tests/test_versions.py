@@ -179,3 +179,28 @@ def test_stream_replays_demo_data_and_reports_every_step(tmp_path):
     assert all(0.8 < r["ratio_recall@20"] < 1.2 for r in report["rows"])
     assert BundleStore(folder / "bundle").versions() == ["v0001", "v0002", "v0003"]
     assert {"stream.md", "stream.html", "stream.png"} <= {p.name for p in folder.iterdir()}
+
+
+def test_stream_follows_timestamps_when_the_data_has_them(tmp_path):
+    import pandas as pd
+
+    from dataHandler import load_dataset, make_demo_dataset
+    from model.stream import timestamp_steps
+
+    folder = tmp_path / "timed"
+    folder.mkdir()
+    make_demo_dataset(folder, seed=3)
+    train = pd.read_csv(folder / "train.csv")
+    train["timestamp"] = np.random.default_rng(0).permutation(len(train)) + 1_600_000_000
+    train.to_csv(folder / "train.csv", index=False)
+    dataset = load_dataset(folder)
+    arrival = timestamp_steps(dataset.train, folder, 2)
+    coo = dataset.train.tocoo()
+    first = train.groupby(["user", "item"])["timestamp"].min()
+    times = first.loc[list(zip(coo.row, coo.col))].to_numpy()
+    assert abs((arrival > 0).mean() - 0.2) < 0.01  # the newest fifth streams in
+    assert times[arrival == 0].max() < times[arrival == 1].min()  # in time order
+    assert times[arrival == 1].max() < times[arrival == 2].min()
+    output = _cli("stream", "--dataset", folder, "--steps", "2", "--no-tune-baselines",
+                  "--runs-dir", tmp_path / "runs")
+    assert "Arrival: timestamp." in output
