@@ -308,10 +308,11 @@ def load_run_variant(run_dir: Path, variant: str | None) -> tuple[dict, str, pd.
 
 
 def same_data(summary_a: dict, summary_b: dict) -> bool:
-    """Two data set summaries describe the same interactions (what profile cleaning found
-    is not part of that: runs from before it, or with it off, compare)."""
+    """Two data set summaries describe the same interactions. Profile text is not part of
+    that: runs before and after new LLM profiles or cleaning compare."""
     def core(summary: dict) -> dict:
-        return {k: v for k, v in summary.items() if k != "profile_hygiene"}
+        return {k: summary.get(k) for k in ("users", "items", "interactions", "test_users",
+                                             "split_sha256")}
     return core(summary_a) == core(summary_b)
 
 

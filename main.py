@@ -26,6 +26,7 @@ from model.pipeline import RecallModels, build_encoder, load_data, run_experimen
 from model.service import serve as serve_bundle  # noqa: E402
 from model.stream import (STREAM_MODELS, Stream, render_stream_report,  # noqa: E402
                           write_stream_report)
+from model.synth import write_synthetic  # noqa: E402
 from model.update import update_bundle  # noqa: E402
 from model.versions import BundleStore, VersionError  # noqa: E402
 from parser import _int_list, config_options, experiment_config  # noqa: E402
@@ -102,6 +103,23 @@ def profiles(ctx: click.Context, target: str, **values) -> None:
     folder = prepare_dataset(config.data.dataset, config.data.data_root, config.data.data_source,
                              config.data.data_url, config.run.seed)
     click.echo(describe_report(write_llm_profiles(load_data(config), folder, target, llm)))
+
+
+@cli.command()
+@click.option("--users", required=True, type=click.IntRange(1))
+@click.option("--items", required=True, type=click.IntRange(1))
+@click.option("--interactions", required=True, type=click.IntRange(1))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the data set (CSV layout; use it with --dataset FOLDER).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@OVERWRITE
+@clear_errors()
+def synth(users: int, items: int, interactions: int, out: str, seed: int,
+          overwrite: bool) -> None:
+    """Generate a labelled SYNTHETIC data set (power-law degrees, topics, templated
+    profiles) for scale measurements only."""
+    click.echo(json.dumps(write_synthetic(Path(out), users, items, interactions, seed,
+                                          overwrite)))
 
 
 @cli.command()
@@ -254,12 +272,7 @@ def versions(bundle_dir: str, rollback_to: str | None) -> None:
     """List a bundle store's versions (the current one marked); --rollback switches back."""
     store = BundleStore(bundle_dir)
     if rollback_to:
-        target = store.parent_of(store.current()) if rollback_to == "parent" else rollback_to
-        if target is None:
-            raise click.ClickException(f"version {store.current()} has no parent")
-        Bundle(store.path(target))  # verified before it serves
-        with store.lock():
-            store.switch(target)
+        target = store.rollback(None if rollback_to == "parent" else rollback_to, Bundle)
         click.echo(f"current version is now {target}")
     click.echo("version\tcurrent\tparent\tkind\tusers\titems\tcreated")
     for row in store.history():

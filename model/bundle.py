@@ -329,14 +329,17 @@ class Bundle:
         if row[0] >= trained["users"]:
             raise BundleError(f"user {user!r} joined in an update after the ranker was trained;"
                               " ask without rank (recall) until the next full retrain")
-        removed = set(self.manifest.get("removed_rows", []))  # still in the ranker's channels
-        items, scores = self.ranker.recommend(row, self.seen[:trained["users"],
-                                                             :trained["items"]],
-                                              k + len(removed))
-        if removed:
-            kept = [n for n, item in enumerate(items[0]) if item not in removed][:k]
-            items, scores = items[:, kept], scores[:, kept]
+        items, scores = self.ranker.recommend(row, self._ranker_exclusion(row[0], trained), k)
         return self._named(items[0], scores[0])
+
+    def _ranker_exclusion(self, row: int, trained: dict) -> sp.csr_matrix:
+        """What the ranker must not return for `row`, in its own shape: the user's seen items
+        and the items an update removed (they are still in the ranker's channels)."""
+        seen = self.seen.indices[self.seen.indptr[row]:self.seen.indptr[row + 1]]
+        items = np.union1d(seen, self.manifest.get("removed_rows", [])).astype(np.int64)
+        items = items[items < trained["items"]]
+        return sp.csr_matrix((np.ones(len(items), np.float32), (np.full(len(items), row), items)),
+                             shape=(trained["users"], trained["items"]))
 
     def answer(self, user: str | None = None, profile: str | None = None,
                item: str | None = None, lookalike: str | None = None, k: int = 20,

@@ -28,7 +28,7 @@ from evaluation import Evaluator, paired_bootstrap_ci
 from model.bundle import FORMAT_VERSION, Bundle, seal_manifest
 from model.foldin import choose_fold_in
 from model.retrieval import FaissRetriever
-from model.update import update_bundle
+from model.update import parse_timestamps, update_bundle
 from model.versions import BundleStore
 from utils import atomic_path, log, write_json_atomic, write_text_atomic
 
@@ -50,33 +50,31 @@ def arrival_steps(train: sp.csr_matrix, steps: int, seed: int) -> np.ndarray:
     return np.where(late, rng.integers(1, steps + 1, coo.nnz), 0)
 
 
-def timestamp_steps(train: sp.csr_matrix, folder: Path | None, steps: int) -> np.ndarray | None:
-    """Arrival by time when `folder`/train.csv has a `timestamp` column (numbers or dates): a
-    pair arrives at its first timestamp; the newest LATEST_BY_TIME of the pairs form the
-    increments, in equal-sized slices of time order. None without timestamps."""
+def timestamp_steps(train: sp.csr_matrix, folder: Path | None,
+                    steps: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(arrival step, time) per training pair (in COO order) when `folder`/train.csv has a
+    `timestamp` column (numbers or dates): a pair arrives at its first timestamp; the newest
+    LATEST_BY_TIME of the pairs form the increments, in equal-sized slices of time order.
+    None without timestamps."""
     path = folder / "train.csv" if folder is not None else None
     if path is None or not path.is_file() or \
             "timestamp" not in pd.read_csv(path, nrows=0).columns:
         return None
-    frame = pd.read_csv(path, usecols=["user", "item", "timestamp"], dtype={"timestamp": str})
-    when = pd.to_numeric(frame["timestamp"], errors="coerce")
-    if when.isna().any():
-        when = pd.to_datetime(frame["timestamp"], errors="coerce", utc=True, format="mixed")
-        if when.isna().any():
-            bad = int(np.flatnonzero(when.isna().to_numpy())[0])
-            raise DataError(f"{path}:{bad + 2}: timestamp {frame['timestamp'].iloc[bad]!r} is "
-                            "neither a number nor a date")
-        when = when.astype("int64")
-    first = pd.Series(when.to_numpy(np.float64), index=frame["user"].to_numpy(np.int64)
-                      * train.shape[1] + frame["item"].to_numpy(np.int64)).groupby(level=0).min()
+    frame = pd.read_csv(path, usecols=["user", "item", "timestamp"], dtype={"timestamp": str},
+                        keep_default_na=False)
+    when = parse_timestamps(path, frame["timestamp"], frame.index.to_numpy() + 2)
+    first = pd.Series(when, index=frame["user"].to_numpy(np.int64) * train.shape[1]
+                      + frame["item"].to_numpy(np.int64)).groupby(level=0).min()
     coo = train.tocoo()
-    keys = coo.row.astype(np.int64) * train.shape[1] + coo.col
-    times = first.reindex(keys).to_numpy()
+    times = first.reindex(coo.row.astype(np.int64) * train.shape[1] + coo.col).to_numpy()
     order = np.argsort(times, kind="stable")
     late = order[int(round((1 - LATEST_BY_TIME) * len(order))):]
+    if len(late) < steps:
+        raise DataError(f"{path}: {len(late)} training pairs arrive late, fewer than the "
+                        f"{steps} steps asked for")
     arrival = np.zeros(coo.nnz, dtype=np.int64)
-    arrival[late] = 1 + np.arange(len(late)) * steps // max(len(late), 1)
-    return arrival
+    arrival[late] = 1 + np.arange(len(late)) * steps // len(late)
+    return arrival, times
 
 
 def _matrix(coo: sp.coo_matrix, keep: np.ndarray) -> sp.csr_matrix:
@@ -97,8 +95,8 @@ class Stream:
         self.coo = dataset.train.tocoo()
         by_time = timestamp_steps(dataset.train, folder, steps)
         self.arrival_kind = "timestamp" if by_time is not None else "seeded random"
-        self.arrival = by_time if by_time is not None else arrival_steps(dataset.train, steps,
-                                                                         seed)
+        self.arrival, self.times = by_time if by_time is not None else \
+            (arrival_steps(dataset.train, steps, seed), None)
         self.evaluator = Evaluator.on_test(dataset, (20,))
         self.held_back: list[int] = []
 
@@ -168,9 +166,11 @@ class Stream:
         pairs = np.isin(self.arrival, [*self.held_back, step])
         increment = self.out / "increments" / f"step{step}.csv"
         increment.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"user": [self.user_ids[u] for u in self.coo.row[pairs]],
-                      "item": [self.item_ids[i] for i in self.coo.col[pairs]]}
-                     ).to_csv(increment, index=False)
+        columns = {"user": [self.user_ids[u] for u in self.coo.row[pairs]],
+                   "item": [self.item_ids[i] for i in self.coo.col[pairs]]}
+        if self.times is not None:
+            columns["timestamp"] = self.times[pairs]
+        pd.DataFrame(columns).to_csv(increment, index=False)
         val = self.dataset.val.tocoo()
         keep = np.isin(val.row, known_before)
         validation = self.out / "increments" / f"validation{step}.csv"

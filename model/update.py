@@ -52,54 +52,72 @@ class Increment:
 
 def read_interactions(path: Path, bundle: Bundle) -> Increment:
     """`user,item[,timestamp]` rows with the bundle's original ids (surrounding spaces
-    ignored); unknown ids are new. A row with a different number of fields, an empty id or
-    a timestamp that is neither a number nor a date stops with its line."""
+    ignored, blank lines skipped); unknown ids are new. A row with more fields than the
+    header, an empty id or a timestamp that is neither a number nor a date stops with its
+    line."""
     if not path.is_file():
         raise DataError(f"{path}: interactions file not found")
+    header = _header(path)
     try:
         with warnings.catch_warnings():  # a row with extra fields must not be cut silently
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(path, dtype=object, keep_default_na=False, index_col=False,
-                                encoding="utf-8")
-    except (pd.errors.ParserError, pd.errors.ParserWarning):
-        raise DataError(f"{path}:{_first_ragged_line(path)}: more fields than the header "
-                        "names") from None
-    except (UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{path}: not a readable UTF-8 CSV ({error})") from None
-    frame.columns = [str(name).strip() for name in frame.columns]
-    if not {"user", "item"} <= set(frame.columns):
-        raise DataError(f"{path}:1: header must name 'user' and 'item' columns "
-                        f"(found {', '.join(frame.columns)})")
+                                encoding="utf-8-sig", skip_blank_lines=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
+        line = _first_ragged_line(path)
+        raise DataError(f"{path}:{line}: more fields than the header names" if line else
+                        f"{path}: malformed CSV ({str(error).strip()})") from None
+    frame.columns = header
     frame = frame.apply(lambda column: column.str.strip())
+    frame = frame[(frame != "").any(axis=1)]  # blank lines; the index still gives line - 2
     if frame.empty:
         raise DataError(f"{path}: no interactions")
-    blank = np.flatnonzero(((frame["user"] == "") | (frame["item"] == "")).to_numpy())
+    blank = frame.index[((frame["user"] == "") | (frame["item"] == "")).to_numpy()]
     if len(blank):
         raise DataError(f"{path}:{blank[0] + 2}: empty user or item id")
     new_users = frame.loc[~frame["user"].isin(bundle._user_row.keys()), "user"].unique().tolist()
     new_items = frame.loc[~frame["item"].isin(bundle._item_row.keys()), "item"].unique().tolist()
-    latest = _latest_timestamp(path, frame["timestamp"]) if "timestamp" in frame else None
+    latest = None
+    if "timestamp" in frame:
+        times = parse_timestamps(path, frame["timestamp"], frame.index.to_numpy() + 2)
+        latest = str(frame["timestamp"].iloc[int(times.argmax())])
     return Increment(frame[["user", "item"]], new_users, new_items, latest, str(path))
 
 
-def _first_ragged_line(path: Path) -> int:
-    with open(path, newline="", encoding="utf-8") as handle:
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = [name.strip() for name in next(csv.reader(handle), [])]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a readable UTF-8 CSV ({error})") from None
+    if not {"user", "item"} <= set(header):
+        raise DataError(f"{path}:1: header must name 'user' and 'item' columns "
+                        f"(found {', '.join(header) or 'nothing'})")
+    if len(set(header)) != len(header):
+        raise DataError(f"{path}:1: a column is named twice ({', '.join(header)})")
+    return header
+
+
+def _first_ragged_line(path: Path) -> int | None:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = csv.reader(handle)
         width = len(next(rows, []))
-        return next((n for n, row in enumerate(rows, start=2) if len(row) > width), 2)
+        return next((rows.line_num for row in rows if len(row) > width), None)
 
 
-def _latest_timestamp(path: Path, values: pd.Series) -> str:
-    """The newest timestamp, compared as numbers (epoch seconds) or as dates."""
+def parse_timestamps(path: Path, values: pd.Series, lines: np.ndarray) -> np.ndarray:
+    """Timestamps as float numbers for ordering: epoch numbers, or dates (as nanoseconds);
+    the first value that is neither, or a file mixing both, stops with its line."""
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all():
-        return str(values.iloc[int(numbers.to_numpy().argmax())])
+        return numbers.to_numpy(np.float64)
     dates = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")
-    if dates.isna().any():
-        bad = int(np.flatnonzero(dates.isna().to_numpy())[0])
-        raise DataError(f"{path}:{bad + 2}: timestamp {values.iloc[bad]!r} is neither a "
-                        "number nor a date")
-    return dates.max().isoformat()
+    if dates.notna().all():
+        return dates.astype("int64").to_numpy(np.float64)
+    neither = (numbers.isna() & dates.isna()).to_numpy()
+    row = int(np.flatnonzero(neither if neither.any() else numbers.isna().to_numpy())[0])
+    what = "is neither a number nor a date" if neither.any() else "is a date among numbers"
+    raise DataError(f"{path}:{lines[row]}: timestamp {values.iloc[row]!r} {what}")
 
 
 def read_profiles_by_id(path: Path, key: str) -> dict[str, str]:
@@ -165,7 +183,8 @@ def _read_ids(path: Path, bundle: Bundle) -> list[int]:
     if not path.is_file():
         raise DataError(f"{path}: file of item ids not found")
     rows = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(),
+                                       start=1):
         if line.strip():
             if line.strip() not in bundle._item_row:
                 raise DataError(f"{path}:{line_number}: unknown item id {line.strip()!r}")
@@ -378,6 +397,10 @@ def _no_regression(parent: Bundle, candidate: _Update, validation: Path,
         return True, f"{validation}: no pairs of known users and items: made current unchecked"
     users = users.to_numpy()[known].astype(np.int64)
     items = items.to_numpy()[known].astype(np.int64)
+    gone = np.isin(items, [*parent.manifest.get("removed_rows", []), *candidate.removed])
+    users, items = users[~gone], items[~gone]  # a removed item is no miss of the update
+    if len(users) == 0:
+        return True, f"{validation}: no pairs of known users and kept items: made current"
     truth = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
                           shape=(len(parent.user_ids), len(parent.item_ids)))
     rows = np.flatnonzero(np.diff(truth.indptr) > 0)

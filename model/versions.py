@@ -103,6 +103,17 @@ class BundleStore:
         os.symlink(Path(VERSIONS) / version, link)
         os.replace(link, self.root / CURRENT)
 
+    def rollback(self, to: str | None, verify) -> str:
+        """Make `to` (default: the current version's parent) current, after `verify(folder)`
+        passes; resolved and switched under the lock, so no update slips in between."""
+        with self.lock():
+            target = to or self.parent_of(self.current())
+            if target is None:
+                raise VersionError(f"version {self.current()} has no parent")
+            verify(self.path(target))
+            self.switch(target)
+        return target
+
     def parent_of(self, version: str) -> str | None:
         return self.manifest(version).get("parent")
 

@@ -184,3 +184,37 @@ def test_non_numeric_stars_are_left_out_of_a_built_profile():
 
     text = item_profile_from_metadata({"name": "Cafe", "stars": "great"})
     assert text == "Cafe." or ("Cafe" in text and "stars" not in text)
+
+
+def test_synthetic_data_is_labelled_seeded_heavy_tailed_and_loads(tmp_path):
+    from click.testing import CliRunner
+
+    from main import cli
+
+    args = ["synth", "--users", "2000", "--items", "300", "--interactions", "20000", "--seed",
+            "5"]
+    for name in ("a", "b"):
+        result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    first, again = ((tmp_path / name / "train.csv").read_bytes() for name in ("a", "b"))
+    assert first == again
+    assert "for scale measurements only" in (tmp_path / "a" / "SYNTHETIC.md").read_text()
+    dataset = load_dataset(tmp_path / "a")
+    total = dataset.train.nnz + dataset.val.nnz + dataset.test.nnz
+    assert total == 20000 and 0.75 < dataset.train.nnz / total < 0.85
+    popularity = np.asarray((dataset.train > 0).sum(axis=0)).ravel()
+    assert popularity.max() > 10 * np.median(popularity)  # a long tail, not uniform
+    assert dataset.item_profiles[0].startswith("Synthetic item 0")
+    refused = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code != 0 and "--overwrite" in refused.output
+
+
+def test_llm_profiles_fill_in_where_the_datas_own_profiles_are_missing(easyrec_folder):
+    write_json_lines(easyrec_folder / "user_profile.json", [
+        {"user_id": 1, "profile": "Likes coffee."}, {"user_id": 2, "profile": "  "}])
+    write_json_lines(easyrec_folder / "user_profile.llm.json", [
+        {"user_id": 1, "profile": "LLM text that must not win"},
+        {"user_id": 2, "profile": "Enjoys gyms."}, {"user_id": 3, "profile": "Loves Thai."}])
+    dataset = load_dataset(easyrec_folder)
+    assert dataset.user_profiles[1:] == ["Likes coffee.", "Enjoys gyms.", "Loves Thai."]
+    assert list(dataset.user_profile_source[1:]) == ["written"] * 3

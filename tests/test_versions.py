@@ -194,7 +194,7 @@ def test_stream_follows_timestamps_when_the_data_has_them(tmp_path):
     train["timestamp"] = np.random.default_rng(0).permutation(len(train)) + 1_600_000_000
     train.to_csv(folder / "train.csv", index=False)
     dataset = load_dataset(folder)
-    arrival = timestamp_steps(dataset.train, folder, 2)
+    arrival, _ = timestamp_steps(dataset.train, folder, 2)
     coo = dataset.train.tocoo()
     first = train.groupby(["user", "item"])["timestamp"].min()
     times = first.loc[list(zip(coo.row, coo.col))].to_numpy()
@@ -204,3 +204,66 @@ def test_stream_follows_timestamps_when_the_data_has_them(tmp_path):
     output = _cli("stream", "--dataset", folder, "--steps", "2", "--no-tune-baselines",
                   "--runs-dir", tmp_path / "runs")
     assert "Arrival: timestamp." in output
+
+
+@pytest.fixture(scope="module")
+def ranked_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ranked")
+    output = _cli("run", "--dataset", "demo", "--model", "als", "--rank", "widedeep",
+                  "--rank-on", "als", "--rank-epochs", "1", "--data-root", root / "data",
+                  "--runs-dir", root / "runs")
+    return Path([l for l in output.splitlines() if l.startswith("run written to ")][-1][15:])
+
+
+def test_removed_items_leave_ranked_answers_and_do_not_fail_the_check(ranked_run, tmp_path):
+    _cli("export", "--run", ranked_run, "--variant", "als", "--out", tmp_path / "bundle")
+    store = tmp_path / "bundle"
+    before = Bundle(store)
+    users = before.user_ids[:60]
+    ranked = {u: [i for i, _ in before.recommend(u, 20, rank=True)] for u in users}
+    held_out = [(u, i) for u in users for i in ranked[u][:3]]
+    gone = max({i for _, i in held_out}, key=[i for _, i in held_out].count)
+    assert [i for _, i in held_out].count(gone) >= 5  # removing it would cost > 2% of hits
+    (tmp_path / "gone.txt").write_text(gone + "\n")
+    result = update_bundle(store, _write_csv(tmp_path / "tiny.csv", [("5", "NEW-ITEM")]),
+                           remove_items=tmp_path / "gone.txt",
+                           validation=_write_csv(tmp_path / "val.csv", held_out))
+    assert result.made_current, result.report["validation"]  # removal is not a regression
+    after = Bundle(store)
+    for user in users:
+        now = [i for i, _ in after.recommend(user, 20, rank=True)]
+        assert gone not in now and len(now) == 20
+        if gone not in ranked[user]:
+            assert now == ranked[user]  # nobody else's ranked list moves
+
+
+def test_interaction_files_with_bad_rows_stop_at_their_line(store, tmp_path):
+    cases = {"user,item,timestamp\n1,2,1600000000\n3,4,\n": ":3: timestamp '' is neither",
+             "user,item\n1,2\n\n3,4,5\n": ":4: more fields than the header",
+             "user,item,user\n1,2,3\n": ":1: a column is named twice",
+             "user,item,timestamp\n1,2,1600000000\n3,4,2024-01-01\n": ":3: timestamp '2024-01-01'",
+             "user,item\n1, \n": ":2: empty user or item id"}
+    for number, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"case{number}.csv"
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            update_bundle(store, path)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\r\n 1 ,NEW,999\r\n1,2,1000\r\n")
+    result = update_bundle(store, bom)
+    manifest = Bundle(store).manifest
+    assert result.report["new_items"] == 1 and Bundle(store).item_row("NEW") >= 400
+    assert manifest["data_cutoff"]["latest_timestamp"] == "1000"  # compared as numbers
+    assert BundleStore(store).versions() == ["v0001", "v0002"]  # the bad files wrote nothing
+
+
+def test_stream_sends_a_held_back_increment_again(tmp_path):
+    from dataHandler import open_dataset
+    from model.stream import Stream
+
+    dataset = open_dataset("demo", tmp_path / "data")
+    stream = Stream(dataset, None, "als", 3, tmp_path, 0)
+    stream.held_back = [1]
+    increment, _ = stream._increment_files(2, np.arange(dataset.n_users))
+    sent = len(increment.read_text().splitlines()) - 1
+    assert sent == int(np.isin(stream.arrival, [1, 2]).sum()) > (stream.arrival == 2).sum()
