@@ -19,7 +19,7 @@ fi
 export PYTHONUNBUFFERED=1
 case "${1:-}" in
   tests) shift; exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
-  run|bench|prepare|shrink|export|recommend|evaluate|ab|serve|profiles|update|versions|stream)
+  run|bench|prepare|shrink|export|recommend|evaluate|ab|serve|profiles|update|versions|stream|synth)
     exec "$VENV/bin/python" main.py "$@" ;;
   -h|--help) exec "$VENV/bin/python" main.py run --help ;;
   *) exec "$VENV/bin/python" main.py run "$@" ;;
