@@ -267,3 +267,23 @@ def test_stream_sends_a_held_back_increment_again(tmp_path):
     increment, _ = stream._increment_files(2, np.arange(dataset.n_users))
     sent = len(increment.read_text().splitlines()) - 1
     assert sent == int(np.isin(stream.arrival, [1, 2]).sum()) > (stream.arrival == 2).sum()
+
+
+def test_a_new_item_with_only_a_profile_is_retrievable_through_its_text(tmp_path, tiny_roberta):
+    output = _cli("run", "--dataset", "demo", "--model", "text", "--base-model", tiny_roberta,
+                  "--layers", "2", "--no-quantize", "--data-root", tmp_path / "data",
+                  "--runs-dir", tmp_path / "runs", "--cache-dir", tmp_path / "cache")
+    run = [l for l in output.splitlines() if l.startswith("run written to ")][-1][15:]
+    _cli("export", "--run", run, "--variant", "text", "--out", tmp_path / "bundle")
+    text = "Spicy Sichuan dishes, hot pot and late-night dining downtown."
+    profiles = tmp_path / "items.json"
+    profiles.write_text(json.dumps({"item_id": "HOTPOT-1", "profile": text + " a@b.com"}) + "\n")
+    result = update_bundle(tmp_path / "bundle", _write_csv(tmp_path / "day.csv", [("1", "2")]),
+                           item_profiles=profiles)
+    assert result.report["steps"][3]["encoded_profiles"] == 1  # only the new profile
+    bundle = Bundle(tmp_path / "bundle")
+    assert bundle.item_row("HOTPOT-1") in bundle.retriever.row_to_item
+    assert bundle.item_profile("HOTPOT-1").endswith("[EMAIL]")  # cleaned before it is stored
+    found = _cli("recommend", "--bundle", tmp_path / "bundle", "--profile", text + " [EMAIL]",
+                 "-k", "1")
+    assert found.splitlines()[-1].split("\t")[1] == "HOTPOT-1"
