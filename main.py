@@ -182,10 +182,14 @@ def export(run_dir: str, variant: str, out: str, storage: str, overwrite: bool) 
 @click.option("--recent-items", default=None,
               help="Comma-separated items --user just interacted with: folded into their "
                    "vector on the fly (near-online, no training).")
+@click.option("--where", multiple=True, metavar="NAME=VALUE",
+              help="Only items with this attribute (city, state, categories where the data "
+                   "has them), for --user; repeatable.")
 @click.option("-k", "k", default=20, show_default=True, type=click.IntRange(1, 10000))
 @clear_errors()
 def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str | None,
-              lookalike: str | None, rank: bool, recent_items: str | None, k: int) -> None:
+              lookalike: str | None, rank: bool, recent_items: str | None, where: tuple,
+              k: int) -> None:
     """Answer from a bundle alone: recommendations, similar items, look-alike users."""
     asked = [q for q in (user, profile, item, lookalike) if q is not None]
     if len(asked) != 1:
@@ -198,7 +202,13 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
                                "--rank")
     bundle = Bundle(bundle_dir)
     recent = [i.strip() for i in recent_items.split(",") if i.strip()] if recent_items else None
-    rows, kind = bundle.answer(user, profile, item, lookalike, k, rank, recent)
+    if where and (user is None or recent):
+        raise click.UsageError("--where applies to --user recommendations")
+    filters = dict(w.split("=", 1) for w in where if "=" in w)
+    if len(filters) != len(where):
+        raise click.UsageError("--where takes NAME=VALUE, e.g. --where city=Tucson")
+    rows, kind = (bundle.recommend(user, k, rank, filters), "item") if filters else \
+        bundle.answer(user, profile, item, lookalike, k, rank, recent)
     described = kind == "item" and bundle.item_profiles is not None
     click.echo(f"rank\t{kind}\tscore" + ("\tprofile" if described else ""))
     for position, (identifier, score) in enumerate(rows, start=1):

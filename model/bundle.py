@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from dataHandler import prepare_dataset, read_id_lines
 from evaluation import Evaluator, file_name, same_data
 from coreMethod import unit_rows
 from model.base import Recommender
@@ -32,6 +33,8 @@ REQUIRED = ("format_version", "variant", "dataset", "data", "users", "items", "d
             "metrics_at_export", "files")
 FORMAT_VERSION = 2
 RANKER_DIR = "ranker"
+ATTRIBUTE_PREFIX = "attr_"  # items.parquet columns that `where` filters can use
+FILTER_ATTRIBUTES = ("city", "state", "categories")
 
 
 class BundleError(ValueError):
@@ -107,7 +110,7 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
     stored_items, item_scale = _quantise(items, storage)
     np.save(tmp / "user_embeddings.npy", stored_users)
     np.save(tmp / "item_embeddings.npy", stored_items)
-    _write_id_tables(tmp, dataset, len(users), len(items))
+    _write_id_tables(tmp, dataset, len(users), len(items), _item_attributes(config, len(items)))
     indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
         else np.arange(len(items))
     retriever = FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
@@ -165,13 +168,47 @@ def _absolute_data_paths(data: dict) -> dict:
     return out
 
 
-def _write_id_tables(folder: Path, dataset, n_users: int, n_items: int) -> None:
+def _write_id_tables(folder: Path, dataset, n_users: int, n_items: int,
+                     attributes: dict[str, list[str]]) -> None:
     pd.DataFrame({"row": np.arange(n_users), "id": _ids(dataset.user_ids, n_users)}
                  ).to_parquet(folder / "users.parquet", index=False)
     item_table = {"row": np.arange(n_items), "id": _ids(dataset.item_ids, n_items)}
     if any(p is not None for p in dataset.item_profiles):  # lets answers show what an id is
         item_table["profile"] = [p or "" for p in dataset.item_profiles]
+    item_table.update({ATTRIBUTE_PREFIX + name: values for name, values in attributes.items()})
     pd.DataFrame(item_table).to_parquet(folder / "items.parquet", index=False)
+
+
+def _item_attributes(config: dict, n_items: int) -> dict[str, list[str]]:
+    """The filterable attributes (FILTER_ATTRIBUTES) of the run's items, from the data
+    folder's item_meta.json when it has one."""
+    data, seed = config.get("data", config), config.get("run", {}).get("seed", 2023)
+    folder = prepare_dataset(data["dataset"], data.get("data_root", "dataset"),
+                             data.get("data_source"), data.get("data_url"), seed)
+    if not (folder / "item_meta.json").exists():
+        return {}
+    values = {name: [""] * n_items for name in FILTER_ATTRIBUTES}
+    for item, (_, meta) in read_id_lines(folder / "item_meta.json", "item_id", n_items).items():
+        for name in FILTER_ATTRIBUTES:
+            value = meta.get(name)
+            values[name][item] = ", ".join(map(str, value)) if isinstance(value, list) \
+                else "" if value is None else str(value)
+    return {name: column for name, column in values.items() if any(column)}
+
+
+def _attribute_index(item_table: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
+    """attribute -> value (case-folded; each category on its own) -> item rows."""
+    index = {}
+    for column in (c for c in item_table.columns if c.startswith(ATTRIBUTE_PREFIX)):
+        rows: dict[str, list[int]] = {}
+        for row, value in enumerate(item_table[column].astype(str)):
+            parts = value.split(",") if column == ATTRIBUTE_PREFIX + "categories" else [value]
+            for part in parts:
+                if part.strip():
+                    rows.setdefault(part.strip().casefold(), []).append(row)
+        index[column[len(ATTRIBUTE_PREFIX):]] = {v: np.asarray(r, dtype=np.int64)
+                                                 for v, r in rows.items()}
+    return index
 
 
 def _copy_encoder(run_dir: Path, variant: str, model: Recommender, folder: Path) -> dict | None:
@@ -245,6 +282,7 @@ class Bundle:
         item_table = pd.read_parquet(self.folder / "items.parquet")
         self.item_ids = item_table["id"].astype(str).tolist()
         self.item_profiles = item_table["profile"].tolist() if "profile" in item_table else None
+        self._attribute_index = _attribute_index(item_table)
         self.seen = sp.load_npz(self.folder / "seen.npz").tocsr()
         self.retriever = FaissRetriever.load(self.folder / "items.faiss",
                                              np.load(self.folder / "index_items.npy"))
@@ -317,29 +355,51 @@ class Bundle:
             self._ranker = WideDeepRanker.load(self.folder / RANKER_DIR)
         return self._ranker
 
-    def recommend(self, user: str, k: int = 20, rank: bool = False) -> list[tuple[str, float]]:
+    def recommend(self, user: str, k: int = 20, rank: bool = False,
+                  where: dict[str, str] | None = None) -> list[tuple[str, float]]:
         """Top-k items for a known user, seen items excluded; with `rank`, the ranker's
-        order of the union of the recall channels' candidates (scores are then the ranker's)."""
+        order of the union of the recall channels' candidates (scores are then the ranker's);
+        `where`: only items whose attributes match (see `items_outside`)."""
         row = np.array([self.user_row(user)])
+        outside = self.items_outside(where)
         if not rank:
-            items, scores = self.retriever.search(self.users, k, self.seen, row)
+            exclude = self.seen if not len(outside) else \
+                self._exclusion(row[0], self.seen.shape, outside)
+            items, scores = self.retriever.search(self.users, k, exclude, row)
             return self._named(items[0], scores[0])
         trained = self.manifest.get("ranker_rows", {"users": len(self.users),
                                                     "items": len(self.items)})
         if row[0] >= trained["users"]:
             raise BundleError(f"user {user!r} joined in an update after the ranker was trained;"
                               " ask without rank (recall) until the next full retrain")
-        items, scores = self.ranker.recommend(row, self._ranker_exclusion(row[0], trained), k)
+        removed = np.asarray(self.manifest.get("removed_rows", []), dtype=np.int64)
+        exclude = self._exclusion(row[0], (trained["users"], trained["items"]),
+                                  np.union1d(removed, outside))  # removed: still in its channels
+        items, scores = self.ranker.recommend(row, exclude, k)
         return self._named(items[0], scores[0])
 
-    def _ranker_exclusion(self, row: int, trained: dict) -> sp.csr_matrix:
-        """What the ranker must not return for `row`, in its own shape: the user's seen items
-        and the items an update removed (they are still in the ranker's channels)."""
+    def _exclusion(self, row: int, shape: tuple[int, int], extra: np.ndarray) -> sp.csr_matrix:
+        """A `shape` matrix whose only row `row` holds the user's seen items and `extra`."""
         seen = self.seen.indices[self.seen.indptr[row]:self.seen.indptr[row + 1]]
-        items = np.union1d(seen, self.manifest.get("removed_rows", [])).astype(np.int64)
-        items = items[items < trained["items"]]
+        items = np.union1d(seen, extra).astype(np.int64)
+        items = items[items < shape[1]]
         return sp.csr_matrix((np.ones(len(items), np.float32), (np.full(len(items), row), items)),
-                             shape=(trained["users"], trained["items"]))
+                             shape=shape)
+
+    def items_outside(self, where: dict[str, str] | None) -> np.ndarray:
+        """Rows of the items that fail a `where` filter: an attribute equal to the value
+        (case-insensitive), or for `categories` one of its comma-separated entries."""
+        if not where:
+            return np.empty(0, dtype=np.int64)
+        unknown = sorted(set(where) - set(self._attribute_index))
+        if unknown:
+            raise BundleError(f"unknown item attribute(s) {', '.join(unknown)}; this bundle can "
+                              f"filter by {', '.join(sorted(self._attribute_index)) or 'none'}")
+        keep = np.arange(len(self.item_ids))
+        for name, value in where.items():
+            keep = np.intersect1d(keep, self._attribute_index[name].get(
+                value.strip().casefold(), np.empty(0, dtype=np.int64)))
+        return np.setdiff1d(np.arange(len(self.item_ids)), keep)
 
     def answer(self, user: str | None = None, profile: str | None = None,
                item: str | None = None, lookalike: str | None = None, k: int = 20,

@@ -214,12 +214,24 @@ def _without(fetch, k: int, exclude: set[str]) -> list[tuple[str, float]]:
 
 
 def _for_user(served: Served, user: str, k: int, rank: bool,
-              exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+              exclude: set[str] = frozenset(), where: dict | None = None
+              ) -> list[tuple[str, float]]:
     bundle = served.bundle
     _known(bundle, users=[user], items=sorted(exclude))
     if rank and bundle.manifest.get("ranker") is None:
         raise HTTPException(409, f"this '{bundle.manifest['variant']}' bundle has no ranker")
-    return _without(lambda depth: bundle.recommend(user, depth, rank=rank), k, exclude)
+    try:
+        bundle.items_outside(where)
+    except BundleError as error:  # an unknown attribute is the request's mistake, not a 404
+        raise HTTPException(422, f"where: {error}") from None
+    return _without(lambda depth: bundle.recommend(user, depth, rank, where), k, exclude)
+
+
+def _filters(where: list[str]) -> dict[str, str]:
+    pairs = [w.split("=", 1) for w in where]
+    if any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise HTTPException(422, "where: NAME=VALUE, e.g. where=city=Tucson")
+    return {name.strip(): value for name, value in pairs}
 
 
 def _fold_in(served: Served, request: ProfileRequest) -> list[tuple[str, float]]:
@@ -307,15 +319,17 @@ def _recommendation_routes(app: FastAPI, state: State, max_k: int) -> None:
 
     @app.get("/users/{user_id}/recommendations", tags=["recommend"])
     def for_user(user_id: str, k: int = K, rank: bool = False,
-                 exclude: str = Query("", description="Item ids to leave out, comma-separated")
-                 ) -> dict:
+                 exclude: str = Query("", description="Item ids to leave out, comma-separated"),
+                 where: list[str] = Query([], description="Item attribute filters NAME=VALUE "
+                                          "(city, state, categories), repeatable")) -> dict:
         """Top-k items for a known user (training items always excluded); `rank=true`
-        re-orders with the bundle's Wide&Deep ranker (409 when it has none)."""
+        re-orders with the bundle's Wide&Deep ranker (409 when it has none); `where`
+        keeps only items with those attributes."""
         excluded = {i.strip() for i in exclude.split(",") if i.strip()}
         if len(excluded) > MAX_IDS:
             raise HTTPException(422, f"exclude: at most {MAX_IDS} ids")
         served = state.current()
-        return _answer(served, _for_user(served, user_id, k, rank, excluded))
+        return _answer(served, _for_user(served, user_id, k, rank, excluded, _filters(where)))
 
     @app.post("/recommendations", tags=["recommend"])
     def for_new_user(request: ProfileRequest) -> dict:

@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dataHandler import DataError, iter_json_lines
-from model.bundle import Bundle, BundleError, seal_manifest
+from model.bundle import ATTRIBUTE_PREFIX, Bundle, BundleError, seal_manifest
 from model.foldin import FoldIn, choose_fold_in
 from model.hygiene import scrub_pii
 from model.retrieval import FaissRetriever
@@ -347,6 +347,10 @@ class _Update:
         if parent.item_profiles is not None or self.items_text:
             table["profile"] = list(parent.item_profiles or [""] * self.n_old_items) + \
                 [self.items_text.get(i, "") for i in self.item_ids[self.n_old_items:]]
+        parent_table = pd.read_parquet(parent.folder / "items.parquet")
+        for column in (c for c in parent_table.columns if c.startswith(ATTRIBUTE_PREFIX)):
+            table[column] = list(parent_table[column]) + [""] * (len(self.item_ids)
+                                                                 - self.n_old_items)
         pd.DataFrame(table).to_parquet(folder / "items.parquet", index=False)
         self.retriever.save(folder / "items.faiss")
         np.save(folder / "index_items.npy", self.index_items)

@@ -210,3 +210,10 @@ def test_hot_swap_serves_on_and_refuses_a_broken_bundle(bundles, tmp_path):
                            ).status_code == 422
         still = client.get("/users/5/recommendations?k=10")
         assert still.json()["bundle"] == after.json()["bundle"] and _ids(still) == _ids(after)
+
+
+def test_attribute_filters_over_http(client):
+    got = client.get("/users/5/recommendations?k=5&where=city=Tucson")
+    assert got.status_code == 200 and len(got.json()["items"]) == 5
+    assert client.get("/users/5/recommendations?where=colour=red").status_code == 422
+    assert client.get("/users/5/recommendations?where=nonsense").status_code == 422

@@ -287,3 +287,22 @@ def test_a_new_item_with_only_a_profile_is_retrievable_through_its_text(tmp_path
     found = _cli("recommend", "--bundle", tmp_path / "bundle", "--profile", text + " [EMAIL]",
                  "-k", "1")
     assert found.splitlines()[-1].split("\t")[1] == "HOTPOT-1"
+
+
+def test_where_filters_keep_the_order_among_matching_items(store, ranked_run, tmp_path):
+    bundle = Bundle(store)
+    table = __import__("pandas").read_parquet(bundle.folder / "items.parquet")
+    tucson = set(table.loc[table["attr_city"] == "Tucson", "id"])
+    everything = [i for i, _ in bundle.recommend("3", len(bundle.item_ids))]
+    only = [i for i, _ in bundle.recommend("3", 10, where={"city": "tucson"})]
+    assert only == [i for i in everything if i in tucson][:10]  # same order, case-insensitive
+    thai = bundle.recommend("3", 5, where={"categories": "Thai", "city": "Tucson"})
+    assert all("Thai" in table.set_index("id").loc[i, "attr_categories"] for i, _ in thai)
+    with pytest.raises(Exception, match="unknown item attribute.*can filter by categories"):
+        bundle.recommend("3", 5, where={"colour": "red"})
+    shown = _cli("recommend", "--bundle", store, "--user", "3", "--where", "city=Tucson",
+                 "-k", "3")
+    assert [l.split("\t")[1] for l in shown.splitlines()[-3:]] == only[:3]
+    _cli("export", "--run", ranked_run, "--variant", "als", "--out", tmp_path / "ranked")
+    ranked = Bundle(tmp_path / "ranked").recommend("3", 10, rank=True, where={"city": "Tucson"})
+    assert len(ranked) > 0 and all(i in tucson for i, _ in ranked)
