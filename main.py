@@ -204,9 +204,10 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
     recent = [i.strip() for i in recent_items.split(",") if i.strip()] if recent_items else None
     if where and (user is None or recent):
         raise click.UsageError("--where applies to --user recommendations")
-    filters = dict(w.split("=", 1) for w in where if "=" in w)
+    filters = dict(w.split("=", 1) for w in where if "=" in w.strip("="))
     if len(filters) != len(where):
-        raise click.UsageError("--where takes NAME=VALUE, e.g. --where city=Tucson")
+        raise click.UsageError("--where takes NAME=VALUE (each NAME once), e.g. "
+                               "--where city=Tucson")
     rows, kind = (bundle.recommend(user, k, rank, filters), "item") if filters else \
         bundle.answer(user, profile, item, lookalike, k, rank, recent)
     described = kind == "item" and bundle.item_profiles is not None

@@ -358,25 +358,43 @@ class Bundle:
     def recommend(self, user: str, k: int = 20, rank: bool = False,
                   where: dict[str, str] | None = None) -> list[tuple[str, float]]:
         """Top-k items for a known user, seen items excluded; with `rank`, the ranker's
-        order of the union of the recall channels' candidates (scores are then the ranker's);
-        `where`: only items whose attributes match (see `items_outside`)."""
+        order of the union of the recall channels' candidates (scores are then the ranker's).
+        `where`: only items whose attributes match (`items_matching`): recall returns the
+        exact top k among them; ranking keeps the matching ones of its candidates, scored
+        exactly as without the filter (so the list may be shorter than k)."""
         row = np.array([self.user_row(user)])
-        outside = self.items_outside(where)
+        keep = self.items_matching(where) if where else None
         if not rank:
-            exclude = self.seen if not len(outside) else \
-                self._exclusion(row[0], self.seen.shape, outside)
-            items, scores = self.retriever.search(self.users, k, exclude, row)
-            return self._named(items[0], scores[0])
+            if keep is None:
+                items, scores = self.retriever.search(self.users, k, self.seen, row)
+                return self._named(items[0], scores[0])
+            return self._top_among(row[0], keep, k)
         trained = self.manifest.get("ranker_rows", {"users": len(self.users),
                                                     "items": len(self.items)})
         if row[0] >= trained["users"]:
             raise BundleError(f"user {user!r} joined in an update after the ranker was trained;"
                               " ask without rank (recall) until the next full retrain")
         removed = np.asarray(self.manifest.get("removed_rows", []), dtype=np.int64)
-        exclude = self._exclusion(row[0], (trained["users"], trained["items"]),
-                                  np.union1d(removed, outside))  # removed: still in its channels
-        items, scores = self.ranker.recommend(row, exclude, k)
+        exclude = self._exclusion(row[0], (trained["users"], trained["items"]), removed)
+        ranker = self.ranker
+        depth = k if keep is None else ranker.candidates + ranker.channel_candidates * (
+            len(ranker.features.signals) - 1)  # the largest candidate union
+        items, scores = ranker.recommend(row, exclude, depth)
+        if keep is not None:
+            inside = np.isin(items[0], keep)
+            items, scores = items[:, inside][:, :k], scores[:, inside][:, :k]
         return self._named(items[0], scores[0])
+
+    def _top_among(self, row: int, keep: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Exact inner-product top k of `row` among the indexed, unseen items of `keep`
+        (work in proportion to len(keep), not to the catalogue)."""
+        seen = self.seen.indices[self.seen.indptr[row]:self.seen.indptr[row + 1]]
+        candidates = np.setdiff1d(np.intersect1d(keep, self.retriever.row_to_item), seen)
+        scores = self.items[candidates] @ self.users[row]
+        top = np.argsort(-scores, kind="stable")[:k] if len(scores) <= 4 * k else \
+            np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return self._named(candidates[top], scores[top])
 
     def _exclusion(self, row: int, shape: tuple[int, int], extra: np.ndarray) -> sp.csr_matrix:
         """A `shape` matrix whose only row `row` holds the user's seen items and `extra`."""
@@ -386,20 +404,19 @@ class Bundle:
         return sp.csr_matrix((np.ones(len(items), np.float32), (np.full(len(items), row), items)),
                              shape=shape)
 
-    def items_outside(self, where: dict[str, str] | None) -> np.ndarray:
-        """Rows of the items that fail a `where` filter: an attribute equal to the value
+    def items_matching(self, where: dict[str, str]) -> np.ndarray:
+        """Rows of the items that pass every `where` filter: an attribute equal to the value
         (case-insensitive), or for `categories` one of its comma-separated entries."""
-        if not where:
-            return np.empty(0, dtype=np.int64)
         unknown = sorted(set(where) - set(self._attribute_index))
         if unknown:
             raise BundleError(f"unknown item attribute(s) {', '.join(unknown)}; this bundle can "
                               f"filter by {', '.join(sorted(self._attribute_index)) or 'none'}")
-        keep = np.arange(len(self.item_ids))
+        keep = None
         for name, value in where.items():
-            keep = np.intersect1d(keep, self._attribute_index[name].get(
-                value.strip().casefold(), np.empty(0, dtype=np.int64)))
-        return np.setdiff1d(np.arange(len(self.item_ids)), keep)
+            rows = self._attribute_index[name].get(value.strip().casefold(),
+                                                   np.empty(0, dtype=np.int64))
+            keep = rows if keep is None else np.intersect1d(keep, rows)
+        return keep
 
     def answer(self, user: str | None = None, profile: str | None = None,
                item: str | None = None, lookalike: str | None = None, k: int = 20,

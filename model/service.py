@@ -220,18 +220,21 @@ def _for_user(served: Served, user: str, k: int, rank: bool,
     _known(bundle, users=[user], items=sorted(exclude))
     if rank and bundle.manifest.get("ranker") is None:
         raise HTTPException(409, f"this '{bundle.manifest['variant']}' bundle has no ranker")
-    try:
-        bundle.items_outside(where)
-    except BundleError as error:  # an unknown attribute is the request's mistake, not a 404
-        raise HTTPException(422, f"where: {error}") from None
+    if where and set(where) - set(bundle._attribute_index):
+        unknown = ", ".join(sorted(set(where) - set(bundle._attribute_index)))
+        raise HTTPException(422, f"where: unknown item attribute(s) {unknown}; this bundle can "
+                            f"filter by {', '.join(sorted(bundle._attribute_index)) or 'none'}")
     return _without(lambda depth: bundle.recommend(user, depth, rank, where), k, exclude)
 
 
 def _filters(where: list[str]) -> dict[str, str]:
     pairs = [w.split("=", 1) for w in where]
-    if any(len(p) != 2 or not p[0].strip() for p in pairs):
-        raise HTTPException(422, "where: NAME=VALUE, e.g. where=city=Tucson")
-    return {name.strip(): value for name, value in pairs}
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise HTTPException(422, "where: NAME=VALUE with both parts, e.g. where=city=Tucson")
+    names = [name.strip() for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise HTTPException(422, "where: each attribute at most once")
+    return dict(zip(names, (value for _, value in pairs)))
 
 
 def _fold_in(served: Served, request: ProfileRequest) -> list[tuple[str, float]]:

@@ -212,8 +212,10 @@ def test_hot_swap_serves_on_and_refuses_a_broken_bundle(bundles, tmp_path):
         assert still.json()["bundle"] == after.json()["bundle"] and _ids(still) == _ids(after)
 
 
-def test_attribute_filters_over_http(client):
-    got = client.get("/users/5/recommendations?k=5&where=city=Tucson")
-    assert got.status_code == 200 and len(got.json()["items"]) == 5
-    assert client.get("/users/5/recommendations?where=colour=red").status_code == 422
-    assert client.get("/users/5/recommendations?where=nonsense").status_code == 422
+def test_attribute_filters_over_http(client, bundles):
+    got = client.get("/users/5/recommendations?k=5&where=city=Tucson&where=categories=Thai")
+    wanted = Bundle(bundles[0]).recommend("5", 5, where={"city": "Tucson", "categories": "Thai"})
+    assert got.status_code == 200 and _ids(got) == [i for i, _ in wanted] != []
+    for bad in ("where=colour=red", "where=nonsense", "where=city=",
+                "where=city=Tucson&where=city=Tampa"):
+        assert client.get(f"/users/5/recommendations?{bad}").status_code == 422, bad

@@ -297,12 +297,23 @@ def test_where_filters_keep_the_order_among_matching_items(store, ranked_run, tm
     only = [i for i, _ in bundle.recommend("3", 10, where={"city": "tucson"})]
     assert only == [i for i in everything if i in tucson][:10]  # same order, case-insensitive
     thai = bundle.recommend("3", 5, where={"categories": "Thai", "city": "Tucson"})
-    assert all("Thai" in table.set_index("id").loc[i, "attr_categories"] for i, _ in thai)
+    by_id = table.set_index("id")
+    assert all("Thai" in by_id.loc[i, "attr_categories"].split(", ")
+               and by_id.loc[i, "attr_city"] == "Tucson" for i, _ in thai)
     with pytest.raises(Exception, match="unknown item attribute.*can filter by categories"):
         bundle.recommend("3", 5, where={"colour": "red"})
     shown = _cli("recommend", "--bundle", store, "--user", "3", "--where", "city=Tucson",
                  "-k", "3")
     assert [l.split("\t")[1] for l in shown.splitlines()[-3:]] == only[:3]
+    rare = table["attr_categories"].str.split(", ").explode().value_counts().index[-1]
+    few = bundle.recommend("3", 50, where={"categories": rare})
+    assert 0 < len(few) < 50  # fewer matches than k: a short list, no padding
     _cli("export", "--run", ranked_run, "--variant", "als", "--out", tmp_path / "ranked")
-    ranked = Bundle(tmp_path / "ranked").recommend("3", 10, rank=True, where={"city": "Tucson"})
-    assert len(ranked) > 0 and all(i in tucson for i, _ in ranked)
+    ranker_bundle = Bundle(tmp_path / "ranked")
+    union = [i for i, _ in ranker_bundle.recommend("3", 1000, rank=True)]
+    ranked = ranker_bundle.recommend("3", 10, rank=True, where={"city": "Tucson"})
+    assert [i for i, _ in ranked] == [i for i in union if i in tucson][:10]  # same scores
+    updated = update_bundle(tmp_path / "ranked", _write_csv(tmp_path / "d.csv", [("3", "N")]))
+    assert updated.made_current and np.array_equal(
+        Bundle(tmp_path / "ranked").items_matching({"city": "Tucson"}),
+        ranker_bundle.items_matching({"city": "Tucson"}))  # attributes kept by the update
