@@ -224,7 +224,10 @@ def _for_user(served: Served, user: str, k: int, rank: bool,
         unknown = ", ".join(sorted(set(where) - set(bundle._attribute_index)))
         raise HTTPException(422, f"where: unknown item attribute(s) {unknown}; this bundle can "
                             f"filter by {', '.join(sorted(bundle._attribute_index)) or 'none'}")
-    return _without(lambda depth: bundle.recommend(user, depth, rank, where), k, exclude)
+    try:
+        return _without(lambda depth: bundle.recommend(user, depth, rank, where), k, exclude)
+    except BundleError as error:  # e.g. ranking a user who joined after the ranker
+        raise HTTPException(409, str(error)) from None
 
 
 def _filters(where: list[str]) -> dict[str, str]:

@@ -317,3 +317,17 @@ def test_where_filters_keep_the_order_among_matching_items(store, ranked_run, tm
     assert updated.made_current and np.array_equal(
         Bundle(tmp_path / "ranked").items_matching({"city": "Tucson"}),
         ranker_bundle.items_matching({"city": "Tucson"}))  # attributes kept by the update
+
+
+def test_the_service_answers_a_user_who_joined_after_the_ranker(ranked_run, tmp_path):
+    from model.service import create_app
+    from test_service import serving
+
+    _cli("export", "--run", ranked_run, "--variant", "als", "--out", tmp_path / "bundle")
+    update_bundle(tmp_path / "bundle", _write_csv(tmp_path / "new.csv",
+                                                  [("late-user", "3"), ("late-user", "9")]))
+    with serving(create_app(tmp_path / "bundle", watch_seconds=0)) as client:
+        assert client.get("/users/late-user/recommendations?k=5").status_code == 200
+        ranked = client.get("/users/late-user/recommendations?k=5&rank=true")
+        assert ranked.status_code == 409 and "after the ranker" in ranked.json()["detail"]
+        assert client.get("/users/3/recommendations?k=5&rank=true").status_code == 200
