@@ -29,7 +29,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dataHandler import DataError, iter_json_lines
-from model.bundle import ATTRIBUTE_PREFIX, Bundle, BundleError, seal_manifest
+from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, Bundle, BundleError,
+                          seal_manifest)
 from model.foldin import FoldIn, choose_fold_in
 from model.hygiene import scrub_pii
 from model.retrieval import FaissRetriever
@@ -120,6 +121,18 @@ def parse_timestamps(path: Path, values: pd.Series, lines: np.ndarray) -> np.nda
     raise DataError(f"{path}:{lines[row]}: timestamp {values.iloc[row]!r} {what}")
 
 
+def read_attributes_by_id(path: Path) -> dict[str, dict[str, str]]:
+    """item id -> the filterable attributes (city, state, categories) its profile line has."""
+    found = {}
+    for _, record in iter_json_lines(path):
+        values = {name: record[name] for name in FILTER_ATTRIBUTES if record.get(name)}
+        if values:
+            found[str(record["item_id"])] = {
+                name: ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+                for name, v in values.items()}
+    return found
+
+
 def read_profiles_by_id(path: Path, key: str) -> dict[str, str]:
     """JSON lines {key: id, "profile": text}; ids as in the bundle (strings or integers).
     Personal data is taken out of the text (model/hygiene.py) before it is encoded or stored."""
@@ -164,6 +177,8 @@ def _update_locked(store: BundleStore, interactions: Path, user_profiles: Path |
     items_text = read_profiles_by_id(Path(item_profiles), "item_id") if item_profiles else {}
     removed = _read_ids(Path(remove_items), parent) if remove_items else []
     state = _Update(parent, increment, users_text, items_text, removed)
+    if item_profiles:
+        state.attributes = read_attributes_by_id(Path(item_profiles))
     state.log("load parent and read", started, interactions=len(increment.pairs))
     state.run()
     made_current, verdict = True, "no validation file given: made current without a check"
@@ -205,6 +220,7 @@ class _Update:
             i for i in items_text if i not in parent._item_row and i not in increment.new_items]
         self.n_old_users, self.n_old_items = len(parent.user_ids), len(parent.item_ids)
         self.dim = parent.manifest["dim"]
+        self.attributes: dict[str, dict[str, str]] = {}  # new items' filter attributes
         self.steps: list[dict] = []
 
     def log(self, name: str, started: float, **touched) -> None:
@@ -348,9 +364,15 @@ class _Update:
             table["profile"] = list(parent.item_profiles or [""] * self.n_old_items) + \
                 [self.items_text.get(i, "") for i in self.item_ids[self.n_old_items:]]
         parent_table = pd.read_parquet(parent.folder / "items.parquet")
-        for column in (c for c in parent_table.columns if c.startswith(ATTRIBUTE_PREFIX)):
-            table[column] = list(parent_table[column]) + [""] * (len(self.item_ids)
-                                                                 - self.n_old_items)
+        names = {c[len(ATTRIBUTE_PREFIX):] for c in parent_table.columns
+                 if c.startswith(ATTRIBUTE_PREFIX)} | {n for v in self.attributes.values()
+                                                       for n in v}
+        for name in sorted(names):  # the parent's values, then the new items' own
+            column = ATTRIBUTE_PREFIX + name
+            old = list(parent_table[column]) if column in parent_table else [""] * \
+                self.n_old_items
+            table[column] = old + [self.attributes.get(i, {}).get(name, "")
+                                   for i in self.item_ids[self.n_old_items:]]
         pd.DataFrame(table).to_parquet(folder / "items.parquet", index=False)
         self.retriever.save(folder / "items.faiss")
         np.save(folder / "index_items.npy", self.index_items)

@@ -313,10 +313,17 @@ def test_where_filters_keep_the_order_among_matching_items(store, ranked_run, tm
     union = [i for i, _ in ranker_bundle.recommend("3", 1000, rank=True)]
     ranked = ranker_bundle.recommend("3", 10, rank=True, where={"city": "Tucson"})
     assert [i for i, _ in ranked] == [i for i in union if i in tucson][:10]  # same scores
-    updated = update_bundle(tmp_path / "ranked", _write_csv(tmp_path / "d.csv", [("3", "N")]))
-    assert updated.made_current and np.array_equal(
-        Bundle(tmp_path / "ranked").items_matching({"city": "Tucson"}),
-        ranker_bundle.items_matching({"city": "Tucson"}))  # attributes kept by the update
+    described = tmp_path / "new_items.json"
+    described.write_text(json.dumps({"item_id": "N", "profile": "A new Thai kitchen.",
+                                     "city": "Tucson", "categories": ["Thai"]}) + "\n")
+    updated = update_bundle(tmp_path / "ranked", _write_csv(tmp_path / "d.csv", [("3", "N")]),
+                            item_profiles=described)
+    after = Bundle(tmp_path / "ranked")
+    new_row = after.item_row("N")
+    assert updated.made_current and np.array_equal(  # kept, and the new item's own added
+        after.items_matching({"city": "Tucson"}),
+        np.append(ranker_bundle.items_matching({"city": "Tucson"}), new_row))
+    assert new_row in after.items_matching({"categories": "thai"})
 
 
 def test_the_service_answers_a_user_who_joined_after_the_ranker(ranked_run, tmp_path):
