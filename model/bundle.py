@@ -62,7 +62,8 @@ def _restore(stored: np.ndarray, scale: float) -> np.ndarray:
     return stored.astype(np.float32) * np.float32(scale)
 
 
-def _ids(ids: list[str], count: int) -> list[str]:
+def original_ids(ids: list[str], count: int) -> list[str]:
+    """The data's original ids, or the row numbers as strings when it has none."""
     return list(ids) if len(ids) == count else [str(i) for i in range(count)]
 
 
@@ -108,16 +109,14 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
     tmp.mkdir(parents=True)
     stored_users, user_scale = _quantise(users, storage)
     stored_items, item_scale = _quantise(items, storage)
-    np.save(tmp / "user_embeddings.npy", stored_users)
-    np.save(tmp / "item_embeddings.npy", stored_items)
-    _write_id_tables(tmp, dataset, len(users), len(items), _item_attributes(config, len(items)))
     indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
         else np.arange(len(items))
     retriever = FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
                                                           indexed)
-    retriever.save(tmp / "items.faiss")
-    np.save(tmp / "index_items.npy", indexed)
-    sp.save_npz(tmp / "seen.npz", model.seen)
+    write_version_files(tmp, stored_users, stored_items,
+                        *_id_tables(dataset, len(users), len(items),
+                                    _item_attributes(config, len(items))),
+                        retriever, model.seen)
     text = _copy_encoder(run_dir, variant, model, tmp)
     ranker = _copy_ranker(run_dir, variant, tmp)
     data = config.get("data", config)
@@ -168,15 +167,28 @@ def _absolute_data_paths(data: dict) -> dict:
     return out
 
 
-def _write_id_tables(folder: Path, dataset, n_users: int, n_items: int,
-                     attributes: dict[str, list[str]]) -> None:
-    pd.DataFrame({"row": np.arange(n_users), "id": _ids(dataset.user_ids, n_users)}
-                 ).to_parquet(folder / "users.parquet", index=False)
-    item_table = {"row": np.arange(n_items), "id": _ids(dataset.item_ids, n_items)}
+def write_version_files(folder: Path, users: np.ndarray, items: np.ndarray, user_table: dict,
+                        item_table: dict, retriever: FaissRetriever, seen: sp.csr_matrix,
+                        compressed: bool = True) -> None:
+    """The files of every bundle version but encoder/, ranker/ and the manifest: vectors,
+    id tables (row -> id, profile, attributes), the item index and the seen items."""
+    np.save(folder / "user_embeddings.npy", users)
+    np.save(folder / "item_embeddings.npy", items)
+    pd.DataFrame(user_table).to_parquet(folder / "users.parquet", index=False)
+    pd.DataFrame(item_table).to_parquet(folder / "items.parquet", index=False)
+    retriever.save(folder / "items.faiss")
+    np.save(folder / "index_items.npy", retriever.row_to_item)
+    sp.save_npz(folder / "seen.npz", seen, compressed=compressed)
+
+
+def _id_tables(dataset, n_users: int, n_items: int,
+               attributes: dict[str, list[str]]) -> tuple[dict, dict]:
+    user_table = {"row": np.arange(n_users), "id": original_ids(dataset.user_ids, n_users)}
+    item_table = {"row": np.arange(n_items), "id": original_ids(dataset.item_ids, n_items)}
     if any(p is not None for p in dataset.item_profiles):  # lets answers show what an id is
         item_table["profile"] = [p or "" for p in dataset.item_profiles]
     item_table.update({ATTRIBUTE_PREFIX + name: values for name, values in attributes.items()})
-    pd.DataFrame(item_table).to_parquet(folder / "items.parquet", index=False)
+    return user_table, item_table
 
 
 def _item_attributes(config: dict, n_items: int) -> dict[str, list[str]]:

@@ -25,7 +25,8 @@ import scipy.sparse as sp
 
 from dataHandler import DataError
 from evaluation import Evaluator, paired_bootstrap_ci
-from model.bundle import FORMAT_VERSION, Bundle, seal_manifest
+from model.bundle import (FORMAT_VERSION, Bundle, original_ids, seal_manifest,
+                          write_version_files)
 from model.foldin import choose_fold_in
 from model.retrieval import FaissRetriever
 from model.update import parse_timestamps, update_bundle
@@ -81,17 +82,13 @@ def _matrix(coo: sp.coo_matrix, keep: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=coo.shape)
 
 
-def _ids(ids: list[str], count: int) -> list[str]:
-    return list(ids) if len(ids) == count else [str(i) for i in range(count)]
-
-
 class Stream:
     def __init__(self, dataset, models, variant: str, steps: int, out: Path, seed: int,
                  folder: Path | None = None) -> None:
         self.dataset, self.models, self.variant, self.steps = dataset, models, variant, steps
         self.out, self.seed = out, seed
-        self.user_ids = _ids(dataset.user_ids, dataset.n_users)
-        self.item_ids = _ids(dataset.item_ids, dataset.n_items)
+        self.user_ids = original_ids(dataset.user_ids, dataset.n_users)
+        self.item_ids = original_ids(dataset.item_ids, dataset.n_items)
         self.coo = dataset.train.tocoo()
         by_time = timestamp_steps(dataset.train, folder, steps)
         self.arrival_kind = "timestamp" if by_time is not None else "seeded random"
@@ -127,24 +124,16 @@ class Stream:
             bundle_store = BundleStore.initialise(tmp)
             with bundle_store.staged_version() as (version, folder):
                 folder.mkdir(parents=True)
-                np.save(folder / "user_embeddings.npy", users[known_users].astype(np.float32))
-                np.save(folder / "item_embeddings.npy", items[known_items].astype(np.float32))
-                pd.DataFrame({"row": np.arange(len(known_users)),
-                              "id": [self.user_ids[u] for u in known_users]}
-                             ).to_parquet(folder / "users.parquet", index=False)
-                pd.DataFrame({"row": np.arange(len(known_items)),
-                              "id": [self.item_ids[i] for i in known_items]}
-                             ).to_parquet(folder / "items.parquet", index=False)
-                indexed = np.arange(len(known_items))
-                retriever = FaissRetriever("flat", use_gpu=False).fit(
-                    items[known_items].astype(np.float32), indexed)
-                retriever.save(folder / "items.faiss")
-                np.save(folder / "index_items.npy", indexed)
+                users, items = (users[known_users].astype(np.float32),
+                                items[known_items].astype(np.float32))
+                retriever = FaissRetriever("flat", use_gpu=False).fit(items)
                 seen = base.train[known_users][:, known_items].tocsr()
-                sp.save_npz(folder / "seen.npz", seen)
-                fold_in = choose_fold_in(users[known_users].astype(np.float32),
-                                         items[known_items].astype(np.float32), seen,
-                                         retriever, model.params())
+                write_version_files(
+                    folder, users, items,
+                    {"row": np.arange(len(users)), "id": [self.user_ids[u] for u in known_users]},
+                    {"row": np.arange(len(items)), "id": [self.item_ids[i] for i in known_items]},
+                    retriever, seen)
+                fold_in = choose_fold_in(users, items, seen, retriever, model.params())
                 seal_manifest(folder, {
                     "format_version": FORMAT_VERSION, "variant": self.variant,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -29,8 +29,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from dataHandler import DataError, iter_json_lines
+from evaluation import per_user_metrics
 from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, Bundle, BundleError,
-                          seal_manifest)
+                          seal_manifest, write_version_files)
 from model.foldin import FoldIn, choose_fold_in
 from model.hygiene import scrub_pii
 from model.retrieval import FaissRetriever
@@ -355,10 +356,6 @@ class _Update:
         for name in ("encoder", "ranker"):  # unchanged: hard links, no extra space
             if (parent.folder / name).is_dir():
                 shutil.copytree(parent.folder / name, folder / name, copy_function=_link)
-        np.save(folder / "user_embeddings.npy", self.users.astype(np.float32))
-        np.save(folder / "item_embeddings.npy", self.items.astype(np.float32))
-        pd.DataFrame({"row": np.arange(len(self.user_ids)), "id": self.user_ids}
-                     ).to_parquet(folder / "users.parquet", index=False)
         table = {"row": np.arange(len(self.item_ids)), "id": self.item_ids}
         if parent.item_profiles is not None or self.items_text:
             table["profile"] = list(parent.item_profiles or [""] * self.n_old_items) + \
@@ -373,10 +370,9 @@ class _Update:
                 self.n_old_items
             table[column] = old + [self.attributes.get(i, {}).get(name, "")
                                    for i in self.item_ids[self.n_old_items:]]
-        pd.DataFrame(table).to_parquet(folder / "items.parquet", index=False)
-        self.retriever.save(folder / "items.faiss")
-        np.save(folder / "index_items.npy", self.index_items)
-        sp.save_npz(folder / "seen.npz", self.seen, compressed=False)  # a daily write: speed
+        write_version_files(folder, self.users.astype(np.float32), self.items.astype(np.float32),
+                            {"row": np.arange(len(self.user_ids)), "id": self.user_ids}, table,
+                            self.retriever, self.seen, compressed=False)  # daily: speed
         self.log("write version", started)
         manifest = {key: value for key, value in parent.manifest.items() if key != "files"}
         manifest.update({
@@ -428,17 +424,14 @@ def _no_regression(parent: Bundle, candidate: _Update, validation: Path,
     if len(users) == 0:
         return True, f"{validation}: no pairs of known users and kept items: made current"
     truth = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
-                          shape=(len(parent.user_ids), len(parent.item_ids)))
+                          shape=(len(candidate.user_ids), len(candidate.item_ids)))
     rows = np.flatnonzero(np.diff(truth.indptr) > 0)
     if len(rows) > GATE_USERS:
         rows = np.sort(np.random.default_rng(seed).choice(rows, GATE_USERS, replace=False))
-    wanted = np.asarray((truth[rows] > 0).sum(axis=1)).ravel()
     figures = []
     for bundle in (parent, candidate):  # the parent's rows are the candidate's first rows
         top = bundle.retriever.search(bundle.users, 20, bundle.seen, rows)[0]
-        hits = [np.isin(top[n], truth.indices[truth.indptr[r]:truth.indptr[r + 1]]).sum()
-                for n, r in enumerate(rows)]
-        figures.append(float(np.mean(np.asarray(hits) / np.minimum(wanted, 20))))
+        figures.append(float(per_user_metrics(top, rows, truth, (20,))["recall@20"].mean()))
     before, after = figures
     if after < before * (1 - max_drop):
         return False, (f"not made current: validation Recall@20 {after:.4f} is more than "
