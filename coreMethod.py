@@ -240,6 +240,42 @@ def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray
     return np.hstack(scaled).astype(np.float32)
 
 
+def fit_content_map(content: np.ndarray, target: np.ndarray, seed: int = 0,
+                    strengths: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
+                    max_rows: int = 200_000) -> tuple[np.ndarray, float]:
+    """Ridge regression (with a bias) from content vectors to a collaborative model's
+    vectors, fitted on the rows that have both: how a cold item or user, known only by its
+    text, is placed in an ID-based model's space (attribute-to-factor mapping). The
+    strength (relative to the mean feature energy, so scale-free) is the one with the least
+    error on a seeded 10% of the rows; the map is then refitted on all of them (a seeded
+    sample of `max_rows` where there are more)."""
+    rng = np.random.default_rng(seed)
+    if len(content) > max_rows:
+        rows = np.sort(rng.choice(len(content), max_rows, replace=False))
+        content, target = content[rows], target[rows]
+    features = np.hstack([content, np.ones((len(content), 1), dtype=content.dtype)])
+    features, target = features.astype(np.float64), target.astype(np.float64)
+    held = rng.random(len(features)) < 0.1
+    energy = float((features ** 2).sum(1).mean())
+
+    def solve(rows: np.ndarray, strength: float) -> np.ndarray:
+        gram = features[rows].T @ features[rows]
+        gram[np.diag_indices_from(gram)] += strength * energy
+        return np.linalg.solve(gram, features[rows].T @ target[rows])
+
+    if held.sum() and (~held).sum():
+        errors = [float(((features[held] @ solve(~held, s) - target[held]) ** 2).mean())
+                  for s in strengths]
+        strength = strengths[int(np.argmin(errors))]
+    else:
+        strength = strengths[-1]
+    return solve(np.ones(len(features), dtype=bool), strength).astype(np.float32), strength
+
+
+def apply_content_map(content: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return (content @ weights[:-1] + weights[-1]).astype(np.float32)
+
+
 def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],
                           grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0),
                           rounds: int = 2) -> tuple[list[float], float]:
@@ -385,6 +421,12 @@ def info_nce(users: torch.Tensor, items: torch.Tensor, temperature: float) -> to
     logits = users @ items.T / temperature
     target = torch.arange(len(users), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between the student's pooled vectors and the teacher's
+    (normalised) ones: what the student's L2-normalised embeddings will be compared by."""
+    return (1 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)).mean()
 
 
 def profile_pairs(dataset, rng: np.random.Generator) -> np.ndarray:

@@ -75,6 +75,7 @@ class Dataset:
     user_ids: list[str] = field(default_factory=list)  # original ids, index = row
     item_ids: list[str] = field(default_factory=list)
     hygiene: dict = field(default_factory=dict)  # what profile cleaning found (model/hygiene)
+    protocol: dict = field(default_factory=dict)  # a cold-start split's record (model/splits)
 
     @property
     def n_users(self) -> int:
@@ -95,7 +96,9 @@ class Dataset:
             "test_users": int(len(test_users)),
             "text_coverage": self.text_coverage(),
             "split_sha256": self.split_digest(),
-        } | ({"profile_hygiene": self.hygiene} if self.hygiene else {})
+        } | ({"profile_hygiene": self.hygiene} if self.hygiene else {}) | (
+            {"split": {k: len(v) if isinstance(v, list) else v  # counts, not the rows
+                       for k, v in self.protocol.items()}} if self.protocol else {})
 
     def split_digest(self) -> str:
         """Identity of the three splits' contents (not just their sizes): runs compared in an

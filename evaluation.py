@@ -64,9 +64,11 @@ class Evaluator:
     what is excluded from every list (the training items)."""
 
     def __init__(self, truth: sp.csr_matrix, exclude: sp.csr_matrix,
-                 ks: tuple[int, ...] = DEFAULT_KS, users: np.ndarray | None = None) -> None:
+                 ks: tuple[int, ...] = DEFAULT_KS, users: np.ndarray | None = None,
+                 items: np.ndarray | None = None) -> None:
         self.truth, self.exclude, self.ks = truth.tocsr(), exclude.tocsr(), tuple(ks)
         self.users = users_with_test_items(self.truth) if users is None else np.asarray(users)
+        self.items = None if items is None else np.asarray(items)  # the only items ranked
 
     @classmethod
     def on_test(cls, dataset, ks: tuple[int, ...] = DEFAULT_KS) -> "Evaluator":
@@ -82,8 +84,18 @@ class Evaluator:
             users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
         return cls(dataset.val, dataset.train, ks, users)
 
+    @classmethod
+    def among_items(cls, truth: sp.csr_matrix, exclude: sp.csr_matrix, items: np.ndarray,
+                    ks: tuple[int, ...] = DEFAULT_KS) -> "Evaluator":
+        """Ranking among `items` only, their truth pairs only (the cold-item protocol)."""
+        keep = np.zeros(truth.shape[1], dtype=truth.dtype)
+        keep[items] = 1
+        cut = (truth @ sp.diags(keep)).tocsr()
+        cut.eliminate_zeros()
+        return cls(cut, exclude, ks, items=items)
+
     def restricted(self, users: np.ndarray) -> "Evaluator":
-        return Evaluator(self.truth, self.exclude, self.ks, np.asarray(users))
+        return Evaluator(self.truth, self.exclude, self.ks, np.asarray(users), self.items)
 
     @property
     def k(self) -> int:
@@ -91,7 +103,9 @@ class Evaluator:
 
     def top_of(self, model, k: int | None = None) -> np.ndarray:
         """The ranked lists of a fitted recall model for this split's users."""
-        return model.recommend(self.users, k or self.k)[0]
+        if self.items is None:
+            return model.recommend(self.users, k or self.k)[0]
+        return model.recommend(self.users, k or self.k, among=self.items)[0]
 
     def top_of_vectors(self, user_vectors: np.ndarray, item_vectors: np.ndarray,
                        k: int | None = None, items: np.ndarray | None = None) -> np.ndarray:
@@ -139,11 +153,12 @@ def profile_or_item_mean(dataset, label: str, users: np.ndarray,
             "chosen": "profile" if profile >= mean else "item-mean"}
 
 
-def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:
+def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS,
+                 costs: bool = True) -> str:
     """Markdown table with a row per variant; unavailable variants say why."""
     metric_columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
     header = ["variant"] + [c.replace("recall", "R").replace("ndcg", "N") for c in metric_columns]
-    header += ["time s", "peak MB"]
+    header += ["time s", "peak MB"] if costs else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, result in results.items():
         if result.get("status") != "ok":
@@ -151,7 +166,9 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> 
         else:
             metrics = result["metrics"]
             cells = [variant] + [f"{metrics[c]:.4f}" for c in metric_columns]
-            cells += [f"{result.get('seconds', 0):.1f}", f"{result.get('peak_memory_mb', 0):.0f}"]
+            if costs:
+                cells += [f"{result.get('seconds', 0):.1f}",
+                          f"{result.get('peak_memory_mb', 0):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,7 +176,7 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> 
 def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[str, dict],
               per_user: dict[str, pd.DataFrame], notes: list[str],
               top_lists: dict[str, np.ndarray] | None = None,
-              comparison: dict | None = None) -> Path:
+              comparison: dict | None = None, extra: str = "") -> Path:
     """Write a run's results into `folder` (a staging folder the caller renames into place):
     metrics.json, config.json, per_user/*.csv (rows in test-user order), top/*.npy (the
     ranked lists of those users), report.md."""
@@ -176,7 +193,8 @@ def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[s
                      float_format="%.6g")
     if comparison is not None:
         notes = [*notes, describe_comparison(comparison)]
-    write_text_atomic(folder / "report.md", render_report(config, dataset_summary, results, notes))
+    write_text_atomic(folder / "report.md",
+                      render_report(config, dataset_summary, results, notes, extra))
     return folder
 
 
@@ -257,13 +275,14 @@ def file_name(variant: str) -> str:
 
 
 def render_report(config: dict, dataset_summary: dict, results: dict[str, dict],
-                  notes: list[str]) -> str:
+                  notes: list[str], extra: str = "") -> str:
     lines = [f"# Run on {dataset_summary['dataset']}", "",
              f"{dataset_summary['users']:,} users x {dataset_summary['items']:,} items; "
              f"{dataset_summary['test_users']:,} test users. Full ranking over all items, "
              "training items excluded.", "",
              format_table(results, tuple(config.get("run", {}).get("ks", DEFAULT_KS))), ""]
     lines += [f"- {note}" for note in notes]
+    lines += ["", extra] if extra else []
     segment_lines = []
     for variant, result in results.items():
         for label, segments in result.get("segments", {}).items():

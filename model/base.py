@@ -46,7 +46,13 @@ class Recommender:
 
     Subclasses list their constructor arguments in `params()`, and extra state in
     `_state()` (JSON) and `_arrays()` (numpy); `save` / `load` round-trip both.
+
+    `places_cold_start`: whether a user or item without training interactions gets a vector
+    (or scores) from its content (profile text), so the model can serve it; ID-based models
+    cannot.
     """
+
+    places_cold_start = False
 
     def __init__(self) -> None:
         self.user_vectors: np.ndarray | None = None
@@ -130,37 +136,52 @@ class Recommender:
         user_vectors, item_vectors = self.embeddings()
         return user_vectors[users] @ item_vectors.T
 
-    def recommend(self, user_ids, k: int = 20, exclude_seen: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(self, user_ids, k: int = 20, exclude_seen: bool = True,
+                  among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(item rows, scores), shape (len(user_ids), k), best first; training items are left
-        out when `exclude_seen`. Short lists and users the model cannot score are padded
-        with -1 / -inf."""
+        out when `exclude_seen`, and only the item rows `among` are ranked when given (the
+        cold-item protocol). Short lists and users the model cannot score are padded with
+        -1 / -inf."""
         self._check_fitted()
         users = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         self._check_rows(users, self.n_users, "user")
         exclude = self.seen if exclude_seen else None
         if self.has_vectors():
-            items, scores = self._retriever("items").search(self.user_vectors, k, exclude, users)
+            retriever = self._retriever("items") if among is None else \
+                FaissRetriever("flat").fit(self.item_vectors, self._usable(among))
+            items, scores = retriever.search(self.user_vectors, k, exclude, users)
         else:
-            items, scores = self._top_by_score(users, k, exclude)
+            items, scores = self._top_by_score(users, k, exclude, among=among)
         if self.user_mask is not None:
             unknown = ~self.user_mask[users]
             items[unknown], scores[unknown] = -1, -np.inf
         return items, scores
 
+    def _usable(self, among: np.ndarray | None = None) -> np.ndarray | None:
+        """The item rows this model may recommend (its mask, cut to `among`), None for all."""
+        usable = np.ones(self.n_items, dtype=bool) if self.item_mask is None \
+            else self.item_mask.copy()
+        if among is not None:
+            usable &= np.isin(np.arange(self.n_items), among)
+        return None if usable.all() else np.flatnonzero(usable)
+
     def _top_by_score(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None,
-                      chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                      chunk: int = 1024, among: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
         items = np.full((len(users), k), -1, dtype=np.int64)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         width = min(k, self.n_items)
+        allowed = np.zeros(self.n_items, dtype=bool)
+        usable = self._usable(among)
+        allowed[usable if usable is not None else slice(None)] = True
         for start in range(0, len(users), chunk):
             rows = users[start:start + chunk]
             block = np.asarray(self.score(rows), dtype=np.float32)
             if exclude is not None:
                 seen = exclude[rows].tocoo()
                 block[seen.row, seen.col] = -np.inf
-            if self.item_mask is not None:
-                block[:, ~self.item_mask] = -np.inf
+            if self.item_mask is not None or among is not None:
+                block[:, ~allowed] = -np.inf
             top, top_scores = top_k_rows(block, width)  # ties: the lower item id first
             items[start:start + len(rows), :width] = top
             scores[start:start + len(rows), :width] = top_scores
@@ -195,9 +216,8 @@ class Recommender:
 
     def _retriever(self, key: str) -> FaissRetriever:
         if key not in self._retrievers:
-            usable = np.flatnonzero(self.item_mask) if self.item_mask is not None else None
             self._retrievers[key] = FaissRetriever(self.index_kind, nprobe=self.nprobe).fit(
-                self.item_vectors, usable)
+                self.item_vectors, self._usable())
         return self._retrievers[key]
 
     @staticmethod

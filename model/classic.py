@@ -34,12 +34,12 @@ class Popularity(Recommender):
     def score(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(users), len(self.counts)))
 
-    def recommend(self, user_ids, k: int = 20, exclude_seen: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(self, user_ids, k: int = 20, exclude_seen: bool = True,
+                  among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
         users = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         self._check_rows(users, self.n_users, "user")
-        order = self.order
+        order = self.order if among is None else self.order[np.isin(self.order, among)]
         most_seen = int(np.diff(self.seen.indptr).max()) if exclude_seen else 0
         head = order[: k + most_seen]
         items = np.full((len(users), k), -1, dtype=np.int64)

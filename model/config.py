@@ -17,6 +17,7 @@ USER_TEXT_CHOICES = tuple(USER_TEXT_SOURCES)
 RECALL_VARIANTS = ("popularity", *BASELINES, "tfidf", "text", "deepwalk", "graphsage", "lightgcn",
                    "fused")
 FUSE_PARTS = ("text", "deepwalk", "graphsage", "lightgcn", "als")
+SPLITS = ("warm", "cold-items", "cold-users")
 FT_METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
 FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3,
                      "prompt": 1e-2, "prefix": 5e-3}
@@ -52,6 +53,13 @@ class DataConfig:
                                   "of profile text before it is encoded, exported or sent to "
                                   "an LLM, and count duplicate profiles (metrics.json -> "
                                   "profile_hygiene). The files themselves are never changed.")
+    split: str = option("warm", "Evaluation protocol: the data's own split (warm); cold-items "
+                        "(a seeded --cold-fraction of the items leaves training, their pairs "
+                        "are validated and tested, reported over all and over cold items); "
+                        "cold-users (users with a written profile lose their training pairs "
+                        "and are scored from the profile).", choices=SPLITS)
+    cold_fraction: float = option(0.2, "Fraction of items (cold-items) or of users with a "
+                                  "written profile (cold-users) held out.")
 
 
 @dataclass
@@ -96,8 +104,8 @@ class RunConfig:
     tune_budget: float | None = option(None, "Seconds of tuning per baseline: no new setting "
                                        "is tried after that (the best so far is kept) "
                                        "[default: no limit].")
-    ablation: bool = option(False, "Add a 'fused without PART' row per fused part: what "
-                            "each signal adds to the fusion.")
+    ablation: bool = option(False, "Add a 'fused without PART' row per fused part (what "
+                            "each signal adds to the fusion) and 'fused without cold path'.")
     seed: int = option(2023, "Seed of every random source (same seed, same metrics).")
     seeds: int = option(1, "Run everything with seeds SEED .. SEED+N-1 (one run folder each) "
                         "and report each row's mean and standard deviation over them.")
@@ -132,6 +140,9 @@ class GraphConfig:
                                    choices=FUSE_PARTS, kind="names")
     fusion: str = option("concat", "Fused model: weighted concatenation (weights tuned on "
                          "validation) or a learned projection.", choices=("concat", "projection"))
+    fuse_cold: bool = option(True, "Cold-start path of the fused model: a user or item without "
+                             "training interactions is placed by its content parts (text, "
+                             "GraphSAGE) alone, the ID parts' untrained vectors zeroed.")
 
     def training(self) -> "TrainConfig":
         return TrainConfig(self.epochs, self.train_batch, self.lr, self.weight_decay,
@@ -180,6 +191,12 @@ class FinetuneConfig:
                                 "kept).")
     ft_amp: bool = option(True, "Mixed precision while fine-tuning on CUDA (bf16 where the "
                           "GPU has it, else fp16 with loss scaling); no effect on CPU.")
+
+    distill: bool = option(False, "Distil the shrunken encoder from its full-size teacher (the "
+                           "base model with all layers) on the data's profile texts, and add "
+                           "a 'text (distilled)' row; fine-tuning then starts from it.")
+    distill_steps: int = option(600, "Distillation steps (batches of --ft-batch texts).")
+    distill_lr: float = option(1e-4, "Distillation learning rate (AdamW, all student weights).")
 
     def learning_rate(self, method: str) -> float:
         return self.ft_lr or FT_LEARNING_RATES[method]
@@ -324,6 +341,9 @@ class ExperimentConfig:
         for name, (value, lowest) in at_least.items():
             if value is not None and value < lowest:
                 raise ConfigError(f"{source}: {name} must be at least {lowest}; got {value}")
+        if not 0 < self.data.cold_fraction < 1:
+            raise ConfigError(f"{source}: cold_fraction must be between 0 and 1; got "
+                              f"{self.data.cold_fraction}")
         if not self.run.ks or min(self.run.ks) < 1:
             raise ConfigError(f"{source}: ks must be positive integers")
         self.run.ks = sorted(set(int(k) for k in self.run.ks))

@@ -22,6 +22,7 @@ class TfidfRecall(Recommender):
     TF-IDF, or the normalised mean of their training items' vectors, chosen per profile source
     on validation as in `TextRecall` (`user_text`)."""
 
+    places_cold_start = True
     _name = "tfidf"
 
     def __init__(self, user_text: str = "auto", min_df: int = 2,

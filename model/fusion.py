@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coreMethod import (BestState, bpr_epoch, search_fusion_weights, train_until_no_improvement,
-                        weighted_concat)
+from coreMethod import (BestState, apply_content_map, bpr_epoch, fit_content_map,
+                        search_fusion_weights, train_until_no_improvement, weighted_concat)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
@@ -44,12 +44,14 @@ class Fusion(Recommender):
 
     def __init__(self, method: str = "concat", dim: int = 64,
                  train: TrainConfig | dict | None = None, seed: int = 2023,
-                 device: str = "auto") -> None:
+                 device: str = "auto", cold_path: bool = True) -> None:
         super().__init__()
         if method not in ("concat", "projection"):
             raise ValueError(f"unknown fusion '{method}' (concat or projection)")
         self.method, self.dim, self.train_config = method, dim, TrainConfig.coerce(train)
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.cold_path = seed, device, cold_path
+        self.content_parts: list[str] = []
+        self.cold_maps: dict[str, np.ndarray] = {}  # "part side" -> ridge map from text
         self.weights: dict[str, float] = {}
         self.part_signals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.text_block: list | None = None
@@ -57,13 +59,22 @@ class Fusion(Recommender):
 
     def params(self) -> dict:
         return {"method": self.method, "dim": self.dim, "train": vars(self.train_config),
-                "seed": self.seed, "device": self.device}
+                "seed": self.seed, "device": self.device, "cold_path": self.cold_path}
+
+    @property
+    def places_cold_start(self) -> bool:
+        return self.cold_path and bool(self.content_parts)
 
     def fit(self, dataset, parts: dict[str, Recommender]) -> "Fusion":
         """`parts`: fitted recall models with vectors, by name, in concatenation order."""
         names = list(parts)
+        self.content_parts = [n for n in names if parts[n].places_cold_start]
         user_parts = [parts[n].embeddings()[0] for n in names]
         item_parts = [parts[n].embeddings()[1] for n in names]
+        self.training_log, self.cold_maps = {}, {}
+        if self.cold_path:
+            user_parts, item_parts = self._cold_start_rows(dataset, names, user_parts,
+                                                           item_parts)
         validation = Evaluator.on_validation(dataset)
         require_validation(validation)
 
@@ -75,9 +86,9 @@ class Fusion(Recommender):
         self.weights = dict(zip(names, weights))
         self.part_signals = {n: parts[n].embeddings() for n in names}
         self.text_encoder = getattr(parts.get("text"), "encoder", None)
-        self.training_log = {"parts": names, "method": self.method,
-                             "fusion_weights": self.weights,
-                             "best_val_recall@20": round(val_recall, 5)}
+        self.training_log.update({"parts": names, "method": self.method,
+                                  "fusion_weights": self.weights,
+                                  "best_val_recall@20": round(val_recall, 5)})
         self.user_vectors = weighted_concat(user_parts, weights)
         self.item_vectors = weighted_concat(item_parts, weights)
         self.text_block = self._text_block()
@@ -85,6 +96,34 @@ class Fusion(Recommender):
             self._fit_projection(dataset, validation)
         self._fitted_on(dataset)
         return self
+
+    def _cold_start_rows(self, dataset, names, user_parts, item_parts):
+        """The cold-start path. An ID-based part has no trained vector for a user or item
+        without training interactions (zeros, or its random initial vector). Where the fused
+        model has a text part, such a row is predicted from its text vector by a ridge map
+        fitted on the rows that have both (`fit_content_map`); otherwise it is zeroed, and
+        the content parts alone place it."""
+        text = names.index("text") if "text" in names else None
+        sides = (("users", user_parts, np.diff(dataset.train.indptr) == 0),
+                 ("items", item_parts, np.diff(dataset.train.tocsc().indptr) == 0))
+        for side, parts, untrained in sides:
+            has_text = np.zeros_like(untrained) if text is None else \
+                np.linalg.norm(parts[text], axis=1) > 0
+            for position, name in enumerate(names):
+                if name in self.content_parts or not untrained.any():
+                    continue
+                part = parts[position].copy()
+                part[untrained] = 0
+                placed, known = untrained & has_text, ~untrained & has_text
+                if placed.any() and known.sum() >= 10:
+                    weights, strength = fit_content_map(parts[text][known], part[known],
+                                                        self.seed)
+                    part[placed] = apply_content_map(parts[text][placed], weights)
+                    self.cold_maps[f"{name} {side}"] = weights
+                    self.training_log.setdefault("cold_start_maps", {})[f"{name} {side}"] = {
+                        "rows_placed": int(placed.sum()), "ridge_strength": strength}
+                parts[position] = part
+        return user_parts, item_parts
 
     def _fit_projection(self, dataset, validation: Evaluator) -> None:
         device = pick_device(self.device)
@@ -133,12 +172,15 @@ class Fusion(Recommender):
 
     def _state(self) -> dict:
         return {"weights": self.weights, "text_block": self.text_block,
-                "parts": list(self.part_signals)}
+                "parts": list(self.part_signals), "content_parts": self.content_parts,
+                "cold_maps": list(self.cold_maps)}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {}
         for position, (users, items) in enumerate(self.part_signals.values()):
             arrays[f"part{position}_users"], arrays[f"part{position}_items"] = users, items
+        for position, weights in enumerate(self.cold_maps.values()):
+            arrays[f"cold_map{position}"] = weights
         return arrays
 
     def _save_extra(self, folder: Path) -> None:
@@ -152,5 +194,8 @@ class Fusion(Recommender):
     def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
         self.weights = state.get("weights", {})
         self.text_block = state.get("text_block")
+        self.content_parts = state.get("content_parts", [])
+        self.cold_maps = {name: arrays[f"cold_map{p}"]
+                          for p, name in enumerate(state.get("cold_maps", []))}
         self.part_signals = {name: (arrays[f"part{p}_users"], arrays[f"part{p}_items"])
                              for p, name in enumerate(state.get("parts", []))}

@@ -219,6 +219,10 @@ class GraphSAGE(_BPRGraphModel):
         self._fitted_on(dataset)
         return self
 
+    @property
+    def places_cold_start(self) -> bool:
+        return self.feature_dim > 0  # through the text features of the new node
+
     def embed_new(self, features: np.ndarray) -> np.ndarray:
         """Vectors for users or items outside the training graph, from their text alone."""
         device = next(self.net.parameters()).device

@@ -3,6 +3,7 @@
 `Evaluator`; every fitted model is saved under the run folder's `models/`."""
 from __future__ import annotations
 
+import copy
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -20,15 +21,18 @@ from model.classic import Popularity
 from model.content import TfidfRecall
 from model.config import BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig
 from model.contrastive import finetune_encoder
+from model.distill import distill_encoder, distillation_texts
 from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
 from model.hygiene import clean_dataset_profiles
 from model.ranking import WideDeepRanker
+from model.splits import apply_split, cold_evaluator, cold_start_report
 from model.text import ENCODER_CONFIG, ENCODER_DIR, TextEncoder, TextRecall
 from model.tuning import tuned
 from utils import (atomic_path, log, peak_memory_mb, pick_device, set_seed, timed,
                    write_json_atomic, write_text_atomic)
 
+COLD_PATH = "cold path"  # the ablation row of the fused model's cold-start path
 RANK_MODES = {"widedeep": "Wide&Deep", "wide": "wide only", "deep": "deep only"}
 
 
@@ -39,7 +43,20 @@ def load_data(config: ExperimentConfig) -> Dataset:
                            config.run.seed)
     if data.clean_profiles:
         dataset.hygiene = clean_dataset_profiles(dataset)
-    return dataset
+    try:
+        return apply_split(dataset, data.split, data.cold_fraction, config.run.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def build_teacher(config: ExperimentConfig) -> TextEncoder:
+    """The full-size encoder the shrunken one was cut from (all layers, float)."""
+    enc = config.encoder
+    if enc.encoder_path:
+        raise ConfigError("--distill needs a base model to distil from, not a saved --encoder")
+    return TextEncoder.from_pretrained(enc.base_model, pooling=enc.pooling,
+                                       max_length=enc.max_length, batch_size=enc.batch_size,
+                                       quantize=False, device=pick_device(config.run.device))
 
 
 def build_encoder(config: ExperimentConfig, quantize: bool | None = None) -> TextEncoder:
@@ -148,13 +165,15 @@ class RecallModels:
                 if n != "text" or self.text_or_none() is not None]
 
     def fused(self, without: str | None = None) -> Fusion:
-        """The fused model, or (ablation) the one fused from every part but `without`."""
+        """The fused model, or (ablation) the one fused from every part but `without`, or
+        without the cold-start path (`without='cold path'`)."""
         g = self.config.graph
         names = [n for n in self.fuse_parts() if n != without]
+        cold_path = g.fuse_cold and without != COLD_PATH
         return self._once("fused" if without is None else f"fused without {without}",
                           lambda: Fusion(g.fusion, g.dim, g.training(), self.config.run.seed,
-                                         self.device).fit(self.dataset,
-                                                          {n: self.get(n) for n in names}))
+                                         self.device, cold_path).fit(
+                              self.dataset, {n: self.get(n) for n in names}))
 
 
 class Experiment:
@@ -173,10 +192,14 @@ class Experiment:
         rows = [(name, self._recall_row(name)) for name in names]
         if run.ablation and "fused" in names:
             at = names.index("fused") + 1
-            rows[at:at] = [(f"fused without {part}", self._ablation_row(part))
-                           for part in self.config.graph.fuse_parts]
+            parts = [*self.config.graph.fuse_parts,
+                     *([COLD_PATH] if self.config.graph.fuse_cold else [])]
+            rows[at:at] = [(f"fused without {part}", self._ablation_row(part)) for part in parts]
         at = names.index("text") + 1 if "text" in names else len(names)
-        rows[at:at] = [(f"text ({m})", self._finetuned_row(m)) for m in self.config.finetune.finetune]
+        distilled = [("text (distilled)", self._distilled_row())] if self.config.finetune.distill \
+            else []
+        rows[at:at] = distilled + [(f"text ({m})", self._finetuned_row(m))
+                                   for m in self.config.finetune.finetune]
         if rank.rank == "widedeep":
             modes = list(RANK_MODES) if rank.rank_ablations else ["widedeep"]
             rows += [(f"{rank.rank_on} + {RANK_MODES[m]}", self._ranking_row(m)) for m in modes]
@@ -201,6 +224,7 @@ class Experiment:
             f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
         self.models = RecallModels(dataset, config)
         self.evaluator = Evaluator.on_test(dataset, tuple(config.run.ks))
+        self.cold = cold_evaluator(dataset, self.evaluator)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.run_dir = Path(config.run.runs_dir) / summary["dataset"] / stamp
         with atomic_path(self.run_dir) as staging:
@@ -208,11 +232,15 @@ class Experiment:
             self.staging = staging
             results, per_user, top_lists = self._evaluate_rows(dataset, staging)
             notes = protocol_notes(dataset, tuple(config.run.ks))
+            cold_table = None if self.cold is None else cold_start_report(
+                dataset, results, per_user, self.cold.ks, config.run.seed)
             comparison = versus_best_classic(results, per_user, (*BASELINES, "tfidf"),
                                              self.final_row(), config.run.seed)
             write_run(staging, {"command": " ".join(sys.argv), **config.to_dict()}, summary,
-                      results, per_user, notes, top_lists, comparison)
+                      results, per_user, notes, top_lists, comparison, cold_table or "")
         print(format_table(results, tuple(config.run.ks)))
+        if cold_table:
+            print(f"\n{cold_table}")
         for note in notes[1:]:
             print(f"note: {note}")
         if comparison is not None:
@@ -244,7 +272,31 @@ class Experiment:
                                 "segments": {name: segment_metrics(frame, values,
                                                                    self.evaluator.ks)
                                              for name, values in labels.items()}}
+            if self.cold is not None:
+                results[variant]["cold"], cold_frame = self._cold_start_row(fitted, top)
+                if cold_frame is not None:
+                    per_user[f"{variant} (cold)"] = cold_frame
         return results, per_user, top_lists
+
+    def _cold_start_row(self, fitted, top: np.ndarray) -> tuple[dict, object]:
+        """A row's metrics on the held-out items (ranked among themselves) or users; an
+        ID-based model cannot serve them and is reported as such, not as zeros."""
+        cold_items = self.cold.items is not None
+        if isinstance(fitted, WideDeepRanker) and cold_items:
+            return {"status": "unavailable", "reason": "a ranker re-orders its recall "
+                    "candidates over all items; see the all-items table"}, None
+        recall = self.models.get(self.config.rank.rank_on) \
+            if isinstance(fitted, WideDeepRanker) else fitted
+        if not recall.places_cold_start:
+            what = "an item" if cold_items else "a user"
+            return {"status": "unavailable", "reason": f"ID-based: no vector for {what} "
+                    "without training interactions"}, None
+        if cold_items:
+            top = self.cold.top_of(fitted)
+        else:
+            top = top[np.isin(self.evaluator.users, self.cold.users)]
+        frame = self.cold.per_user(top)
+        return {"status": "ok", "metrics": summarise(frame, self.cold.ks)}, frame
 
     def _recall_row(self, name: str):
         def produce(dataset: Dataset):
@@ -255,7 +307,7 @@ class Experiment:
 
     def _ablation_row(self, part: str):
         def produce(dataset: Dataset):
-            if part not in self.models.fuse_parts():
+            if part not in (*self.models.fuse_parts(), COLD_PATH):
                 raise Unavailable(f"{part} is not a part of the fused model here")
             model = self.models.fused(without=part)
             return model, self.evaluator.top_of(model), dict(model.training_log), {}
@@ -272,7 +324,7 @@ class Experiment:
                 raise Unavailable("fine-tuning needs users with written profiles")
             self.models.text()  # raises Unavailable when there is no item text
             with timed() as clock:
-                tuned, log_ = finetune_encoder(build_encoder(self.config),
+                tuned, log_ = finetune_encoder(self._student(dataset),
                                                dataset, method, self.config.finetune,
                                                self.config.run.seed)
             model = TextRecall(tuned, self.config.run.cache_dir,
@@ -281,6 +333,35 @@ class Experiment:
             folder = self.run_dir / "models" / file_name(f"text ({method})") / ENCODER_DIR
             info = {"encoder_path": str(folder), "train_seconds": round(clock["seconds"], 1),
                     **log_, **model.training_log}
+            return model, self.evaluator.top_of(model), info, self._text_labels(model)
+        return produce
+
+    def _student(self, dataset: Dataset) -> TextEncoder:
+        """The encoder fine-tuning starts from: the distilled one with --distill (a copy:
+        fine-tuning changes its weights in place), else a fresh shrunken one."""
+        if not self.config.finetune.distill:
+            return build_encoder(self.config)
+        if not hasattr(self, "_distilled"):
+            ft = self.config.finetune
+            self._distilled = distill_encoder(
+                build_encoder(self.config, quantize=False), build_teacher(self.config),
+                distillation_texts(dataset), ft.distill_steps, ft.ft_batch, ft.distill_lr,
+                seed=self.config.run.seed, cache_dir=self.config.run.cache_dir)
+        encoder, _ = self._distilled
+        settings = {**encoder.settings(), "quantize": self.config.encoder.quantize}
+        return TextEncoder(copy.deepcopy(encoder.model), encoder.tokenizer, name=encoder.name,
+                           device=encoder.device, **settings)
+
+    def _distilled_row(self):
+        def produce(dataset: Dataset):
+            self.models.text()  # raises Unavailable when there is no item text
+            with timed() as clock:
+                encoder = self._student(dataset)
+            log_ = self._distilled[1]
+            model = TextRecall(encoder, self.config.run.cache_dir,
+                               self.config.run.user_text).fit(dataset)
+            model._name = "text-distilled"
+            info = {"distill_seconds": round(clock["seconds"], 1), **log_, **model.training_log}
             return model, self.evaluator.top_of(model), info, self._text_labels(model)
         return produce
 

@@ -279,6 +279,7 @@ class TextRecall(Recommender):
     representation each user got.
     """
 
+    places_cold_start = True
     _name = "text"
 
     def __init__(self, encoder: TextEncoder | None = None, cache_dir: str | None = None,
