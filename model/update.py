@@ -251,13 +251,12 @@ class _Update:
         self._changed_items()
         self._index()
 
-    def _text_vectors(self, texts: list[str]) -> tuple[np.ndarray, tuple[int, int] | None]:
-        """Only the new profiles are encoded (the parent's vectors are the cache)."""
-        recipe = self.parent.manifest.get("text_encoder")
-        if recipe is None or not texts:
-            return np.zeros((len(texts), self.dim), np.float32), None
-        encoded = self.parent.encoder.encode(texts, show_progress=False) * recipe["scale"]
-        return encoded, tuple(recipe["block"])
+    def _encoded(self, texts: list[str]) -> np.ndarray | None:
+        """Only the new profiles are encoded (the parent's vectors are the cache); None when
+        the bundle has no encoder."""
+        if self.parent.manifest.get("text_encoder") is None or not texts:
+            return None
+        return self.parent.encoder.encode(texts, show_progress=False)
 
     def _grown(self, vectors: np.ndarray, rows: int) -> np.ndarray:
         return np.vstack([vectors, np.zeros((rows - len(vectors), self.dim), np.float32)])
@@ -273,20 +272,24 @@ class _Update:
                                                self._grown(self.parent.users, by_users.shape[1]))
         with_text = np.array([r for r in new_rows if self.item_ids[r] in self.items_text],
                              dtype=np.int64)
-        encoded, block = self._text_vectors([self.items_text[self.item_ids[r]]
-                                             for r in with_text])
-        self.item_text = dict(zip(with_text.tolist(), encoded)) if block else {}
+        encoded = self._encoded([self.items_text[self.item_ids[r]] for r in with_text])
+        self.item_text = dict(zip(with_text.tolist(), encoded)) if encoded is not None else {}
         self.items = items
-        self._text_block(items, with_text)
+        self._text_block(items, with_text, np.diff(self.added.T.tocsr().indptr))
         self.log("items", started, new_items=len(new_rows), encoded_profiles=len(self.item_text),
                  folded_in=int((np.diff(by_users.indptr) > 0).sum()))
 
-    def _text_block(self, items: np.ndarray, rows: np.ndarray) -> None:
-        """Put the encoded profile text of new items back into their text block."""
-        block = (self.parent.manifest.get("text_encoder") or {}).get("block")
-        for row in rows:
-            if int(row) in self.item_text:
-                items[row, block[0]:block[1]] = self.item_text[int(row)]
+    def _text_block(self, items: np.ndarray, rows: np.ndarray, degree: np.ndarray) -> None:
+        """New items with a profile: one without interactions is placed by its text alone
+        (the fused model's cold-start path, `Bundle.place_text`); one with interactions
+        keeps its fold-in and gets its text in the text block."""
+        recipe = self.parent.manifest.get("text_encoder") or {}
+        for row in (int(r) for r in rows if int(r) in self.item_text):
+            if degree[row] == 0:
+                items[row] = self.parent.place_text(self.item_text[row][None, :], "items")[0]
+            elif recipe.get("block"):
+                start, end = recipe["block"]
+                items[row, start:end] = self.item_text[row] * recipe["scale"]
 
     def _user_vectors(self) -> None:
         """New users: the fold-in of their items (or their profile's text when they have no
@@ -302,12 +305,12 @@ class _Update:
         quiet = np.array([r for r in range(self.n_old_users, len(self.user_ids))
                           if self.added.indptr[r + 1] == self.added.indptr[r]
                           and self.user_ids[r] in self.users_text], dtype=np.int64)
-        encoded, block = self._text_vectors([self.users_text[self.user_ids[r]] for r in quiet])
-        if block is not None:
-            users[quiet, block[0]:block[1]] = encoded
+        encoded = self._encoded([self.users_text[self.user_ids[r]] for r in quiet])
+        if encoded is not None:
+            users[quiet] = self.parent.place_text(encoded, "users")
         self.users = users
         self.log("users", started, changed_users=len(old), new_users=len(new),
-                 new_users_from_profile=len(quiet) if block else 0)
+                 new_users_from_profile=len(quiet) if encoded is not None else 0)
 
     def _changed_items(self) -> None:
         """Existing items with new interactions move by the fold-in's change over their users
@@ -323,7 +326,7 @@ class _Update:
         refold = new_rows[np.diff(by_users.indptr)[new_rows] > 0]  # now with the new users too
         self.items[refold] = self.fold_in.vectors(seen_by_item[refold], self.users,
                                                   self.items[refold])
-        self._text_block(self.items, refold)
+        self._text_block(self.items, refold, np.diff(seen_by_item.indptr))
         self.log("changed items", started, changed_items=len(touched),
                  new_items_refolded=len(refold))
 
