@@ -88,9 +88,7 @@ class Dataset:
     def summary(self) -> dict:
         test_users = np.flatnonzero(np.diff(self.test.indptr) > 0)
         return {
-            "dataset": self.name,
-            "users": self.n_users,
-            "items": self.n_items,
+            "dataset": self.name, "users": self.n_users, "items": self.n_items,
             "interactions": {"train": int(self.train.nnz), "val": int(self.val.nnz),
                              "test": int(self.test.nnz)},
             "test_users": int(len(test_users)),

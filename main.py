@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import click  # noqa: E402
 
 from bench import run_benchmarks  # noqa: E402
+from bench.compression import run_compression  # noqa: E402
 from dataHandler import DataError, prepare_dataset  # noqa: E402
 from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # noqa: E402
                         write_ab_report)
@@ -144,11 +145,22 @@ def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
               help="How many item profiles to encode per encoder setting.")
 @click.option("--with-recall", is_flag=True,
               help="Also measure text-only Recall@20 of each encoder setting (encodes all).")
+@click.option("--compression", is_flag=True, help="Instead: the teacher / shrunk / distilled "
+              "encoder table (fp32 and int8) on the cold-items and warm splits.")
+@click.option("--distilled", default=None, type=click.Path(exists=True, file_okay=False),
+              help="With --compression: a distilled encoder folder (a run's "
+              "models/text_distilled/encoder).")
+@click.option("--mpnet", is_flag=True, help="With --compression: add mpnet 12 -> 6 and 12 -> 3.")
 @click.pass_context
 @clear_errors()
-def bench(ctx: click.Context, profiles: int, with_recall: bool, **values) -> None:
+def bench(ctx: click.Context, profiles: int, with_recall: bool, compression: bool,
+          distilled: str | None, mpnet: bool, **values) -> None:
     """Print encoder throughput, FAISS queries/s and peak memory on this machine."""
-    run_benchmarks(experiment_config(ctx, None, values), profiles, with_recall)
+    config = experiment_config(ctx, None, values)
+    if compression:
+        run_compression(config, distilled, mpnet, profiles)
+    else:
+        run_benchmarks(config, profiles, with_recall)
 
 
 @cli.command()
