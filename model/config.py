@@ -196,7 +196,8 @@ class FinetuneConfig:
 
     distill: bool = option(False, "Distil the shrunken encoder from its full-size teacher (the "
                            "base model with all layers) on the data's profile texts, and add "
-                           "a 'text (distilled)' row; fine-tuning then starts from it.")
+                           "a 'text (distilled)' row; GraphSAGE and the fused model then use "
+                           "it as their text, and fine-tuning starts from it.")
     distill_steps: int = option(600, "Distillation steps (batches of --ft-batch texts).")
     distill_lr: float = option(1e-4, "Distillation learning rate (AdamW, all student weights).")
 

@@ -136,6 +136,52 @@ class RecallModels:
         except Unavailable:
             return None
 
+    def _distilled_encoder(self) -> TextEncoder:
+        """The shrunken encoder distilled from the full-size one (once per run)."""
+        if not hasattr(self, "_distillation"):
+            self.text()  # raises Unavailable when there is no item text
+            ft = self.config.finetune
+            with timed() as clock:
+                try:
+                    encoder, log_ = distill_encoder(
+                        build_encoder(self.config, quantize=False), build_teacher(self.config),
+                        distillation_texts(self.dataset), ft.distill_steps, ft.ft_batch,
+                        ft.distill_lr, seed=self.config.run.seed,
+                        cache_dir=self.config.run.cache_dir)
+                except ValueError as error:  # too few texts, a teacher of another width
+                    raise Unavailable(f"distillation: {error}") from error
+            self._distillation = encoder, {**log_, "distill_seconds": round(clock["seconds"], 1)}
+        return self._distillation[0]
+
+    def student(self) -> TextEncoder:
+        """A fresh copy of the encoder fine-tuning starts from (it trains in place): the
+        distilled one with --distill, else the shrunken base."""
+        if not self.config.finetune.distill:
+            return build_encoder(self.config)
+        encoder = self._distilled_encoder()
+        settings = {**encoder.settings(), "quantize": self.config.encoder.quantize}
+        return TextEncoder(copy.deepcopy(encoder.model), encoder.tokenizer, name=encoder.name,
+                           device=encoder.device, **settings)
+
+    def text_distilled(self) -> TextRecall:
+        def fit() -> TextRecall:
+            model = TextRecall(self.student(), self.config.run.cache_dir,
+                               self.config.run.user_text).fit(self.dataset)
+            model._name = "text-distilled"
+            model.training_log = {**self._distillation[1], **model.training_log}
+            return model
+        return self._once("text_distilled", fit)
+
+    def text_features(self) -> TextRecall | None:
+        """The text model GraphSAGE reads and fusion combines: the distilled one with
+        --distill, else the zero-shot one; None without item text."""
+        if not self.config.finetune.distill:
+            return self.text_or_none()
+        try:
+            return self.text_distilled()
+        except Unavailable:
+            return None
+
     def deepwalk(self) -> DeepWalk:
         g, seed = self.config.graph, self.config.run.seed
         return self._once("deepwalk", lambda: DeepWalk(
@@ -146,7 +192,7 @@ class RecallModels:
         g = self.config.graph
 
         def fit() -> GraphSAGE:
-            text = self.text_or_none()
+            text = self.text_features()
             if text is None and not g.sage_id_dim:
                 raise Unavailable("no text features and --sage-id-dim 0")
             return GraphSAGE(g.dim, g.sage_layers, g.sage_id_dim, g.training(),
@@ -162,7 +208,7 @@ class RecallModels:
     def fuse_parts(self) -> list[str]:
         """The parts the fused model combines (text only where the data has item text)."""
         return [n for n in self.config.graph.fuse_parts
-                if n != "text" or self.text_or_none() is not None]
+                if n != "text" or self.text_features() is not None]
 
     def fused(self, without: str | None = None) -> Fusion:
         """The fused model, or (ablation) the one fused from every part but `without`, or
@@ -173,7 +219,8 @@ class RecallModels:
         return self._once("fused" if without is None else f"fused without {without}",
                           lambda: Fusion(g.fusion, g.dim, g.training(), self.config.run.seed,
                                          self.device, cold_path).fit(
-                              self.dataset, {n: self.get(n) for n in names}))
+                              self.dataset, {n: self.text_features() if n == "text"
+                                             else self.get(n) for n in names}))
 
 
 class Experiment:
@@ -324,7 +371,7 @@ class Experiment:
                 raise Unavailable("fine-tuning needs users with written profiles")
             self.models.text()  # raises Unavailable when there is no item text
             with timed() as clock:
-                tuned, log_ = finetune_encoder(self._student(dataset),
+                tuned, log_ = finetune_encoder(self.models.student(),
                                                dataset, method, self.config.finetune,
                                                self.config.run.seed)
             model = TextRecall(tuned, self.config.run.cache_dir,
@@ -336,33 +383,11 @@ class Experiment:
             return model, self.evaluator.top_of(model), info, self._text_labels(model)
         return produce
 
-    def _student(self, dataset: Dataset) -> TextEncoder:
-        """The encoder fine-tuning starts from: the distilled one with --distill (a copy:
-        fine-tuning changes its weights in place), else a fresh shrunken one."""
-        if not self.config.finetune.distill:
-            return build_encoder(self.config)
-        if not hasattr(self, "_distilled"):
-            ft = self.config.finetune
-            self._distilled = distill_encoder(
-                build_encoder(self.config, quantize=False), build_teacher(self.config),
-                distillation_texts(dataset), ft.distill_steps, ft.ft_batch, ft.distill_lr,
-                seed=self.config.run.seed, cache_dir=self.config.run.cache_dir)
-        encoder, _ = self._distilled
-        settings = {**encoder.settings(), "quantize": self.config.encoder.quantize}
-        return TextEncoder(copy.deepcopy(encoder.model), encoder.tokenizer, name=encoder.name,
-                           device=encoder.device, **settings)
-
     def _distilled_row(self):
         def produce(dataset: Dataset):
-            self.models.text()  # raises Unavailable when there is no item text
-            with timed() as clock:
-                encoder = self._student(dataset)
-            log_ = self._distilled[1]
-            model = TextRecall(encoder, self.config.run.cache_dir,
-                               self.config.run.user_text).fit(dataset)
-            model._name = "text-distilled"
-            info = {"distill_seconds": round(clock["seconds"], 1), **log_, **model.training_log}
-            return model, self.evaluator.top_of(model), info, self._text_labels(model)
+            model = self.models.text_distilled()
+            return model, self.evaluator.top_of(model), dict(model.training_log), \
+                self._text_labels(model)
         return produce
 
     def _ranking_row(self, mode: str):
