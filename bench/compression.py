@@ -26,7 +26,7 @@ from utils import log, pick_device
 
 def encoder_settings(config: ExperimentConfig, distilled: str | None, mpnet: bool) -> list:
     """(label, base or folder, layers kept or None for all, int8)."""
-    base, keep = config.encoder.base_model, config.encoder.layers
+    base, keep = config.encoder.base_model, config.encoder.layers or 3
     rows = []
     for int8 in (False, True):
         precision = "int8" if int8 else "fp32"

@@ -125,7 +125,8 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": _code_version(), "source_run": str(run_dir),
         "dataset": metrics["dataset"],
-        "data": _absolute_data_paths(data),
+        "data": {**_absolute_data_paths(data),
+                 "seed": config.get("run", {}).get("seed", 2023)},  # draws a cold split
         "users": int(users.shape[0]), "items": int(items.shape[0]),
         "dim": int(items.shape[1]), "storage": storage,
         "scales": {"users": user_scale, "items": item_scale},
@@ -158,7 +159,8 @@ def seal_manifest(folder: Path, manifest: dict) -> None:
 def _absolute_data_paths(data: dict) -> dict:
     """Where the data lives, as absolute paths: `evaluate` must find the same data from any
     working directory, never prepare a copy wherever it is called from."""
-    out = {k: data.get(k) for k in ("dataset", "data_root", "data_source")}
+    out = {k: data.get(k) for k in ("dataset", "data_root", "data_source", "split",
+                                     "cold_fraction")}
     for key in ("data_root", "data_source"):
         if out[key] is not None:
             out[key] = str(Path(out[key]).resolve())

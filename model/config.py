@@ -344,6 +344,9 @@ class ExperimentConfig:
         for name, (value, lowest) in at_least.items():
             if value is not None and value < lowest:
                 raise ConfigError(f"{source}: {name} must be at least {lowest}; got {value}")
+        if self.finetune.distill and self.encoder.encoder_path:
+            raise ConfigError(f"{source}: --distill needs a base model to distil from, not a "
+                              "saved --encoder")
         if not 0 < self.data.cold_fraction < 1:
             raise ConfigError(f"{source}: cold_fraction must be between 0 and 1; got "
                               f"{self.data.cold_fraction}")

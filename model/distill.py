@@ -94,5 +94,5 @@ def distill_encoder(student: TextEncoder, teacher: TextEncoder, texts: list[str]
                        "held_out_texts": n_held, "steps": steps, "batch": batch, "lr": lr,
                        "heldout_distance_before": round(before, 5),
                        "heldout_distance_after": round(after, 5),
-                       "best_step": history["best_round"] * eval_every,
+                       "best_step": min(history["best_round"] * eval_every, steps),
                        "seconds": round(time.perf_counter() - started, 1)}

@@ -64,7 +64,7 @@ class Fusion(Recommender):
 
     @property
     def places_cold_start(self) -> bool:
-        return self.cold_path and bool(self.content_parts)
+        return bool(self.content_parts)
 
     def fit(self, dataset, parts: dict[str, Recommender]) -> "Fusion":
         """`parts`: fitted recall models with vectors, by name, in concatenation order."""
@@ -85,7 +85,8 @@ class Fusion(Recommender):
 
         weights, val_recall = search_fusion_weights(len(names), score)
         self.weights = dict(zip(names, weights))
-        self.part_signals = {n: parts[n].embeddings() for n in names}
+        self.part_signals = {n: (user_parts[p], item_parts[p])  # cold rows as placed
+                             for p, n in enumerate(names)}
         self.text_encoder = getattr(parts.get("text"), "encoder", None)
         self.training_log.update({"parts": names, "method": self.method,
                                   "fusion_weights": self.weights,
@@ -104,10 +105,11 @@ class Fusion(Recommender):
     def _cold_start_rows(self, dataset, names, user_parts, item_parts):
         """The cold-start path. An ID-based part has no trained vector for a user or item
         without training interactions (zeros, or its random initial vector). Where the fused
-        model has a text part, such a row is predicted from its text vector by a ridge map
-        fitted on the rows that have both (`fit_content_map`); otherwise it is zeroed, and
-        the content parts alone place it. The maps are kept (`cold_maps`): a bundle places
-        a new profile or item with them."""
+        model has a text part, such a row of every other part is predicted from its text
+        vector by a ridge map fitted on the rows that have both (`fit_content_map`), GraphSAGE
+        included, so that a row is placed the same way here and when a bundle places a new
+        profile or item (`text_projections`). Without a text part, the ID parts' rows are
+        zeroed and the content parts (GraphSAGE's inductive path) alone place it."""
         text = names.index("text") if "text" in names else None
         sides = (("users", user_parts, np.diff(dataset.train.indptr) == 0),
                  ("items", item_parts, np.diff(dataset.train.tocsc().indptr) == 0))
@@ -115,7 +117,7 @@ class Fusion(Recommender):
             has_text = np.zeros_like(untrained) if text is None else \
                 np.linalg.norm(parts[text], axis=1) > 0
             for position, name in enumerate(names):
-                if name in self.content_parts:
+                if name == "text" or (text is None and name in self.content_parts):
                     continue
                 part = parts[position].copy()
                 part[untrained] = 0

@@ -52,8 +52,6 @@ def load_data(config: ExperimentConfig) -> Dataset:
 def build_teacher(config: ExperimentConfig) -> TextEncoder:
     """The full-size encoder the shrunken one was cut from (all layers, float)."""
     enc = config.encoder
-    if enc.encoder_path:
-        raise ConfigError("--distill needs a base model to distil from, not a saved --encoder")
     return TextEncoder.from_pretrained(enc.base_model, pooling=enc.pooling,
                                        max_length=enc.max_length, batch_size=enc.batch_size,
                                        quantize=False, device=pick_device(config.run.device))
@@ -179,8 +177,11 @@ class RecallModels:
             return self.text_or_none()
         try:
             return self.text_distilled()
-        except Unavailable:
-            return None
+        except Unavailable as reason:
+            if self.text_or_none() is not None:
+                log(f"text (distilled) unavailable ({reason}); GraphSAGE and fusion use the "
+                    "zero-shot text model")
+            return self.text_or_none()
 
     def deepwalk(self) -> DeepWalk:
         g, seed = self.config.graph, self.config.run.seed
@@ -334,7 +335,8 @@ class Experiment:
                     "candidates over all items; see the all-items table"}, None
         recall = self.models.get(self.config.rank.rank_on) \
             if isinstance(fitted, WideDeepRanker) else fitted
-        if not recall.places_cold_start:
+        serves = recall.places_cold_start or (isinstance(recall, Popularity) and not cold_items)
+        if not serves:
             what = "an item" if cold_items else "a user"
             return {"status": "unavailable", "reason": f"ID-based: no vector for {what} "
                     "without training interactions"}, None

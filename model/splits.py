@@ -66,7 +66,9 @@ def cold_items_split(dataset: Dataset, fraction: float, seed: int) -> Dataset:
         "split": "cold-items", "cold_fraction": fraction, "seed": seed,
         "val_items": val_items.tolist(), "test_items": test_items.tolist(),
         "note": "written user profiles are not used in this split: they were written from "
-                "the data's training pairs, which include pairs of the held-out items"})
+                "the data's training pairs, which include pairs of the held-out items. Item "
+                "profiles are kept: where they were written from reviews (yelp-text's were), "
+                "a held-out item's text may summarise reviews of its own test pairs"})
 
 
 def cold_users_split(dataset: Dataset, fraction: float, seed: int) -> Dataset:
@@ -86,7 +88,9 @@ def cold_users_split(dataset: Dataset, fraction: float, seed: int) -> Dataset:
         "split": "cold-users", "cold_fraction": fraction, "seed": seed,
         "users": cold.tolist(),
         "note": "these users' training interactions are withheld; their written profile "
-                "(from the data's training pairs) is all a model sees of them"})
+                "(from the data's training pairs) is all a model sees of them. The withheld "
+                "items are not excluded from their lists (no model knows them): recommended, "
+                "they count as misses for every model"})
 
 
 def _user_profiles_for(dataset: Dataset, train: sp.csr_matrix, drop_written: bool
@@ -153,7 +157,7 @@ def cold_start_report(dataset: Dataset, results: dict[str, dict], per_user: dict
     columns = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
     header = ["variant", *(c.replace("recall", "R").replace("ndcg", "N") for c in columns),
               f"R@20 vs {CONTENT_BASELINE}", f"N@20 vs {CONTENT_BASELINE}"]
-    lines = [f"Cold start ({protocol['split']}): {scope}.", "",
+    lines = [f"Cold start ({protocol['split']}): {scope}. Note: {protocol['note']}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     baseline = per_user.get(f"{CONTENT_BASELINE} (cold)")
     for variant, result in results.items():
@@ -175,7 +179,7 @@ def cold_start_report(dataset: Dataset, results: dict[str, dict], per_user: dict
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     if protocol["split"] == "cold-items" and max(ks) >= len(protocol["test_items"]):
         lines += ["", f"K = {max(ks)} covers all {len(protocol['test_items'])} held-out items: "
-                  "Recall@K is 1 for every model there."]
+                  "Recall@K is 1 there for every model that can place them all."]
     return "\n".join(lines)
 
 

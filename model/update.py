@@ -359,6 +359,9 @@ class _Update:
         for name in ("encoder", "ranker"):  # unchanged: hard links, no extra space
             if (parent.folder / name).is_dir():
                 shutil.copytree(parent.folder / name, folder / name, copy_function=_link)
+        recipe = parent.manifest.get("text_encoder") or {}
+        for name in (recipe.get("projection") or {}).values():  # the cold-start path
+            _link(parent.folder / name, folder / name)
         table = {"row": np.arange(len(self.item_ids)), "id": self.item_ids}
         if parent.item_profiles is not None or self.items_text:
             table["profile"] = list(parent.item_profiles or [""] * self.n_old_items) + \

@@ -126,3 +126,20 @@ def test_cold_items_run_reports_id_models_as_unable_and_exports(tmp_path):
     ids = {split.item_ids[i] if split.item_ids else str(i) for i in cold}
     served = {item for user in bundle.user_ids[:100] for item, _ in bundle.recommend(user, 20)}
     assert served & ids
+    evaluated = CliRunner().invoke(cli, ["evaluate", "--bundle", str(tmp_path / "bundle")],
+                                   catch_exceptions=False)  # the same cold split is redrawn
+    assert evaluated.exit_code == 0, evaluated.output
+    # an update keeps the cold-start path: a profile-only user and a new item with a profile
+    # and no interactions are placed through it
+    (tmp_path / "new.csv").write_text(f"user,item\n{bundle.user_ids[0]},{bundle.item_ids[0]}\n")
+    (tmp_path / "users.json").write_text('{"user_id": "newbie", "profile": "Thai food lover"}\n')
+    updated = CliRunner().invoke(cli, ["update", "--bundle", str(tmp_path / "bundle"),
+                                       "--interactions", str(tmp_path / "new.csv"),
+                                       "--user-profiles", str(tmp_path / "users.json"),
+                                       "--max-drop", "1"], catch_exceptions=False)
+    assert updated.exit_code == 0, updated.output
+    after = Bundle(tmp_path / "bundle")
+    assert after.version == "v0002"
+    profile = after.embed_profile("Thai food lover")
+    assert np.allclose(after.users[after.user_row("newbie")], profile, atol=1e-4)
+    assert np.allclose(profile, bundle.embed_profile("Thai food lover"), atol=1e-5)
