@@ -24,6 +24,20 @@ def _int_list(ctx, param, value) -> list[int] | None:
     return values
 
 
+def _variant_list(choices: tuple[str, ...]):
+    """'all', one variant, or several comma-separated (kept as the comma-separated text)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return value
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = sorted(set(names) - set(choices))
+        if unknown or not names or ("all" in names and len(names) > 1):
+            raise click.BadParameter(f"'all', or variants from {', '.join(choices[1:])} "
+                                     f"(comma-separated); got {value!r}")
+        return ",".join(names)
+    return parse
+
+
 def _name_list(choices: tuple[str, ...], allow_empty: bool) -> Callable:
     def parse(ctx, param, value) -> list[str]:
         if isinstance(value, (list, tuple)):
@@ -49,6 +63,9 @@ def _click_option(f) -> Callable:
     if meta.get("kind") == "names":
         return click.option(flag, f.name, default=",".join(default) or "none",
                             callback=_name_list(meta["choices"], allow_empty=not default),
+                            **kwargs)
+    if meta.get("kind") == "variants":
+        return click.option(flag, f.name, default=default, callback=_variant_list(meta["choices"]),
                             **kwargs)
     if meta.get("choices"):
         kwargs["type"] = click.Choice(meta["choices"])

@@ -86,8 +86,9 @@ class EncoderConfig:
 
 @dataclass
 class RunConfig:
-    variants: str = option("all", "Recall variant to run; 'all' runs every variant the data "
-                           "allows.", flag="--model", choices=("all",) + RECALL_VARIANTS)
+    variants: str = option("all", "Recall variants to run, comma-separated; 'all' runs every "
+                           "variant the data allows.", flag="--model",
+                           choices=("all",) + RECALL_VARIANTS, kind="variants")
     user_text: str = option("auto", "How users are represented in the text model: their "
                             "encoded written (or also built) profile, or the mean of their "
                             "training items' embeddings; 'auto' picks profile or item-mean per "
@@ -333,7 +334,8 @@ class ExperimentConfig:
         for section in (getattr(self, name) for name in SECTIONS):
             for f in fields(section):
                 value, choices = getattr(section, f.name), f.metadata.get("choices")
-                values = value if f.metadata.get("kind") == "names" else [value]
+                values = value if f.metadata.get("kind") == "names" else \
+                    str(value).split(",") if f.metadata.get("kind") == "variants" else [value]
                 if choices and any(v not in choices for v in values):
                     raise ConfigError(f"{source}: {f.name} must be one of {', '.join(choices)}; "
                                       f"got {value!r}")

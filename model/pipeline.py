@@ -236,7 +236,7 @@ class Experiment:
 
     def rows(self) -> list[tuple[str, Callable]]:
         run, rank = self.config.run, self.config.rank
-        names = list(RECALL_VARIANTS if run.variants == "all" else (run.variants,))
+        names = requested_variants(run.variants)
         rows = [(name, self._recall_row(name)) for name in names]
         if run.ablation and "fused" in names:
             at = names.index("fused") + 1
@@ -259,7 +259,7 @@ class Experiment:
         run, rank = self.config.run, self.config.rank
         if rank.rank == "widedeep":
             return f"{rank.rank_on} + {RANK_MODES['widedeep']}"
-        return RECALL_VARIANTS[-1] if run.variants == "all" else run.variants
+        return requested_variants(run.variants)[-1]
 
     def run(self) -> Path:
         config = self.config
@@ -408,6 +408,12 @@ class Experiment:
                     "users_ranked_per_s": round(len(users) / max(clock["seconds"], 1e-9))}
             return ranker, top, info, {}
         return produce
+
+
+def requested_variants(variants: str) -> list[str]:
+    """'all' or comma-separated names -> the variants, in the table's usual order."""
+    requested = variants.split(",")
+    return [n for n in RECALL_VARIANTS if variants == "all" or n in requested]
 
 
 def run_experiment(config: ExperimentConfig) -> Path:
