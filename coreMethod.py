@@ -225,6 +225,17 @@ def _time_estimate(elapsed: float, done: int, total: int) -> str:
 # ---------------------------------------------------------------- fusion
 
 
+def concat_scales(parts: list[np.ndarray], weights: list[float]) -> list[float]:
+    """Per part, sqrt(weight) / its mean (non-zero) row norm: the factor `weighted_concat`
+    applies to it (and a bundle to a new row's block)."""
+    scales = []
+    for part, weight in zip(parts, weights):
+        norms = np.linalg.norm(part, axis=1)
+        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
+        scales.append(float(np.sqrt(weight) / mean_norm))
+    return scales
+
+
 def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """Concatenate parts, each divided by its mean row norm and scaled by sqrt(weight).
 
@@ -232,12 +243,8 @@ def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray
     LightGCN and GraphSAGE score by inner product, and their norms carry popularity. The
     inner product of a fused user and item is sum_p w_p <u_p, i_p> / (|u_p| |i_p|)_mean.
     """
-    scaled = []
-    for part, weight in zip(parts, weights):
-        norms = np.linalg.norm(part, axis=1)
-        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
-        scaled.append(part / mean_norm * np.sqrt(weight))
-    return np.hstack(scaled).astype(np.float32)
+    scales = concat_scales(parts, weights)
+    return np.hstack([part * scale for part, scale in zip(parts, scales)]).astype(np.float32)
 
 
 def fit_content_map(content: np.ndarray, target: np.ndarray, seed: int = 0,

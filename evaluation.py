@@ -153,12 +153,11 @@ def profile_or_item_mean(dataset, label: str, users: np.ndarray,
             "chosen": "profile" if profile >= mean else "item-mean"}
 
 
-def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS,
-                 costs: bool = True) -> str:
+def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS) -> str:
     """Markdown table with a row per variant; unavailable variants say why."""
     metric_columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
     header = ["variant"] + [c.replace("recall", "R").replace("ndcg", "N") for c in metric_columns]
-    header += ["time s", "peak MB"] if costs else []
+    header += ["time s", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, result in results.items():
         if result.get("status") != "ok":
@@ -166,9 +165,7 @@ def format_table(results: dict[str, dict], ks: tuple[int, ...] = DEFAULT_KS,
         else:
             metrics = result["metrics"]
             cells = [variant] + [f"{metrics[c]:.4f}" for c in metric_columns]
-            if costs:
-                cells += [f"{result.get('seconds', 0):.1f}",
-                          f"{result.get('peak_memory_mb', 0):.0f}"]
+            cells += [f"{result.get('seconds', 0):.1f}", f"{result.get('peak_memory_mb', 0):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

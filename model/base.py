@@ -162,7 +162,9 @@ class Recommender:
         usable = np.ones(self.n_items, dtype=bool) if self.item_mask is None \
             else self.item_mask.copy()
         if among is not None:
-            usable &= np.isin(np.arange(self.n_items), among)
+            wanted = np.zeros(self.n_items, dtype=bool)
+            wanted[among] = True
+            usable &= wanted
         return None if usable.all() else np.flatnonzero(usable)
 
     def _top_by_score(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None,

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from dataHandler import prepare_dataset, read_id_lines
 from evaluation import Evaluator, file_name, same_data
-from coreMethod import unit_rows
+from coreMethod import apply_content_map, unit_rows
 from model.base import Recommender
 from model.config import ExperimentConfig
 from model.foldin import choose_fold_in
@@ -526,8 +526,7 @@ class Bundle:
                 self._projections = {}
             if side not in self._projections:
                 self._projections[side] = np.load(self.folder / projection, allow_pickle=False)
-            weights = self._projections[side]
-            return (encoded @ weights[:-1] + weights[-1]).astype(np.float32)
+            return apply_content_map(encoded, self._projections[side])
         vectors = np.zeros((len(encoded), self.manifest["dim"]), dtype=np.float32)
         start, end = recipe["block"]
         vectors[:, start:end] = encoded * recipe["scale"]

@@ -88,7 +88,7 @@ def distill_encoder(student: TextEncoder, teacher: TextEncoder, texts: list[str]
                             max_length=student.max_length, batch_size=student.batch_size,
                             device=student.device, quantize=student.quantize,
                             name=f"{student.name}+distilled")
-    after = held_out_distance()
+    after = -history["best_neg_heldout_distance"]  # the kept state's score, not re-measured
     log(f"distill: held-out cosine distance to the teacher {before:.4f} -> {after:.4f}")
     return distilled, {"teacher": teacher.describe(), "texts": len(texts),
                        "held_out_texts": n_held, "steps": steps, "batch": batch, "lr": lr,

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coreMethod import (BestState, apply_content_map, bpr_epoch, fit_content_map,
-                        search_fusion_weights, train_until_no_improvement, weighted_concat)
+from coreMethod import (BestState, apply_content_map, bpr_epoch, concat_scales,
+                        fit_content_map, search_fusion_weights, train_until_no_improvement,
+                        weighted_concat)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
@@ -141,15 +142,10 @@ class Fusion(Recommender):
         if self.method != "concat" or "text" not in names:
             return None
         text_dim = parts[names.index("text")].shape[1]
-        blocks, start = [], 0
-        for name, part in zip(names, parts):
-            norms = np.linalg.norm(part, axis=1)
-            mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
-            blocks.append((name, start, part.shape[1],
-                           np.sqrt(self.weights[name]) / mean_norm))
-            start += part.shape[1]
-        projection = np.zeros((text_dim + 1, start), dtype=np.float32)
-        for name, offset, width, scale in blocks:
+        scales = concat_scales(parts, [self.weights[n] for n in names])
+        offsets = np.cumsum([0] + [part.shape[1] for part in parts])
+        projection = np.zeros((text_dim + 1, offsets[-1]), dtype=np.float32)
+        for name, offset, width, scale in zip(names, offsets, np.diff(offsets), scales):
             if name == "text":
                 projection[:text_dim, offset:offset + width] = np.eye(text_dim) * scale
             elif f"{name} {side}" in self.cold_maps:
@@ -196,9 +192,7 @@ class Fusion(Recommender):
         names = list(self.weights)
         dims = [self.part_signals[n][0].shape[1] for n in names]
         start = sum(dims[:names.index("text")])
-        norms = np.linalg.norm(self.part_signals["text"][0], axis=1)
-        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
-        scale = float(np.sqrt(self.weights["text"]) / mean_norm)
+        [scale] = concat_scales([self.part_signals["text"][0]], [self.weights["text"]])
         return [start, start + dims[names.index("text")], scale]
 
     def _state(self) -> dict:
