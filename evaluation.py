@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from model.engine import sharded_metrics
 from model.retrieval import FaissRetriever
 from utils import atomic_path, log, rows_contain, write_json_atomic, write_text_atomic
 
@@ -61,18 +62,20 @@ def segment_metrics(per_user: pd.DataFrame, labels: np.ndarray,
 class Evaluator:
     """One split's evaluation under the full-ranking protocol: the users averaged over
     (those with at least one truth item, or a fixed sample of them), the truth matrix, and
-    what is excluded from every list (the training items)."""
+    what is excluded from every list (the training items). With an `engine` (model.engine),
+    retrieval and per-user metrics are sharded over its workers."""
 
     def __init__(self, truth: sp.csr_matrix, exclude: sp.csr_matrix,
                  ks: tuple[int, ...] = DEFAULT_KS, users: np.ndarray | None = None,
-                 items: np.ndarray | None = None) -> None:
+                 items: np.ndarray | None = None, engine=None) -> None:
         self.truth, self.exclude, self.ks = truth.tocsr(), exclude.tocsr(), tuple(ks)
+        self.engine = engine
         self.users = users_with_test_items(self.truth) if users is None else np.asarray(users)
         self.items = None if items is None else np.asarray(items)  # the only items ranked
 
     @classmethod
-    def on_test(cls, dataset, ks: tuple[int, ...] = DEFAULT_KS) -> "Evaluator":
-        return cls(dataset.test, dataset.train, ks)
+    def on_test(cls, dataset, ks: tuple[int, ...] = DEFAULT_KS, engine=None) -> "Evaluator":
+        return cls(dataset.test, dataset.train, ks, engine=engine)
 
     @classmethod
     def on_validation(cls, dataset, ks: tuple[int, ...] = (20,), max_users: int | None = 4000,
@@ -95,7 +98,8 @@ class Evaluator:
         return cls(cut, exclude, ks, items=items)
 
     def restricted(self, users: np.ndarray) -> "Evaluator":
-        return Evaluator(self.truth, self.exclude, self.ks, np.asarray(users), self.items)
+        return Evaluator(self.truth, self.exclude, self.ks, np.asarray(users), self.items,
+                         self.engine)
 
     @property
     def k(self) -> int:
@@ -103,9 +107,7 @@ class Evaluator:
 
     def top_of(self, model, k: int | None = None) -> np.ndarray:
         """The ranked lists of a fitted recall model for this split's users."""
-        if self.items is None:
-            return model.recommend(self.users, k or self.k)[0]
-        return model.recommend(self.users, k or self.k, among=self.items)[0]
+        return model.recommend(self.users, k or self.k, among=self.items, engine=self.engine)[0]
 
     def top_of_vectors(self, user_vectors: np.ndarray, item_vectors: np.ndarray,
                        k: int | None = None, items: np.ndarray | None = None) -> np.ndarray:
@@ -115,7 +117,8 @@ class Evaluator:
         return top
 
     def per_user(self, top: np.ndarray) -> pd.DataFrame:
-        return per_user_metrics(top, self.users, self.truth, self.ks)
+        return sharded_metrics(self.engine, per_user_metrics, top, self.users, self.truth,
+                               self.ks)
 
     def metrics(self, top: np.ndarray) -> dict[str, float]:
         return summarise(self.per_user(top), self.ks)

@@ -22,6 +22,7 @@ from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # n
 from model.base import ModelError  # noqa: E402
 from model.bundle import Bundle, BundleError, export_bundle, reproduction_verdict  # noqa: E402
 from model.config import ConfigError, ExperimentConfig  # noqa: E402
+from model.ddp import data_parallel_check, run_on_ray  # noqa: E402
 from model.llm_profiles import LLMConfig, describe_report, write_llm_profiles  # noqa: E402
 from model.pipeline import RecallModels, build_encoder, load_data, run_experiment  # noqa: E402
 from model.service import serve as serve_bundle  # noqa: E402
@@ -361,6 +362,28 @@ def ab(run_a: str, run_b: str, a_variant: str | None, b_variant: str | None, out
     write_ab_report(report, Path(out), overwrite)
     click.echo(render_ab_markdown(report))
     click.echo(f"report written to {out}/report.html")
+
+
+@cli.command("ddp-check")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: this process, or the ranks torchrun started; "
+              "ray: a Ray Train TorchTrainer with --workers workers.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--global-batch", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+def ddp_check(engine: str, workers: int, steps: int, global_batch: int, seed: int) -> None:
+    """Data-parallel Wide&Deep training equals one process at the same global batch:
+    prints the largest gradient and weight differences (JSON). Under torchrun:
+    `torchrun --nproc_per_node=2 main.py ddp-check`."""
+    config = {"seed": seed, "steps": steps, "global_batch": global_batch}
+    try:
+        report = run_on_ray(config, workers) if engine == "ray" else \
+            data_parallel_check(config)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    if report:  # rank 0
+        click.echo(json.dumps(report))
 
 
 if __name__ == "__main__":

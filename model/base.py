@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from coreMethod import top_k_rows, unit_rows
+from model.engine import search
 from model.retrieval import FaissRetriever
 from utils import atomic_path, write_json_atomic
 
@@ -137,11 +138,11 @@ class Recommender:
         return user_vectors[users] @ item_vectors.T
 
     def recommend(self, user_ids, k: int = 20, exclude_seen: bool = True,
-                  among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  among: np.ndarray | None = None, engine=None) -> tuple[np.ndarray, np.ndarray]:
         """(item rows, scores), shape (len(user_ids), k), best first; training items are left
         out when `exclude_seen`, and only the item rows `among` are ranked when given (the
         cold-item protocol). Short lists and users the model cannot score are padded with
-        -1 / -inf."""
+        -1 / -inf. A vector model's search is sharded over `engine`'s workers when given."""
         self._check_fitted()
         users = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         self._check_rows(users, self.n_users, "user")
@@ -149,7 +150,7 @@ class Recommender:
         if self.has_vectors():
             retriever = self._retriever("items") if among is None else \
                 FaissRetriever("flat").fit(self.item_vectors, self._usable(among))
-            items, scores = retriever.search(self.user_vectors, k, exclude, users)
+            items, scores = search(engine, retriever, self.user_vectors, k, exclude, users)
         else:
             items, scores = self._top_by_score(users, k, exclude, among=among)
         if self.user_mask is not None:

@@ -35,8 +35,8 @@ class Popularity(Recommender):
         return np.broadcast_to(self.counts, (len(users), len(self.counts)))
 
     def recommend(self, user_ids, k: int = 20, exclude_seen: bool = True,
-                  among: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        self._check_fitted()
+                  among: np.ndarray | None = None, engine=None) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()  # a sort of the counts: nothing worth sharding
         users = np.atleast_1d(np.asarray(user_ids, dtype=np.int64))
         self._check_rows(users, self.n_users, "user")
         order = self.order if among is None else self.order[np.isin(self.order, among)]

@@ -113,6 +113,14 @@ class RunConfig:
     seeds: int = option(1, "Run everything with seeds SEED .. SEED+N-1 (one run folder each) "
                         "and report each row's mean and standard deviation over them.")
     threads: int | None = option(None, "CPU threads for torch [default: torch's choice].")
+    engine: str = option("local", "Where profile encoding, retrieval and evaluation run: in "
+                         "this process, or sharded over Ray workers (same results).",
+                         choices=("local", "ray"))
+    workers: int = option(2, "With --engine ray: workers (a local Ray instance gets this many "
+                          "CPUs).")
+    ray_address: str | None = option(None, "With --engine ray: join this running cluster "
+                                     "('auto', or host:port of `ray start --head`) instead of "
+                                     "starting a local one.")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
                          "(encoder, GraphSAGE, LightGCN, fusion, Wide&Deep) runs there.")
 
@@ -124,8 +132,8 @@ class GraphConfig:
     dw_length: int = option(20, "DeepWalk: nodes per walk.")
     dw_window: int = option(5, "DeepWalk: skip-gram context window.")
     dw_epochs: int = option(5, "DeepWalk: skip-gram passes over the walks.")
-    workers: int = option(1, "gensim worker threads; more is faster, but only 1 is "
-                          "deterministic.")
+    dw_workers: int = option(1, "DeepWalk: gensim worker threads; more is faster, but only 1 "
+                             "is deterministic.")
     sage_layers: int = option(2, "GraphSAGE: SAGEConv layers.")
     sage_id_dim: int = option(64, "GraphSAGE: learned id embedding size added to the text "
                               "features (0: text features only).")
@@ -342,7 +350,8 @@ class ExperimentConfig:
         at_least = {"seeds": (self.run.seeds, 1), "layers": (self.encoder.layers, 1),
                     "candidates": (self.rank.candidates, 1),
                     "channel_candidates": (self.rank.channel_candidates, 0),
-                    "tune_budget": (self.run.tune_budget, 0), "epochs": (self.graph.epochs, 1)}
+                    "tune_budget": (self.run.tune_budget, 0), "epochs": (self.graph.epochs, 1),
+                    "workers": (self.run.workers, 1), "dw_workers": (self.graph.dw_workers, 1)}
         for name, (value, lowest) in at_least.items():
             if value is not None and value < lowest:
                 raise ConfigError(f"{source}: {name} must be at least {lowest}; got {value}")

@@ -22,6 +22,7 @@ from model.content import TfidfRecall
 from model.config import BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig
 from model.contrastive import finetune_encoder
 from model.distill import distill_encoder, distillation_texts
+from model.engine import LocalEngine, make_engine
 from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
 from model.hygiene import clean_dataset_profiles
@@ -77,8 +78,9 @@ class RecallModels:
     feeds GraphSAGE; fusion combines the others). A model the data does not allow raises
     `Unavailable` with the reason."""
 
-    def __init__(self, dataset: Dataset, config: ExperimentConfig) -> None:
+    def __init__(self, dataset: Dataset, config: ExperimentConfig, engine=None) -> None:
         self.dataset, self.config = dataset, config
+        self.engine = engine or LocalEngine()
         self.device = pick_device(config.run.device)
         self._fitted: dict[str, Recommender | Unavailable] = {}
 
@@ -126,7 +128,7 @@ class RecallModels:
     def text(self) -> TextRecall:
         return self._once("text", lambda: TextRecall(
             build_encoder(self.config), self.config.run.cache_dir,
-            self.config.run.user_text).fit(self.dataset))
+            self.config.run.user_text, self.engine).fit(self.dataset))
 
     def text_or_none(self) -> TextRecall | None:
         try:
@@ -164,7 +166,7 @@ class RecallModels:
     def text_distilled(self) -> TextRecall:
         def fit() -> TextRecall:
             model = TextRecall(self.student(), self.config.run.cache_dir,
-                               self.config.run.user_text).fit(self.dataset)
+                               self.config.run.user_text, self.engine).fit(self.dataset)
             model._name = "text-distilled"
             model.training_log = {**self._distillation[1], **model.training_log}
             return model
@@ -186,7 +188,7 @@ class RecallModels:
     def deepwalk(self) -> DeepWalk:
         g, seed = self.config.graph, self.config.run.seed
         return self._once("deepwalk", lambda: DeepWalk(
-            g.dim, g.dw_walks, g.dw_length, g.dw_window, g.dw_epochs, g.workers,
+            g.dim, g.dw_walks, g.dw_length, g.dw_window, g.dw_epochs, g.dw_workers,
             seed).fit(self.dataset))
 
     def graphsage(self) -> GraphSAGE:
@@ -270,8 +272,16 @@ class Experiment:
         summary = dataset.summary()
         log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
             f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
-        self.models = RecallModels(dataset, config)
-        self.evaluator = Evaluator.on_test(dataset, tuple(config.run.ks))
+        engine = make_engine(config.run.engine, config.run.workers, config.run.ray_address)
+        try:
+            return self._run(dataset, summary, engine)
+        finally:
+            engine.close()
+
+    def _run(self, dataset: Dataset, summary: dict, engine) -> Path:
+        config = self.config
+        self.models = RecallModels(dataset, config, engine)
+        self.evaluator = Evaluator.on_test(dataset, tuple(config.run.ks), engine)
         self.cold = cold_evaluator(dataset, self.evaluator)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.run_dir = Path(config.run.runs_dir) / summary["dataset"] / stamp
@@ -377,7 +387,7 @@ class Experiment:
                                                dataset, method, self.config.finetune,
                                                self.config.run.seed)
             model = TextRecall(tuned, self.config.run.cache_dir,
-                               self.config.run.user_text).fit(dataset)
+                               self.config.run.user_text, self.models.engine).fit(dataset)
             model._name = f"text-{method}"
             folder = self.run_dir / "models" / file_name(f"text ({method})") / ENCODER_DIR
             info = {"encoder_path": str(folder), "train_seconds": round(clock["seconds"], 1),

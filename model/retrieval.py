@@ -87,15 +87,28 @@ class FaissRetriever:
         with atomic_path(path) as tmp:
             faiss.write_index(index, str(tmp))
 
+    def to_bytes(self) -> np.ndarray:
+        """The index serialised (a CPU copy), to replicate it on other workers."""
+        index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu and self.kind != "hnsw" \
+            else self.index
+        return faiss.serialize_index(index)
+
     @classmethod
-    def load(cls, path: str | os.PathLike, row_to_item: np.ndarray | None = None,
-             use_gpu: bool | None = None) -> "FaissRetriever":
-        """An index written by `save` (or by faiss.write_index); `row_to_item` maps index
-        rows to item ids (identity by default)."""
-        index = faiss.read_index(str(path))
+    def from_bytes(cls, data: np.ndarray, row_to_item: np.ndarray) -> "FaissRetriever":
+        return cls._wrap(faiss.deserialize_index(data), row_to_item)
+
+    @classmethod
+    def _wrap(cls, index, row_to_item: np.ndarray | None) -> "FaissRetriever":
         retriever = cls("flat" if isinstance(index, faiss.IndexFlat) else
                         "hnsw" if isinstance(index, faiss.IndexHNSW) else "ivf", use_gpu=False)
         retriever.index = index
         retriever.row_to_item = np.arange(index.ntotal, dtype=np.int64) if row_to_item is None \
             else np.asarray(row_to_item, dtype=np.int64)
         return retriever
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, row_to_item: np.ndarray | None = None,
+             use_gpu: bool | None = None) -> "FaissRetriever":
+        """An index written by `save` (or by faiss.write_index); `row_to_item` maps index
+        rows to item ids (identity by default)."""
+        return cls._wrap(faiss.read_index(str(path)), row_to_item)

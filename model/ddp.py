@@ -1,0 +1,120 @@
+"""Data-parallel training of the Wide&Deep ranker: one plain function per worker, run by
+`torchrun --nproc_per_node=N main.py ddp-check` or by Ray Train's `TorchTrainer`
+(`main.py ddp-check --engine ray --workers N`); DistributedDataParallel over gloo on CPU,
+NCCL on GPU.
+
+Each global batch is split into equal contiguous slices, one per rank; DDP averages the
+gradients, so a step equals one process's step on the whole global batch (the loss is a
+mean). `data_parallel_check` measures exactly that on a seeded ranking problem: the
+gradient of the first step and the weights after a few Adam steps, against one process."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.distributed as dist
+
+from model.ranking import RankingFeatures, WideDeep
+
+USERS, ITEMS, DIM = 300, 200, 16
+
+
+def ranking_problem(seed: int, pairs: int) -> tuple[RankingFeatures, dict, torch.Tensor]:
+    """A seeded ranker input (every rank builds the same one): features of a random
+    interaction matrix and channel, `pairs` labelled pairs."""
+    rng = np.random.default_rng(seed)
+    train = sp.random(USERS, ITEMS, density=0.05, format="csr", random_state=seed)
+    signals = {"als": (rng.normal(size=(USERS, DIM)).astype(np.float32),
+                       rng.normal(size=(ITEMS, DIM)).astype(np.float32))}
+    features = RankingFeatures(train, signals, "als", n_segments=4, seed=seed)
+    users, items = rng.integers(USERS, size=pairs), rng.integers(ITEMS, size=pairs)
+    batch = features.build(users, items, rng.integers(1, 200, size=pairs))
+    labels = torch.as_tensor(rng.random(pairs) < 0.2, dtype=torch.float32)
+    return features, batch, labels
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes in the environment
+    (Ray Train has already joined one)."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_steps(net: torch.nn.Module, batch: dict, labels: torch.Tensor, steps: int,
+                global_batch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """`steps` Adam steps over consecutive global batches; this rank takes its slice of
+    each. Returns the first step's gradients (averaged over ranks by DDP)."""
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    share = global_batch // world
+    first = []
+    for step in range(steps):
+        start = step * global_batch + rank * share
+        rows = slice(start, start + share)
+        loss = loss_fn(model({k: v[rows] for k, v in batch.items()}), labels[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        if step == 0:
+            first = [p.grad.detach().clone().numpy() for p in net.parameters()]
+        optimiser.step()
+    return first
+
+
+def data_parallel_check(config: dict) -> dict:
+    """Runs on every rank; rank 0 compares with one process on the same global batches and
+    writes the differences to config['out'] (when given) and returns them."""
+    rank, world = _distributed()
+    seed, steps, global_batch = config.get("seed", 0), config.get("steps", 5), \
+        config.get("global_batch", 512)
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} does not split over {world} workers")
+    features, batch, labels = ranking_problem(seed, steps * global_batch)
+
+    def fresh() -> WideDeep:
+        torch.manual_seed(seed)
+        return WideDeep(features)
+
+    net = fresh()
+    gradients = train_steps(net, batch, labels, steps, global_batch, rank, world)
+    if rank != 0:
+        return {}
+    alone = fresh()
+    alone_gradients = train_steps(alone, batch, labels, steps, global_batch)
+    report = {"workers": world, "global_batch": global_batch, "steps": steps,
+              "first_step_gradient_max_abs_difference": max(
+                  float(np.abs(a - b).max()) for a, b in zip(gradients, alone_gradients)),
+              "weights_after_steps_max_abs_difference": max(
+                  float((a - b).detach().abs().max()) for a, b in zip(net.parameters(),
+                                                                      alone.parameters())),
+              "gradient_scale": max(float(np.abs(g).max()) for g in alone_gradients)}
+    if config.get("out"):
+        Path(config["out"]).write_text(json.dumps(report))
+    return report
+
+
+def run_on_ray(config: dict, workers: int) -> dict:
+    """`data_parallel_check` on `workers` Ray Train workers (TorchTrainer, gloo on CPU);
+    rank 0 hands its report back through a file, so the workers share this machine."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "report.json"
+        TorchTrainer(data_parallel_check, train_loop_config={**config, "out": str(out)},
+                     scaling_config=ScalingConfig(num_workers=workers,
+                                                  use_gpu=torch.cuda.is_available()),
+                     run_config=RunConfig(storage_path=folder)).fit()
+        return json.loads(out.read_text())
