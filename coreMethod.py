@@ -30,7 +30,7 @@ def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,
         binary = binary @ sp.diags(item_usable.astype(np.float32))
     summed = np.asarray(binary @ item_vectors, dtype=np.float32)
     norms = np.linalg.norm(summed, axis=1, keepdims=True)
-    return np.divide(summed, norms, out=np.zeros_like(summed), where=norms > 0)
+    return np.divide(summed, norms, out=summed, where=norms > 0)  # in place: one user matrix
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -105,11 +105,18 @@ def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
 # ---------------------------------------------------------------- sampling and losses
 
 
-def sample_bpr_triples(train: sp.csr_matrix, size: int,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair_rows(train: sp.csr_matrix) -> np.ndarray:
+    """The user of each stored training pair (the COO row index), built once per epoch."""
+    return np.repeat(np.arange(train.shape[0], dtype=np.int64), np.diff(train.indptr))
+
+
+def sample_bpr_triples(train: sp.csr_matrix, size: int, rng: np.random.Generator,
+                       coo_rows: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(users, positive items, negative items): positives uniform over training pairs,
-    negatives uniform over items and redrawn once where they hit a training item."""
-    coo_rows = np.repeat(np.arange(train.shape[0]), np.diff(train.indptr))
+    negatives uniform over items and redrawn once where they hit a training item.
+    `coo_rows`: `pair_rows(train)`, when the caller samples many times."""
+    coo_rows = pair_rows(train) if coo_rows is None else coo_rows
     picks = rng.integers(train.nnz, size=size)
     users, positives = coo_rows[picks], train.indices[picks]
     negatives = rng.integers(train.shape[1], size=size)
@@ -139,10 +146,10 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
     vectors (LightGCN penalises its layer-0 embeddings instead). Returns the mean loss."""
     module.train()
     steps = max(1, train.nnz // batch)
-    total = 0.0
+    total, coo_rows = 0.0, pair_rows(train)
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
         users, positives, negatives = (torch.as_tensor(a, device=device)
-                                       for a in sample_bpr_triples(train, batch, rng))
+                                       for a in sample_bpr_triples(train, batch, rng, coo_rows))
         user_vectors, item_vectors = embed()
         vectors = (user_vectors[users], item_vectors[positives], item_vectors[negatives])
         loss = loss_fn(*vectors, users, positives, negatives) if loss_fn is not None \

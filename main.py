@@ -16,6 +16,7 @@ import click  # noqa: E402
 
 from bench import run_benchmarks  # noqa: E402
 from bench.compression import run_compression  # noqa: E402
+from bench.scale import run_scale  # noqa: E402
 from dataHandler import DataError, prepare_dataset  # noqa: E402
 from evaluation import (ABError, Evaluator, ab_compare, render_ab_markdown,  # noqa: E402
                         write_ab_report)
@@ -141,7 +142,8 @@ def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
 
 @cli.command()
 @config_options("data", "encoder")
-@config_options("run", only=("cache_dir", "threads", "device"))
+@config_options("run", only=("cache_dir", "threads", "device", "engine", "workers",
+                             "ray_address", "nprobe", "seed"))
 @click.option("--profiles", default=2048, show_default=True,
               help="How many item profiles to encode per encoder setting.")
 @click.option("--with-recall", is_flag=True,
@@ -152,13 +154,19 @@ def shrink(ctx: click.Context, out: str, overwrite: bool, **values) -> None:
               help="With --compression: a distilled encoder folder (a run's "
               "models/text_distilled/encoder).")
 @click.option("--mpnet", is_flag=True, help="With --compression: add mpnet 12 -> 6 and 12 -> 3.")
+@click.option("--scale", is_flag=True, help="Instead: time and memory (driver and each worker) "
+              "of load, text encoding, ALS, retrieval and evaluation on --dataset (e.g. a "
+              "`synth` folder) with --engine/--workers; appends to runs/scale/results.jsonl and "
+              "prints every result so far, the growth with size and a labelled projection.")
 @click.pass_context
 @clear_errors()
 def bench(ctx: click.Context, profiles: int, with_recall: bool, compression: bool,
-          distilled: str | None, mpnet: bool, **values) -> None:
+          distilled: str | None, mpnet: bool, scale: bool, **values) -> None:
     """Print encoder throughput, FAISS queries/s and peak memory on this machine."""
     config = experiment_config(ctx, None, values)
-    if compression:
+    if scale:
+        run_scale(config)
+    elif compression:
         run_compression(config, distilled, mpnet, profiles)
     else:
         run_benchmarks(config, profiles, with_recall)

@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from tqdm import tqdm
 
 from model.retrieval import FaissRetriever
-from utils import log
+from utils import log, peak_memory_mb
 
 ENGINES = ("local", "ray")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def process_memory() -> dict:
+    """This process: id, peak resident memory and unique memory (USS: what ending it would
+    free) now, in MB."""
+    import psutil
+    return {"worker": os.getpid(), "peak_rss_mb": round(peak_memory_mb(), 1),
+            "uss_mb": round(psutil.Process().memory_full_info().uss / 2**20, 1)}
+
+
+def _measured(function: Callable, *args) -> tuple:
+    return function(*args), process_memory()
 
 
 class LocalEngine:
@@ -40,7 +47,7 @@ class LocalEngine:
         return encoder.encode(texts, desc=desc)
 
     def worker_memory(self) -> list[dict]:
-        return [{"worker": os.getpid(), "peak_rss_mb": round(peak_rss_mb(), 1)}]
+        return [process_memory()]
 
     def close(self) -> None:
         pass
@@ -66,12 +73,21 @@ class RayEngine:
                      include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
         log(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {self.workers} workers")
-        self._tasks: dict[Callable, object] = {}
+        self._remote = ray.remote(num_cpus=1)(_measured)
+        self.memory: dict[int, dict] = {}  # worker process -> its largest memory figures
 
     def map(self, function: Callable, shards: Sequence[tuple], shared: tuple = ()) -> list:
-        remote = self._tasks.setdefault(function, self.ray.remote(num_cpus=1)(function))
         shared_refs = [self.ray.put(value) for value in shared]  # one copy per node
-        return self.ray.get([remote.remote(*shared_refs, *shard) for shard in shards])
+        done = self.ray.get([self._remote.remote(function, *shared_refs, *shard)
+                             for shard in shards])
+        for _, memory in done:
+            self._record(memory)
+        return [value for value, _ in done]
+
+    def _record(self, memory: dict) -> None:
+        known = self.memory.setdefault(memory["worker"], memory)
+        for key in ("peak_rss_mb", "uss_mb"):
+            known[key] = max(known[key], memory[key])
 
     def encode(self, encoder, texts: list[str], desc: str = "encode") -> np.ndarray:
         import ray.data
@@ -87,18 +103,26 @@ class RayEngine:
         encoded = ray.data.from_items(batches).map_batches(
             _EncodeActor, fn_constructor_kwargs={"encoder": encoder}, batch_size=1,
             compute=ActorPoolStrategy(size=self.workers), num_cpus=1)
-        done = 0
+        progress, done = tqdm(total=len(texts), desc=f"{desc} (ray x {self.workers})",
+                              unit="text", disable=None), 0
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             for rows, vectors in zip(batch["rows"], batch["embedding"]):
                 out[np.asarray(rows, dtype=np.int64)] = np.asarray(vectors, dtype=np.float32)
+                progress.update(len(rows))
                 done += len(rows)
-        log(f"{desc}: {done} texts encoded by {self.workers} Ray actors")
+            for worker, rss, uss in zip(batch["worker"], batch["peak_rss_mb"], batch["uss_mb"]):
+                self._record({"worker": int(worker), "peak_rss_mb": float(rss),
+                              "uss_mb": float(uss)})
+        progress.close()
+        if done != len(texts):
+            raise RuntimeError(f"{desc}: Ray returned {done} of {len(texts)} embeddings")
+        log(f"{desc}: {len(texts)} texts encoded by {self.workers} Ray actors")
         return out
 
     def worker_memory(self) -> list[dict]:
-        """Peak memory of the worker processes, one line per worker that ran a shard."""
-        seen = self.map(_worker_memory, [() for _ in range(4 * self.workers)])
-        return sorted({row["worker"]: row for row in seen}.values(), key=lambda r: r["worker"])
+        """The largest memory figures of each worker process (task or encoding actor) that
+        ran a shard so far."""
+        return sorted(self.memory.values(), key=lambda row: row["worker"])
 
     def close(self) -> None:
         if self._started_here and self.ray.is_initialized():
@@ -114,12 +138,10 @@ class _EncodeActor:
         self.encoder = encoder
 
     def __call__(self, batch: dict) -> dict:  # batch_size=1: one encoder batch per call
-        return {"rows": batch["rows"], "embedding": np.stack(
-            [self.encoder.encode_batch(list(texts)) for texts in batch["texts"]])}
-
-
-def _worker_memory() -> dict:
-    return {"worker": os.getpid(), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        vectors = np.stack([self.encoder.encode_batch(list(texts)) for texts in batch["texts"]])
+        memory = process_memory()
+        return {"rows": batch["rows"], "embedding": vectors,
+                **{key: np.full(len(vectors), value) for key, value in memory.items()}}
 
 
 def make_engine(name: str = "local", workers: int = 2, address: str | None = None):

@@ -55,6 +55,13 @@ class FaissRetriever:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return index
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """Inverted lists probed per query (IVF; other kinds ignore it)."""
+        self.nprobe = nprobe
+        if self.kind == "ivf":
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.nprobe = min(nprobe, ivf.nlist)
+
     def search(self, user_vectors: np.ndarray, k: int, exclude: sp.csr_matrix | None = None,
                users: np.ndarray | None = None, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, scores) of shape (len(users), k); -1 / -inf pad short lists."""

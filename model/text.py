@@ -339,8 +339,10 @@ class TextRecall(Recommender):
         self.item_mask[item_rows] = True
 
         item_mean = mean_of_items(dataset.train, item_vectors, self.item_mask)
-        user_vectors = item_mean.copy()
-        self.user_kind = np.where(np.abs(item_mean).sum(1) > 0, "item-mean", "none")
+        # one users x dim matrix: a source's profiles replace only its own rows, and each
+        # source is compared with the item-mean on its own rows, before they are replaced
+        user_vectors = item_mean
+        self.user_kind = np.where(item_mean.any(axis=1), "item-mean", "none")
         self.user_text_choice = {}
         for source in self._profile_sources(dataset):
             rows = np.flatnonzero(dataset.user_profile_source == source)
