@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from model.retrieval import FaissRetriever
+from model.retrieval import SEARCH_CHUNK, FaissRetriever, query_order
 from utils import log, peak_memory_mb
 
 ENGINES = ("local", "ray")
@@ -177,14 +177,22 @@ def user_shards(count: int, engine) -> list[np.ndarray]:
 
 def search(engine, retriever: FaissRetriever, user_vectors: np.ndarray, k: int,
            exclude: sp.csr_matrix | None, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`retriever.search` for `users`, sharded over the engine's workers."""
-    if engine is None or engine.workers == 1:
+    """`retriever.search` for `users`, sharded over the engine's workers: whole query
+    chunks of the one-process order per shard, so the lists are the same."""
+    if engine is None or engine.workers == 1 or len(users) <= SEARCH_CHUNK:
         return retriever.search(user_vectors, k, exclude, users)
-    shards = [(np.ascontiguousarray(user_vectors[users[s]]),
-               None if exclude is None else exclude[users[s]]) for s in user_shards(len(users),
-                                                                                 engine)]
+    seen_counts = np.diff(exclude.indptr)[users] if exclude is not None else np.zeros(len(users))
+    order = query_order(seen_counts)
+    chunks = np.array_split(np.arange(-(-len(users) // SEARCH_CHUNK)), engine.workers)
+    positions = [order[c[0] * SEARCH_CHUNK:(c[-1] + 1) * SEARCH_CHUNK] for c in chunks if len(c)]
+    shards = [(np.ascontiguousarray(user_vectors[users[p]]),
+               None if exclude is None else exclude[users[p]]) for p in positions]
     parts = engine.map(search_shard, shards, (retriever.to_bytes(), retriever.row_to_item, k))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    items = np.empty((len(users), k), dtype=np.int64)
+    scores = np.empty((len(users), k), dtype=np.float32)
+    for p, (shard_items, shard_scores) in zip(positions, parts):
+        items[p], scores[p] = shard_items, shard_scores
+    return items, scores
 
 
 def sharded_metrics(engine, metric: Callable, top: np.ndarray, users: np.ndarray,

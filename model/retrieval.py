@@ -10,6 +10,8 @@ import scipy.sparse as sp
 
 from utils import atomic_path, rows_contain
 
+SEARCH_CHUNK = 2048  # queries per FAISS call
+
 
 class FaissRetriever:
     """Top-K items per user by inner product, seen items excluded.
@@ -45,7 +47,7 @@ class FaissRetriever:
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = 128
         else:
-            nlist = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39 or 1))
+            nlist = self.nlist_for(len(vectors))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
                                        faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)
@@ -55,6 +57,11 @@ class FaissRetriever:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return index
 
+    @staticmethod
+    def nlist_for(count: int) -> int:
+        """Inverted lists of an IVF index over `count` vectors (~4 sqrt(n), >= 39 per list)."""
+        return max(1, min(int(4 * np.sqrt(count)), count // 39 or 1))
+
     def set_nprobe(self, nprobe: int) -> None:
         """Inverted lists probed per query (IVF; other kinds ignore it)."""
         self.nprobe = nprobe
@@ -63,11 +70,12 @@ class FaissRetriever:
             ivf.nprobe = min(nprobe, ivf.nlist)
 
     def search(self, user_vectors: np.ndarray, k: int, exclude: sp.csr_matrix | None = None,
-               users: np.ndarray | None = None, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+               users: np.ndarray | None = None, chunk: int = SEARCH_CHUNK
+               ) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, scores) of shape (len(users), k); -1 / -inf pad short lists."""
         users = np.arange(len(user_vectors)) if users is None else np.asarray(users)
         seen_counts = np.diff(exclude.indptr)[users] if exclude is not None else np.zeros(len(users))
-        order = np.argsort(seen_counts, kind="stable")  # similar seen counts share a query size
+        order = query_order(seen_counts)
         top_items = np.full((len(users), k), -1, dtype=np.int64)
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), chunk):
@@ -119,3 +127,10 @@ class FaissRetriever:
         """An index written by `save` (or by faiss.write_index); `row_to_item` maps index
         rows to item ids (identity by default)."""
         return cls._wrap(faiss.read_index(str(path)), row_to_item)
+
+
+def query_order(seen_counts: np.ndarray) -> np.ndarray:
+    """The order users are searched in: similar seen counts share a query size. A sharded
+    search cuts this order at multiples of SEARCH_CHUNK, so every FAISS call gets the same
+    queries as in one process and the lists are identical to the last bit."""
+    return np.argsort(seen_counts, kind="stable")

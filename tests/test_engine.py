@@ -40,10 +40,10 @@ def test_sharded_retrieval_and_metrics_equal_local(ray_engine):
     from model.base import Recommender
 
     rng = np.random.default_rng(0)
-    seen = sp.random(500, 300, density=0.03, format="csr", random_state=1)
-    truth = sp.random(500, 300, density=0.02, format="csr", random_state=2)
+    seen = sp.random(5000, 300, density=0.03, format="csr", random_state=1)  # 3 query chunks
+    truth = sp.random(5000, 300, density=0.02, format="csr", random_state=2)
     model = Recommender()
-    model.user_vectors = rng.normal(size=(500, 16)).astype(np.float32)
+    model.user_vectors = rng.normal(size=(5000, 16)).astype(np.float32)
     model.item_vectors = rng.normal(size=(300, 16)).astype(np.float32)
     model.seen = (seen > 0).astype(np.float32)
     local, sharded = Evaluator(truth, seen), Evaluator(truth, seen, engine=ray_engine)
