@@ -157,15 +157,21 @@ def render_scale(results: list[dict]) -> str:
 
 
 def growth(results: list[dict]) -> str:
-    """Driver peak memory per user across sizes of the same engine: flat if linear."""
-    rows = ["| engine x workers | users | train pairs | driver peak MB | KB per user | "
+    """Driver peak memory across sizes of the same engine, and what each added user costs
+    over the smallest size (the fixed cost of Python, torch and faiss left out): a constant
+    cost per added user means memory grows linearly."""
+    rows = ["| engine x workers | users | train pairs | driver peak MB | KB per added user | "
             "largest worker peak MB |", "|---|---|---|---|---|---|"]
+    smallest: dict[tuple, tuple[int, float]] = {}
     for r in sorted(results, key=lambda r: (r["engine"], r["workers"], r["users"])):
         peak = max(s["driver_peak_mb"] for s in r["steps"].values())
-        worker = max((w["peak_rss_mb"] for w in r["worker_memory"]), default=0)
+        users0, peak0 = smallest.setdefault((r["engine"], r["workers"]), (r["users"], peak))
+        added = f"{1024 * (peak - peak0) / (r['users'] - users0):.2f}" \
+            if r["users"] > users0 else "(base)"
+        worker = max((w["peak_rss_mb"] for w in r["worker_memory"]), default=None)
         rows.append(f"| {r['engine']} x {r['workers']} | {r['users']:,} | "
-                    f"{r['train_interactions']:,} | {peak:,} | {1024 * peak / r['users']:.2f} | "
-                    f"{worker:,.0f} |")
+                    f"{r['train_interactions']:,} | {peak:,} | {added} | "
+                    f"{'-' if worker is None else f'{worker:,.0f}'} |")
     return "\n".join(rows)
 
 
