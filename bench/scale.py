@@ -25,14 +25,12 @@ from model.classic import ALS
 from model.config import ExperimentConfig
 from model.engine import make_engine, process_memory
 from model.pipeline import build_encoder, load_data
-from model.retrieval import FaissRetriever
+from model.retrieval import CALIBRATION_USERS, OVERLAP_TARGET, calibrated_retriever
 from model.text import TextRecall
 from utils import log
 
 RESULTS = Path("runs") / "scale" / "results.jsonl"
 IVF_FROM_ITEMS = 50_000  # exact search below this catalogue size
-CHECK_USERS = 2000
-OVERLAP_TARGET = 0.95
 
 
 class PeakSampler:
@@ -109,26 +107,15 @@ def run_scale(config: ExperimentConfig) -> dict:
 
 
 def choose_index(model, evaluator: Evaluator, nprobe: int, seed: int) -> dict:
-    """Double nprobe from the configured one until the IVF top 20 holds OVERLAP_TARGET of the
-    exact top 20 on a sample of test users; past an eighth of the lists probed, IVF costs
-    about what exact search does, which is then used. Sets the choice on `model`."""
-    users = np.random.default_rng(seed).choice(evaluator.users,
-                                               min(CHECK_USERS, len(evaluator.users)),
-                                               replace=False)
-    usable, tried = model._usable(), {}
-    lists = FaissRetriever.nlist_for(model.n_items if usable is None else len(usable))
-    exact = FaissRetriever("flat").fit(model.item_vectors, usable).search(
-        model.user_vectors, 20, model.seen, users)[0]
-    while nprobe <= lists // 8:
-        approximate = model.with_index("ivf", nprobe).recommend(users, 20)[0]
-        tried[nprobe] = round(float(np.mean([
-            len(np.intersect1d(a[a >= 0], e[e >= 0])) / max((e >= 0).sum(), 1)
-            for a, e in zip(approximate, exact)])), 4)
-        if tried[nprobe] >= OVERLAP_TARGET:
-            return {"index": "ivf", "nprobe": nprobe, "ivf_overlap@20_by_nprobe": tried}
-        nprobe *= 2
-    model.with_index("flat")
-    return {"index": "flat", "ivf_overlap@20_by_nprobe": tried, "ivf_lists": lists}
+    """IVF where it keeps OVERLAP_TARGET of the exact top 20 on a sample of test users,
+    else exact search (`calibrated_retriever`); sets the choice on `model`."""
+    users = np.sort(np.random.default_rng(seed).choice(
+        evaluator.users, min(CALIBRATION_USERS, len(evaluator.users)), replace=False))
+    _, report = calibrated_retriever(model.item_vectors, model._usable(), model.user_vectors,
+                                     model.seen, users, "ivf", nprobe, OVERLAP_TARGET)
+    chosen = "ivf" if report["type"] == "IndexIVFFlat" else "flat"
+    model.with_index(chosen, report.get("width", nprobe))
+    return {"index": chosen, **report}
 
 
 def read_results() -> list[dict]:

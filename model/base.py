@@ -112,7 +112,7 @@ class Recommender:
         already built keeps its lists when only `nprobe` changes."""
         built = self._retrievers.get("items")
         if kind == self.index_kind == "ivf" and built is not None:
-            built.set_nprobe(nprobe)
+            built.set_search_width(nprobe)
         else:
             self._retrievers.clear()
         self.index_kind, self.nprobe = kind, nprobe

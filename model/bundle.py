@@ -22,7 +22,7 @@ from model.base import Recommender
 from model.config import ExperimentConfig
 from model.foldin import choose_fold_in
 from model.ranking import WideDeepRanker
-from model.retrieval import FaissRetriever
+from model.retrieval import FaissRetriever, calibrated_retriever, calibration_users
 from model.text import ENCODER_DIR, TextEncoder, load_encoder
 from model.versions import CURRENT, BundleStore, VersionError, is_store
 from utils import atomic_path, sha256_file, write_json_atomic
@@ -68,10 +68,13 @@ def original_ids(ids: list[str], count: int) -> list[str]:
 
 
 def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
-                  storage: str = "float32", overwrite: bool = False) -> str:
+                  storage: str = "float32", overwrite: bool = False, index: str = "flat") -> str:
     """Add the bundle of one recall variant of a run to the store `out` as a new version and
     make it current (a full retrain); a new store is created whole or not at all. Returns
-    the version's name."""
+    the version's name. `index`: 'flat' (exact), 'ivf' or 'hnsw' (kept only where it holds
+    95% of the exact top 20 of sampled users; `calibrated_retriever`)."""
+    if index not in ("flat", "ivf", "hnsw"):
+        raise BundleError(f"unknown index '{index}' (flat, ivf or hnsw)")
     run_dir, out = Path(run_dir), Path(out)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     model_dir = run_dir / "models" / file_name(variant)
@@ -93,7 +96,7 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
                            "changes": {"kind": "full", "source_run": str(run_dir),
                                        "variant": variant}}
                 _write_bundle(folder, run_dir, variant, model, dataset, metrics, config,
-                              storage, lineage)
+                              storage, lineage, index)
             store.switch(version)
         return version
 
@@ -104,15 +107,29 @@ def export_bundle(run_dir: Path, variant: str, dataset, out: Path,
 
 
 def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, dataset,
-                  metrics: dict, config: dict, storage: str, lineage: dict) -> None:
+                  metrics: dict, config: dict, storage: str, lineage: dict,
+                  index: str = "flat") -> None:
     users, items = model.embeddings()
     tmp.mkdir(parents=True)
     stored_users, user_scale = _quantise(users, storage)
     stored_items, item_scale = _quantise(items, storage)
     indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
         else np.arange(len(items))
-    retriever = FaissRetriever("flat", use_gpu=False).fit(_restore(stored_items, item_scale),
-                                                          indexed)
+    served_items = _restore(stored_items, item_scale)
+    if index != "flat":
+        retriever, index_report = calibrated_retriever(
+            served_items, indexed, _restore(stored_users, user_scale), model.seen,
+            calibration_users(model.seen, config.get("run", {}).get("seed", 2023)), index)
+    else:
+        retriever = FaissRetriever("flat", use_gpu=False).fit(served_items, indexed)
+        index_report = {"type": "IndexFlatIP"}
+    exported_metrics = metrics["variants"][variant]["metrics"]
+    if retriever.kind != "flat":  # what this index serves, beside the run's exact search
+        index_report["metrics_exact_search"] = exported_metrics
+        evaluator = Evaluator.on_test(dataset, tuple(sorted(
+            {int(name.split("@")[1]) for name in exported_metrics})))
+        exported_metrics = evaluator.metrics(retriever.search(
+            _restore(stored_users, user_scale), evaluator.k, model.seen, evaluator.users)[0])
     write_version_files(tmp, stored_users, stored_items,
                         *_id_tables(dataset, len(users), len(items),
                                     _item_attributes(config, len(items))),
@@ -130,8 +147,8 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         "users": int(users.shape[0]), "items": int(items.shape[0]),
         "dim": int(items.shape[1]), "storage": storage,
         "scales": {"users": user_scale, "items": item_scale},
-        "metric": "inner_product", "index": {"file": "items.faiss", "type": "IndexFlatIP"},
-        "metrics_at_export": metrics["variants"][variant]["metrics"],
+        "metric": "inner_product", "index": {"file": "items.faiss", **index_report},
+        "metrics_at_export": exported_metrics,
         "text_encoder": text, "ranker": ranker, "model_params": _json_params(model),
         "fold_in": choose_fold_in(_restore(stored_users, user_scale),
                                   _restore(stored_items, item_scale), model.seen, retriever,
@@ -373,6 +390,9 @@ class Bundle:
                               "then export)")
         if self._ranker is None:
             self._ranker = WideDeepRanker.load(self.folder / RANKER_DIR)
+            if self.retriever.kind != "flat":  # the channels searched like the item index
+                self._ranker.channel_index = (self.retriever.kind,
+                                              self.retriever.search_width())
         return self._ranker
 
     def recommend(self, user: str, k: int = 20, rank: bool = False,

@@ -60,11 +60,13 @@ class ChannelCandidates:
         return out
 
 
-def channel_retrievers(channels: dict[str, tuple[np.ndarray, np.ndarray]]
+def channel_retrievers(channels: dict[str, tuple[np.ndarray, np.ndarray]],
+                       kind: str = "flat", width: int = 128
                        ) -> dict[str, tuple[np.ndarray, FaissRetriever]]:
-    """(user vectors, exact inner-product retriever over the item vectors) per channel; an
-    item with a zero vector in a channel (e.g. no text) is not retrievable from it."""
+    """(user vectors, inner-product retriever over the item vectors) per channel: exact, or
+    `kind` 'hnsw' / 'ivf' searched at `width` (ef_search / nprobe); an item with a zero
+    vector in a channel (e.g. no text) is not retrievable from it."""
     return {name: (np.ascontiguousarray(users, dtype=np.float32),
-                   FaissRetriever("flat", use_gpu=False).fit(items,
-                                                             np.flatnonzero(items.any(axis=1))))
+                   FaissRetriever(kind, nprobe=width, ef_search=width, use_gpu=False).fit(
+                       items, np.flatnonzero(items.any(axis=1))))
             for name, (users, items) in channels.items()}

@@ -23,6 +23,11 @@ FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3
                      "prompt": 1e-2, "prefix": 5e-3}
 
 
+# options renamed since runs were written: (section, old name) -> new name; a run's saved
+# config.json keeps loading (`graph.workers` became `dw_workers` when --workers went to Ray)
+RENAMED = {("graph", "workers"): "dw_workers"}
+
+
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message names it."""
 
@@ -293,6 +298,7 @@ class ExperimentConfig:
         flat: dict[str, Any] = {}
         for key, value in values.items():
             if key in SECTIONS and isinstance(value, dict):
+                value = {RENAMED.get((key, name), name): v for name, v in value.items()}
                 misplaced = sorted(set(value) - {f.name for f in fields(SECTIONS[key])})
                 if misplaced:
                     raise ConfigError(f"{source}: {', '.join(misplaced)} not options of "

@@ -244,6 +244,7 @@ class WideDeepRanker:
         self.recall_name, self.kept_recall_order = "", False
         self.training_log: dict = {}
         self._retrievers: dict | None = None
+        self.channel_index = ("flat", 0)  # a bundle may serve with approximate channels
 
     def params(self) -> dict:
         return {"mode": self.mode, "candidates": self.candidates, "positives": self.positives,
@@ -292,7 +293,9 @@ class WideDeepRanker:
         n_other = len(self.features.signals) - 1
         widths = [max(self.candidates, k)] + [self.channel_candidates] * n_other
         if self._retrievers is None:  # built once: a served ranker answers one user at a time
-            self._retrievers = channel_retrievers(self.features.channels())
+            kind, width = self.channel_index
+            self._retrievers = channel_retrievers(self.features.channels(), kind,
+                                                  max(width, max(widths)))
         return ChannelCandidates(self._retrievers, users, exclude, max(widths), widths,
                                  len(self.features.popularity))
 

@@ -16,15 +16,16 @@ SEARCH_CHUNK = 2048  # queries per FAISS call
 class FaissRetriever:
     """Top-K items per user by inner product, seen items excluded.
 
-    kind: 'flat' (exact), 'ivf' (inverted lists, `nprobe` probed) or 'hnsw'. The index moves
-    to the GPU when faiss sees one (HNSW has no GPU version and stays on the CPU).
+    kind: 'flat' (exact), 'ivf' (inverted lists, `nprobe` probed) or 'hnsw' (graph, `ef_search`
+    candidates kept while searching). The index moves to the GPU when faiss sees one (HNSW
+    has no GPU version and stays on the CPU).
     """
 
     def __init__(self, kind: str = "flat", nprobe: int = 16, hnsw_m: int = 32,
-                 use_gpu: bool | None = None) -> None:
+                 use_gpu: bool | None = None, ef_search: int = 128) -> None:
         if kind not in ("flat", "ivf", "hnsw"):
             raise ValueError(f"unknown index kind '{kind}' (flat, ivf or hnsw)")
-        self.kind, self.nprobe, self.hnsw_m = kind, nprobe, hnsw_m
+        self.kind, self.nprobe, self.hnsw_m, self.ef_search = kind, nprobe, hnsw_m, ef_search
         self.use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu
         self.index = None
         self.row_to_item = None
@@ -45,7 +46,7 @@ class FaissRetriever:
             index = faiss.IndexFlatIP(dim)
         elif self.kind == "hnsw":
             index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = 128
+            index.hnsw.efSearch = self.ef_search
         else:
             nlist = self.nlist_for(len(vectors))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
@@ -62,12 +63,18 @@ class FaissRetriever:
         """Inverted lists of an IVF index over `count` vectors (~4 sqrt(n), >= 39 per list)."""
         return max(1, min(int(4 * np.sqrt(count)), count // 39 or 1))
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """Inverted lists probed per query (IVF; other kinds ignore it)."""
-        self.nprobe = nprobe
+    def search_width(self) -> int | None:
+        """What an approximate search looks at: IVF's nprobe, HNSW's ef_search (None: exact)."""
+        return {"ivf": self.nprobe, "hnsw": self.ef_search}.get(self.kind)
+
+    def set_search_width(self, width: int) -> None:
+        """Lists probed per query (IVF) or candidates kept while searching (HNSW); exact
+        search ignores it."""
         if self.kind == "ivf":
             ivf = faiss.extract_index_ivf(self.index)
-            ivf.nprobe = min(nprobe, ivf.nlist)
+            self.nprobe = ivf.nprobe = min(width, ivf.nlist)
+        elif self.kind == "hnsw":
+            self.ef_search = self.index.hnsw.efSearch = width
 
     def search(self, user_vectors: np.ndarray, k: int, exclude: sp.csr_matrix | None = None,
                users: np.ndarray | None = None, chunk: int = SEARCH_CHUNK
@@ -117,6 +124,10 @@ class FaissRetriever:
         retriever = cls("flat" if isinstance(index, faiss.IndexFlat) else
                         "hnsw" if isinstance(index, faiss.IndexHNSW) else "ivf", use_gpu=False)
         retriever.index = index
+        if retriever.kind == "ivf":  # the search width is saved with the index
+            retriever.nprobe = faiss.extract_index_ivf(index).nprobe
+        elif retriever.kind == "hnsw":
+            retriever.ef_search = index.hnsw.efSearch
         retriever.row_to_item = np.arange(index.ntotal, dtype=np.int64) if row_to_item is None \
             else np.asarray(row_to_item, dtype=np.int64)
         return retriever
@@ -134,3 +145,46 @@ def query_order(seen_counts: np.ndarray) -> np.ndarray:
     search cuts this order at multiples of SEARCH_CHUNK, so every FAISS call gets the same
     queries as in one process and the lists are identical to the last bit."""
     return np.argsort(seen_counts, kind="stable")
+
+
+OVERLAP_TARGET = 0.95  # share of the exact top 20 an IVF index must keep to be used
+CALIBRATION_USERS = 2000
+MAX_EF_SEARCH = 1024
+
+
+def calibrated_retriever(item_vectors: np.ndarray, items: np.ndarray | None,
+                         user_vectors: np.ndarray, seen: sp.csr_matrix | None,
+                         users: np.ndarray, kind: str = "ivf", width: int = 16,
+                         target: float = OVERLAP_TARGET) -> tuple[FaissRetriever, dict]:
+    """An approximate index (`kind` 'ivf' or 'hnsw') whose top 20 keeps `target` of the exact
+    top 20 for `users`, its search width (IVF nprobe, HNSW ef_search) doubled from `width`
+    until it does; or the exact index where that would take more than an eighth of IVF's
+    lists or an ef_search over MAX_EF_SEARCH (the approximate search then costs about what
+    exact search does). Returns the retriever and what was measured."""
+    exact = FaissRetriever("flat", use_gpu=False).fit(item_vectors, items)
+    truth = exact.search(user_vectors, 20, seen, users)[0]
+    approximate = FaissRetriever(kind, nprobe=width, ef_search=width,
+                                 use_gpu=False).fit(item_vectors, items)
+    limit = faiss.extract_index_ivf(approximate.index).nlist // 8 if kind == "ivf" \
+        else MAX_EF_SEARCH
+    tried = {}
+    while width <= limit:
+        approximate.set_search_width(width)
+        found = approximate.search(user_vectors, 20, seen, users)[0]
+        tried[width] = round(float(np.mean([
+            len(np.intersect1d(f[f >= 0], t[t >= 0])) / max((t >= 0).sum(), 1)
+            for f, t in zip(found, truth)])), 4)
+        if tried[width] >= target:
+            return approximate, {"type": type(approximate.index).__name__, "width": width,
+                                 "overlap@20_by_width": tried, "target": target}
+        width *= 2
+    return exact, {"type": "IndexFlatIP", "tried": kind, "width_limit": limit,
+                   "overlap@20_by_width": tried, "target": target}
+
+
+def calibration_users(seen: sp.csr_matrix, seed: int = 0,
+                      count: int = CALIBRATION_USERS) -> np.ndarray:
+    """A seeded sample of users with training interactions (the ones served)."""
+    active = np.flatnonzero(np.diff(seen.indptr) > 0)
+    return np.sort(np.random.default_rng(seed).choice(active, min(count, len(active)),
+                                                      replace=False))

@@ -347,7 +347,10 @@ class _Update:
         kept = np.setdiff1d(self.parent.retriever.row_to_item, self.removed)
         new_rows = [r for r in range(self.n_old_items, len(self.item_ids)) if self.items[r].any()]
         self.index_items = np.concatenate([kept, np.array(new_rows, dtype=np.int64)])
-        self.retriever = FaissRetriever("flat", use_gpu=False).fit(self.items, self.index_items)
+        exported = self.parent.retriever  # the same kind and search width
+        self.retriever = FaissRetriever(exported.kind, nprobe=exported.nprobe,
+                                        ef_search=exported.ef_search, use_gpu=False).fit(
+            self.items, self.index_items)
         self.log("index", started, added_items=len(new_rows), removed_items=len(self.removed),
                  new_items_not_retrievable=len(self.item_ids) - self.n_old_items - len(new_rows))
 

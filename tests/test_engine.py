@@ -96,32 +96,3 @@ def test_ray_train_data_parallel_equals_one_process(ray_engine):
     _assert_equal_training(run_on_ray({"seed": 1, "steps": 3, "global_batch": 256}, 2), 2)
 
 
-
-def _clustered_model(users: int = 3000, items: int = 40000, dim: int = 8):
-    from model.base import Recommender
-
-    rng = np.random.default_rng(3)
-    centres = rng.normal(size=(64, dim))
-    model = Recommender()
-    model.item_vectors = (centres[rng.integers(64, size=items)]
-                          + 0.3 * rng.normal(size=(items, dim))).astype(np.float32)
-    model.user_vectors = (centres[rng.integers(64, size=users)]
-                          + 0.3 * rng.normal(size=(users, dim))).astype(np.float32)
-    model.seen = sp.csr_matrix((users, items), dtype=np.float32)
-    truth = sp.random(users, items, density=1e-3, format="csr", random_state=4)
-    return model, truth
-
-
-def test_the_scale_bench_keeps_ivf_only_where_it_matches_exact_search(monkeypatch):
-    import bench.scale as scale
-    from evaluation import Evaluator
-
-    model, truth = _clustered_model()
-    evaluator = Evaluator(truth, model.seen)
-    kept = scale.choose_index(model, evaluator, nprobe=4, seed=0)
-    assert kept["index"] == "ivf" and model.index_kind == "ivf"
-    assert kept["ivf_overlap@20_by_nprobe"][kept["nprobe"]] >= scale.OVERLAP_TARGET
-    monkeypatch.setattr(scale, "OVERLAP_TARGET", 1.01)  # never reached: exact search
-    refused = scale.choose_index(model, evaluator, nprobe=4, seed=0)
-    assert refused["index"] == "flat" and model.index_kind == "flat"
-    assert max(refused["ivf_overlap@20_by_nprobe"]) <= refused["ivf_lists"] // 8

@@ -74,3 +74,38 @@ def test_mean_of_items_ignores_counts_and_unusable_items():
     users = mean_of_items(train, items, np.array([True, True, False]))
     assert np.allclose(users[0], [np.sqrt(0.5), np.sqrt(0.5)])
     assert np.allclose(users[1], 0) and np.allclose(users[2], 0)
+
+
+def _clustered(rows: int, dim: int, rng, centres) -> np.ndarray:
+    return (centres[rng.integers(len(centres), size=rows)]
+            + 0.3 * rng.normal(size=(rows, dim))).astype(np.float32)
+
+
+def test_ivf_is_used_only_where_it_keeps_the_exact_top_20():
+    from model.retrieval import calibrated_retriever
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(64, 8))
+    items, users = _clustered(40000, 8, rng, centres), _clustered(1000, 8, rng, centres)
+    seen = sp.random(1000, 40000, density=1e-3, format="csr", random_state=4)
+    sample = np.arange(1000)
+    kept, report = calibrated_retriever(items, None, users, seen, sample, "ivf", width=4)
+    assert kept.kind == "ivf" and report["type"] == "IndexIVFFlat"
+    assert report["overlap@20_by_width"][report["width"]] >= report["target"]
+    exact = FaissRetriever("flat").fit(items).search(users, 20, seen, sample)[0]
+    found = kept.search(users, 20, seen, sample)[0]
+    overlap = np.mean([len(np.intersect1d(f, e)) / 20 for f, e in zip(found, exact)])
+    assert overlap == pytest.approx(report["overlap@20_by_width"][report["width"]], abs=1e-4)
+    refused, why = calibrated_retriever(items, None, users, seen, sample, "ivf", 4, target=1.01)
+    assert refused.kind == "flat" and why["type"] == "IndexFlatIP"
+    assert max(why["overlap@20_by_width"]) <= why["width_limit"]
+
+
+def test_an_hnsw_index_keeps_its_search_width_through_save_and_load(tmp_path):
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(500, 8)).astype(np.float32)
+    saved = FaissRetriever("hnsw", ef_search=48).fit(items)
+    saved.set_search_width(96)
+    saved.save(tmp_path / "items.faiss")
+    loaded = FaissRetriever.load(tmp_path / "items.faiss")
+    assert loaded.kind == "hnsw" and loaded.search_width() == 96

@@ -338,3 +338,21 @@ def test_the_service_answers_a_user_who_joined_after_the_ranker(ranked_run, tmp_
         ranked = client.get("/users/late-user/recommendations?k=5&rank=true")
         assert ranked.status_code == 409 and "after the ranker" in ranked.json()["detail"]
         assert client.get("/users/3/recommendations?k=5&rank=true").status_code == 200
+
+
+def test_an_approximate_index_is_exported_measured_and_kept_by_updates(als_run, tmp_path):
+    root = tmp_path / "hnsw"
+    _cli("export", "--run", als_run, "--variant", "als", "--out", root, "--index", "hnsw")
+    bundle = Bundle(root)
+    index = bundle.manifest["index"]
+    assert index["type"] == "IndexHNSWFlat" and bundle.retriever.kind == "hnsw"
+    assert index["overlap@20_by_width"][str(index["width"])] >= index["target"]
+    assert bundle.retriever.search_width() == index["width"]
+    exact = json.loads((als_run / "metrics.json").read_text())["variants"]["als"]["metrics"]
+    assert index["metrics_exact_search"] == exact  # the run's exact figures, kept beside
+    assert "reproduced" in _cli("evaluate", "--bundle", root)  # this index's own figures
+    _cli("update", "--bundle", root, "--interactions",
+         _write_csv(tmp_path / "a.csv", [("0", "NEW-ITEM"), ("2", "NEW-ITEM")]))
+    updated = Bundle(root)
+    assert updated.version == "v0002" and updated.retriever.kind == "hnsw"
+    assert updated.retriever.search_width() == index["width"]
