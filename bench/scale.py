@@ -109,7 +109,7 @@ def run_scale(config: ExperimentConfig) -> dict:
 def choose_index(model, evaluator: Evaluator, nprobe: int, seed: int) -> dict:
     """IVF where it keeps OVERLAP_TARGET of the exact top 20 on a sample of test users,
     else exact search (`calibrated_retriever`); sets the choice on `model`."""
-    users = np.sort(np.random.default_rng(seed).choice(
+    users = np.sort(np.random.default_rng(seed).choice(  # test users: the ones evaluated
         evaluator.users, min(CALIBRATION_USERS, len(evaluator.users)), replace=False))
     _, report = calibrated_retriever(model.item_vectors, model._usable(), model.user_vectors,
                                      model.seen, users, "ivf", nprobe, OVERLAP_TARGET)

@@ -115,10 +115,11 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
     stored_items, item_scale = _quantise(items, storage)
     indexed = np.flatnonzero(model.item_mask) if model.item_mask is not None \
         else np.arange(len(items))
-    served_items = _restore(stored_items, item_scale)
+    served_users, served_items = _restore(stored_users, user_scale), \
+        _restore(stored_items, item_scale)
     if index != "flat":
         retriever, index_report = calibrated_retriever(
-            served_items, indexed, _restore(stored_users, user_scale), model.seen,
+            served_items, indexed, served_users, model.seen,
             calibration_users(model.seen, config.get("run", {}).get("seed", 2023)), index)
     else:
         retriever = FaissRetriever("flat", use_gpu=False).fit(served_items, indexed)
@@ -129,13 +130,16 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         evaluator = Evaluator.on_test(dataset, tuple(sorted(
             {int(name.split("@")[1]) for name in exported_metrics})))
         exported_metrics = evaluator.metrics(retriever.search(
-            _restore(stored_users, user_scale), evaluator.k, model.seen, evaluator.users)[0])
+            served_users, evaluator.k, model.seen, evaluator.users)[0])
     write_version_files(tmp, stored_users, stored_items,
                         *_id_tables(dataset, len(users), len(items),
                                     _item_attributes(config, len(items))),
                         retriever, model.seen)
     text = _copy_encoder(run_dir, variant, model, tmp)
     ranker = _copy_ranker(run_dir, variant, tmp)
+    if ranker is not None and retriever.kind == "hnsw":
+        ranker["channels"] = _approximate_channels(tmp / RANKER_DIR, retriever, model.seen,
+                                                   index_report["target"])
     data = config.get("data", config)
     manifest = {
         "format_version": FORMAT_VERSION, "variant": variant, "model_class": type(model).__name__,
@@ -150,8 +154,7 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         "metric": "inner_product", "index": {"file": "items.faiss", **index_report},
         "metrics_at_export": exported_metrics,
         "text_encoder": text, "ranker": ranker, "model_params": _json_params(model),
-        "fold_in": choose_fold_in(_restore(stored_users, user_scale),
-                                  _restore(stored_items, item_scale), model.seen, retriever,
+        "fold_in": choose_fold_in(served_users, served_items, model.seen, retriever,
                                   model.params()).describe(),
         **lineage}
     if text is None:
@@ -260,6 +263,24 @@ def _copy_encoder(run_dir: Path, variant: str, model: Recommender, folder: Path)
         return {"folder": ENCODER_DIR, "block": block[:2] if block else None,
                 "scale": block[2] if block else None, "projection": projections}
     return {"folder": ENCODER_DIR, "block": [0, model.embeddings()[0].shape[1]], "scale": 1.0}
+
+
+def _approximate_channels(folder: Path, retriever: FaissRetriever, seen: sp.csr_matrix,
+                          target: float, users: int = 300) -> dict:
+    """HNSW recall channels for the served ranker, at the item index's width (at least the
+    candidate depth), kept only if the ranked top 20 of sampled users holds `target` of the
+    ranked top 20 with exact channels."""
+    sample = calibration_users(seen, count=users)
+    exact = WideDeepRanker.load(folder, device="cpu")
+    approximate = WideDeepRanker.load(folder, device="cpu")
+    approximate.channel_index = ("hnsw", retriever.search_width())
+    truth = exact.recommend(sample, seen, 20)[0]
+    found = approximate.recommend(sample, seen, 20)[0]
+    overlap = round(float(np.mean([len(np.intersect1d(f[f >= 0], t[t >= 0]))
+                                   / max((t >= 0).sum(), 1) for f, t in zip(found, truth)])), 4)
+    kind = "hnsw" if overlap >= target else "flat"
+    return {"kind": kind, "width": retriever.search_width(), "ranked_overlap@20": overlap,
+            "users": len(sample), "target": target}
 
 
 def _copy_ranker(run_dir: Path, variant: str, folder: Path) -> dict | None:
@@ -390,9 +411,9 @@ class Bundle:
                               "then export)")
         if self._ranker is None:
             self._ranker = WideDeepRanker.load(self.folder / RANKER_DIR)
-            if self.retriever.kind != "flat":  # the channels searched like the item index
-                self._ranker.channel_index = (self.retriever.kind,
-                                              self.retriever.search_width())
+            channels = self.manifest["ranker"].get("channels") or {}
+            if channels.get("kind") == "hnsw":  # kept at export: close to exact channels
+                self._ranker.channel_index = ("hnsw", channels["width"])
         return self._ranker
 
     def recommend(self, user: str, k: int = 20, rank: bool = False,

@@ -1,7 +1,7 @@
 """Data-parallel training of the Wide&Deep ranker: one plain function per worker, run by
 `torchrun --nproc_per_node=N main.py ddp-check` or by Ray Train's `TorchTrainer`
 (`main.py ddp-check --engine ray --workers N`); DistributedDataParallel over gloo on CPU,
-NCCL on GPU.
+on CPU (the check compares with one CPU process, GPU or not).
 
 Each global batch is split into equal contiguous slices, one per rank; DDP averages the
 gradients, so a step equals one process's step on the whole global batch (the loss is a
@@ -42,7 +42,7 @@ def _distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun describes in the environment
     (Ray Train has already joined one)."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # the check runs on the CPU, GPU or not
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -108,13 +108,16 @@ def run_on_ray(config: dict, workers: int) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "report.json"
-        TorchTrainer(data_parallel_check, train_loop_config={**config, "out": str(out)},
-                     scaling_config=ScalingConfig(num_workers=workers,
-                                                  use_gpu=torch.cuda.is_available()),
-                     run_config=RunConfig(storage_path=folder)).fit()
-        return json.loads(out.read_text())
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "report.json"
+            TorchTrainer(data_parallel_check, train_loop_config={**config, "out": str(out)},
+                         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+                         run_config=RunConfig(storage_path=folder)).fit()
+            return json.loads(out.read_text())
+    finally:
+        if started_here:
+            ray.shutdown()

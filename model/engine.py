@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +28,8 @@ def process_memory() -> dict:
     """This process: id, peak resident memory and unique memory (USS: what ending it would
     free) now, in MB."""
     import psutil
-    return {"worker": os.getpid(), "peak_rss_mb": round(peak_memory_mb(), 1),
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}",
+            "peak_rss_mb": round(peak_memory_mb(), 1),
             "uss_mb": round(psutil.Process().memory_full_info().uss / 2**20, 1)}
 
 
@@ -72,9 +74,13 @@ class RayEngine:
             ray.init(address=address, num_cpus=None if address else self.workers,
                      include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
-        log(f"ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {self.workers} workers")
+        cpus = ray.cluster_resources().get("CPU", 0)
+        log(f"ray: {cpus:.0f} CPUs, {self.workers} workers")
+        if self.workers > cpus:
+            log(f"warning: --workers {self.workers} exceeds the cluster's {cpus:.0f} CPUs; "
+                "the encoding actor pool waits for CPUs that never come")
         self._remote = ray.remote(num_cpus=1)(_measured)
-        self.memory: dict[int, dict] = {}  # worker process -> its largest memory figures
+        self.memory: dict[str, dict] = {}  # worker process -> its largest memory figures
 
     def map(self, function: Callable, shards: Sequence[tuple], shared: tuple = ()) -> list:
         shared_refs = [self.ray.put(value) for value in shared]  # one copy per node
@@ -96,6 +102,9 @@ class RayEngine:
         out = np.empty((len(texts), encoder.dim), dtype=np.float32)
         if not texts:
             return out
+        if encoder.device != "cpu":  # the GPU is here; CPU actors would run another model
+            log(f"{desc}: encoder on {encoder.device}: encoded in the driver, not on Ray")
+            return encoder.encode(texts, desc=desc)
         batches = [{"rows": rows, "texts": [texts[i] for i in rows]}
                    for rows in encoder.batches(texts)]
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # one line per step is ours
@@ -111,7 +120,7 @@ class RayEngine:
                 progress.update(len(rows))
                 done += len(rows)
             for worker, rss, uss in zip(batch["worker"], batch["peak_rss_mb"], batch["uss_mb"]):
-                self._record({"worker": int(worker), "peak_rss_mb": float(rss),
+                self._record({"worker": str(worker), "peak_rss_mb": float(rss),
                               "uss_mb": float(uss)})
         progress.close()
         if done != len(texts):
@@ -198,7 +207,7 @@ def search(engine, retriever: FaissRetriever, user_vectors: np.ndarray, k: int,
 def sharded_metrics(engine, metric: Callable, top: np.ndarray, users: np.ndarray,
                     truth: sp.csr_matrix, ks: tuple[int, ...]) -> pd.DataFrame:
     """Per-user metrics computed shard by shard on the workers and merged in user order."""
-    if engine is None or engine.workers == 1 or len(users) == 0:
-        return metric(top, users, truth, ks)
+    if engine is None or engine.workers == 1 or len(users) <= SEARCH_CHUNK:
+        return metric(top, users, truth, ks)  # not worth a round trip
     shards = [(top[s], users[s], truth[users[s]]) for s in user_shards(len(users), engine)]
     return pd.concat(engine.map(metrics_shard, shards, (metric, tuple(ks))), ignore_index=True)

@@ -244,7 +244,7 @@ class WideDeepRanker:
         self.recall_name, self.kept_recall_order = "", False
         self.training_log: dict = {}
         self._retrievers: dict | None = None
-        self.channel_index = ("flat", 0)  # a bundle may serve with approximate channels
+        self.channel_index = ("flat", 0)  # a bundle may serve with HNSW channels
 
     def params(self) -> dict:
         return {"mode": self.mode, "candidates": self.candidates, "positives": self.positives,

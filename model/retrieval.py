@@ -53,7 +53,15 @@ class FaissRetriever:
                                        faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)
             index.nprobe = min(self.nprobe, nlist)
-        index.add(vectors)
+        if self.kind == "hnsw":  # faiss builds HNSW graphs differently with several threads
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                index.add(vectors)
+            finally:
+                faiss.omp_set_num_threads(threads)
+        else:
+            index.add(vectors)
         if self.use_gpu and self.kind != "hnsw":
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return index

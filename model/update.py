@@ -34,7 +34,7 @@ from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, Bundle, BundleErr
                           seal_manifest, write_version_files)
 from model.foldin import FoldIn, choose_fold_in
 from model.hygiene import scrub_pii
-from model.retrieval import FaissRetriever
+from model.retrieval import FaissRetriever, calibrated_retriever, calibration_users
 from model.versions import BundleStore, is_store
 from utils import sha256_file
 
@@ -347,10 +347,14 @@ class _Update:
         kept = np.setdiff1d(self.parent.retriever.row_to_item, self.removed)
         new_rows = [r for r in range(self.n_old_items, len(self.item_ids)) if self.items[r].any()]
         self.index_items = np.concatenate([kept, np.array(new_rows, dtype=np.int64)])
-        exported = self.parent.retriever  # the same kind and search width
-        self.retriever = FaissRetriever(exported.kind, nprobe=exported.nprobe,
-                                        ef_search=exported.ef_search, use_gpu=False).fit(
-            self.items, self.index_items)
+        exported, self.index_report = self.parent.retriever, {"type": "IndexFlatIP"}
+        if exported.kind == "flat":
+            self.retriever = FaissRetriever("flat", use_gpu=False).fit(self.items,
+                                                                       self.index_items)
+        else:  # the same kind, checked again against exact search on the new vectors
+            self.retriever, self.index_report = calibrated_retriever(
+                self.items, self.index_items, self.users, self.seen,
+                calibration_users(self.seen), exported.kind, exported.search_width())
         self.log("index", started, added_items=len(new_rows), removed_items=len(self.removed),
                  new_items_not_retrievable=len(self.item_ids) - self.n_old_items - len(new_rows))
 
@@ -398,6 +402,7 @@ class _Update:
                             "interactions_sha256": sha256_file(self.increment.source),
                             "latest_timestamp": self.increment.latest_timestamp},
             "fold_in": self.fold_in.describe(),
+            "index": {"file": "items.faiss", **self.index_report, "calibrated_in": version},
             "changes": {"kind": "update", "new_interactions": int(self.added.nnz),
                         "new_users": len(self.user_ids) - self.n_old_users,
                         "new_items": len(self.item_ids) - self.n_old_items,

@@ -61,6 +61,7 @@ def _run(tmp_path, engine: str) -> dict:
             "--runs-dir", str(runs), "--cache-dir", str(tmp_path / f"cache-{engine}")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
+    assert ("encoded by 2 Ray actors" in result.output) == (engine == "ray")
     metrics = json.loads(next(runs.glob("demo/*/metrics.json")).read_text())
     return {name: row["metrics"] for name, row in metrics["variants"].items()}
 

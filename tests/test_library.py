@@ -249,6 +249,37 @@ def test_bundle_ranks_with_the_runs_ranker_alone(ranked_run, tmp_path):
     assert without.exit_code != 0 and "not a bundle" in without.output
 
 
+def test_an_hnsw_bundle_ranks_with_checked_channels_the_same_way_every_load(ranked_run,
+                                                                           tmp_path):
+    from model.bundle import Bundle
+
+    _, run_dir = ranked_run
+    out = tmp_path / "hnsw"
+    result = CliRunner().invoke(cli, ["export", "--run", str(run_dir), "--variant", "fused",
+                                      "--out", str(out), "--index", "hnsw"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    bundle = Bundle(out)
+    channels = bundle.manifest["ranker"]["channels"]
+    assert channels["kind"] == ("hnsw" if channels["ranked_overlap@20"] >= channels["target"]
+                                else "flat")
+    assert bundle.ranker.channel_index[0] == channels["kind"]
+    first = [bundle.recommend(str(u), 10, rank=True) for u in range(20)]
+    again = Bundle(out)  # graphs rebuilt on load: built single-threaded, so the same
+    assert [again.recommend(str(u), 10, rank=True) for u in range(20)] == first
+
+
+def test_a_run_config_with_the_old_gensim_workers_option_loads(tmp_path):
+    from model.config import ExperimentConfig
+
+    old = ExperimentConfig().to_dict()
+    old["graph"]["workers"] = old["graph"].pop("dw_workers") + 2
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    loaded = ExperimentConfig.load(path)
+    assert loaded.graph.dw_workers == 3 and loaded.run.workers == 2
+
+
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Python API"):]
