@@ -19,7 +19,8 @@ from evaluation import (Evaluator, describe_comparison, file_name, format_table,
 from model.base import Recommender, Unavailable
 from model.classic import Popularity
 from model.content import TfidfRecall
-from model.config import BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig
+from model.config import (BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig,
+                          RunConfig)
 from model.contrastive import finetune_encoder
 from model.distill import distill_encoder, distillation_texts
 from model.engine import LocalEngine, make_engine
@@ -272,6 +273,9 @@ class Experiment:
         summary = dataset.summary()
         log(f"{summary['dataset']}: {summary['users']:,} users, {summary['items']:,} items, "
             f"{summary['test_users']:,} test users; text coverage {summary['text_coverage']}")
+        if config.run.engine == "local" and config.run.workers != RunConfig().workers:
+            log("note: --workers applies to --engine ray (DeepWalk's gensim threads are "
+                "--dw-workers)")
         engine = make_engine(config.run.engine, config.run.workers, config.run.ray_address)
         try:
             return self._run(dataset, summary, engine)

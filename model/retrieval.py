@@ -112,16 +112,16 @@ class FaissRetriever:
         return top_items, top_scores
 
     def save(self, path: str | os.PathLike) -> None:
-        index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu and self.kind != "hnsw" \
-            else self.index
         with atomic_path(path) as tmp:
-            faiss.write_index(index, str(tmp))
+            faiss.write_index(self._cpu_index(), str(tmp))
+
+    def _cpu_index(self):
+        return faiss.index_gpu_to_cpu(self.index) if self.use_gpu and self.kind != "hnsw" \
+            else self.index
 
     def to_bytes(self) -> np.ndarray:
         """The index serialised (a CPU copy), to replicate it on other workers."""
-        index = faiss.index_gpu_to_cpu(self.index) if self.use_gpu and self.kind != "hnsw" \
-            else self.index
-        return faiss.serialize_index(index)
+        return faiss.serialize_index(self._cpu_index())
 
     @classmethod
     def from_bytes(cls, data: np.ndarray, row_to_item: np.ndarray) -> "FaissRetriever":
