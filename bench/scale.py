@@ -111,11 +111,11 @@ def choose_index(model, evaluator: Evaluator, nprobe: int, seed: int) -> dict:
     else exact search (`calibrated_retriever`); sets the choice on `model`."""
     users = np.sort(np.random.default_rng(seed).choice(  # test users: the ones evaluated
         evaluator.users, min(CALIBRATION_USERS, len(evaluator.users)), replace=False))
-    _, report = calibrated_retriever(model.item_vectors, model._usable(), model.user_vectors,
-                                     model.seen, users, "ivf", nprobe, OVERLAP_TARGET)
-    chosen = "ivf" if report["type"] == "IndexIVFFlat" else "flat"
-    model.with_index(chosen, report.get("width", nprobe))
-    return {"index": chosen, **report}
+    retriever, report = calibrated_retriever(model.item_vectors, model._usable(),
+                                             model.user_vectors, model.seen, users, "ivf",
+                                             nprobe, OVERLAP_TARGET)
+    model.with_retriever(retriever)
+    return {"index": retriever.kind, **report}
 
 
 def read_results() -> list[dict]:

@@ -118,6 +118,13 @@ class Recommender:
         self.index_kind, self.nprobe = kind, nprobe
         return self
 
+    def with_retriever(self, retriever: FaissRetriever) -> "Recommender":
+        """Serve `recommend` from this prebuilt item index (e.g. a calibrated one)."""
+        self._retrievers.clear()
+        self._retrievers["items"] = retriever
+        self.index_kind, self.nprobe = retriever.kind, retriever.nprobe
+        return self
+
     def has_vectors(self) -> bool:
         return self.item_vectors is not None
 

@@ -99,7 +99,10 @@ class RunConfig:
                             "training items' embeddings; 'auto' picks profile or item-mean per "
                             "profile source on validation. Users without a chosen profile use "
                             "the item-mean.", choices=USER_TEXT_CHOICES)
-    index: str = option("flat", "FAISS index: exact inner product, IVF or HNSW.",
+    index: str = option("flat", "FAISS index: exact inner product, or IVF / HNSW, whose search "
+                        "width (starting at --nprobe) is doubled until its top 20 keeps 95% of "
+                        "the exact top 20 of 2,000 validation users (else exact; metrics.json "
+                        "records the overlaps).",
                         choices=("flat", "ivf", "hnsw"))
     nprobe: int = option(16, "Inverted lists probed per query (IVF only).")
     ks: list[int] = option((5, 10, 20, 50), "Cut-offs K for Recall@K and NDCG@K.", kind="ints")

@@ -109,3 +109,21 @@ def test_an_hnsw_index_keeps_its_search_width_through_save_and_load(tmp_path):
     saved.save(tmp_path / "items.faiss")
     loaded = FaissRetriever.load(tmp_path / "items.faiss")
     assert loaded.kind == "hnsw" and loaded.search_width() == 96
+
+
+def test_a_run_with_an_approximate_index_checks_it_on_validation(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from main import cli
+
+    result = CliRunner().invoke(cli, ["run", "--model", "als", "--index", "hnsw",
+                                      "--no-tune-baselines", "--runs-dir", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(next(tmp_path.glob("demo/*/metrics.json")).read_text())
+    report = metrics["variants"]["als"]["index"]
+    kept = report["type"] == "IndexHNSWFlat"
+    best = max(report["overlap@20_by_width"].values())
+    assert kept == (best >= report["target"])  # kept only where it holds the exact top 20
