@@ -376,12 +376,19 @@ class TextRecall(Recommender):
         """Whether encoded profiles beat the item-mean on validation for the users of one
         profile source who have both."""
         items = np.flatnonzero(self.item_mask)
-        profile_vectors = item_mean.copy()
-        profile_vectors[rows] = encoded
+
+        def with_profiles(split) -> np.ndarray:
+            # this source's rows swapped in and back: no second users x dim matrix
+            kept = item_mean[rows].copy()
+            item_mean[rows] = encoded
+            try:
+                return split.top_of_vectors(item_mean, item_vectors, 20, items)
+            finally:
+                item_mean[rows] = kept
+
         choice = profile_or_item_mean(
             dataset, f"text users ({source} profiles)", rows[self.user_kind[rows] != "none"],
-            lambda split: split.top_of_vectors(profile_vectors, item_vectors, 20, items),
-            lambda split: split.top_of_vectors(item_mean, item_vectors, 20, items))
+            with_profiles, lambda split: split.top_of_vectors(item_mean, item_vectors, 20, items))
         if choice is None:
             return True
         self.user_text_choice[source] = choice
