@@ -17,7 +17,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 from evaluation import Evaluator, summarise
@@ -25,7 +24,7 @@ from model.classic import ALS
 from model.config import ExperimentConfig
 from model.engine import make_engine, process_memory
 from model.pipeline import build_encoder, load_data
-from model.retrieval import CALIBRATION_USERS, OVERLAP_TARGET, calibrated_retriever
+from model.retrieval import OVERLAP_TARGET, calibrated_retriever, calibration_users
 from model.text import TextRecall
 from utils import log
 
@@ -109,8 +108,7 @@ def run_scale(config: ExperimentConfig) -> dict:
 def choose_index(model, evaluator: Evaluator, nprobe: int, seed: int) -> dict:
     """IVF where it keeps OVERLAP_TARGET of the exact top 20 on a sample of test users,
     else exact search (`calibrated_retriever`); sets the choice on `model`."""
-    users = np.sort(np.random.default_rng(seed).choice(  # test users: the ones evaluated
-        evaluator.users, min(CALIBRATION_USERS, len(evaluator.users)), replace=False))
+    users = calibration_users(evaluator.users, seed)  # test users: the ones evaluated
     retriever, report = calibrated_retriever(model.item_vectors, model._usable(),
                                              model.user_vectors, model.seen, users, "ivf",
                                              nprobe, OVERLAP_TARGET)

@@ -108,14 +108,9 @@ class Recommender:
             raise ModelError(f"{type(self).__name__} is not fitted: call fit(dataset) or load")
 
     def with_index(self, kind: str = "flat", nprobe: int = 16) -> "Recommender":
-        """Use a FAISS index of this kind (flat, ivf, hnsw) for `recommend`; an IVF index
-        already built keeps its lists when only `nprobe` changes."""
-        built = self._retrievers.get("items")
-        if kind == self.index_kind == "ivf" and built is not None:
-            built.set_search_width(nprobe)
-        else:
-            self._retrievers.clear()
+        """Use a FAISS index of this kind (flat, ivf, hnsw) for `recommend`."""
         self.index_kind, self.nprobe = kind, nprobe
+        self._retrievers.clear()
         return self
 
     def with_retriever(self, retriever: FaissRetriever) -> "Recommender":

@@ -22,7 +22,8 @@ from model.base import Recommender
 from model.config import ExperimentConfig
 from model.foldin import choose_fold_in
 from model.ranking import WideDeepRanker
-from model.retrieval import FaissRetriever, calibrated_retriever, calibration_users
+from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
+                             calibration_users, top_overlap)
 from model.text import ENCODER_DIR, TextEncoder, load_encoder
 from model.versions import CURRENT, BundleStore, VersionError, is_store
 from utils import atomic_path, sha256_file, write_json_atomic
@@ -120,7 +121,8 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
     if index != "flat":
         retriever, index_report = calibrated_retriever(
             served_items, indexed, served_users, model.seen,
-            calibration_users(model.seen, config.get("run", {}).get("seed", 2023)), index)
+            calibration_users(active_users(model.seen), config.get("run", {}).get("seed", 2023)),
+            index)
     else:
         retriever = FaissRetriever("flat", use_gpu=False).fit(served_items, indexed)
         index_report = {"type": "IndexFlatIP"}
@@ -270,14 +272,12 @@ def _approximate_channels(folder: Path, retriever: FaissRetriever, seen: sp.csr_
     """HNSW recall channels for the served ranker, at the item index's width (at least the
     candidate depth), kept only if the ranked top 20 of sampled users holds `target` of the
     ranked top 20 with exact channels."""
-    sample = calibration_users(seen, count=users)
+    sample = calibration_users(active_users(seen), count=users)
     exact = WideDeepRanker.load(folder, device="cpu")
     approximate = WideDeepRanker.load(folder, device="cpu")
     approximate.channel_index = ("hnsw", retriever.search_width())
-    truth = exact.recommend(sample, seen, 20)[0]
-    found = approximate.recommend(sample, seen, 20)[0]
-    overlap = round(float(np.mean([len(np.intersect1d(f[f >= 0], t[t >= 0]))
-                                   / max((t >= 0).sum(), 1) for f, t in zip(found, truth)])), 4)
+    overlap = top_overlap(approximate.recommend(sample, seen, 20)[0],
+                          exact.recommend(sample, seen, 20)[0])
     kind = "hnsw" if overlap >= target else "flat"
     return {"kind": kind, "width": retriever.search_width(), "ranked_overlap@20": overlap,
             "users": len(sample), "target": target}
@@ -551,7 +551,7 @@ class Bundle:
 
     def embed_profile(self, text: str) -> np.ndarray:
         """A cold-start user vector from profile text, with the encoder the run used."""
-        encoder, recipe = self.encoder, self.manifest["text_encoder"]
+        encoder = self.encoder
         with self._encoder_lock:
             encoded = encoder.encode([text], show_progress=False)[0]
         return self.place_text(encoded[None, :], "users")[0]

@@ -1,7 +1,7 @@
 """Data-parallel training of the Wide&Deep ranker: one plain function per worker, run by
 `torchrun --nproc_per_node=N main.py ddp-check` or by Ray Train's `TorchTrainer`
-(`main.py ddp-check --engine ray --workers N`); DistributedDataParallel over gloo on CPU,
-on CPU (the check compares with one CPU process, GPU or not).
+(`main.py ddp-check --engine ray --workers N`); DistributedDataParallel over gloo on the CPU
+(the check compares with one CPU process, GPU or not).
 
 Each global batch is split into equal contiguous slices, one per rank; DDP averages the
 gradients, so a step equals one process's step on the whole global batch (the loss is a

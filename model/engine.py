@@ -3,8 +3,8 @@ cluster (`--engine ray`, `--workers N`, `--ray-address` to join a running one).
 
 Each heavy step is a plain function over a shard: `encode_batch` (one length-sorted batch of
 profile texts), `search_shard` (one slice of users against a replicated FAISS index) and
-`metrics_shard` (those users' Recall/NDCG). The local engine calls them in turn; the Ray
-engine maps them over workers (Ray Data with an actor pool for encoding, Ray tasks for the
+`metrics_shard` (those users' Recall/NDCG). The local engine runs the whole step in this
+process (one shard); the Ray engine maps the shards over workers (Ray Data with an actor pool for encoding, Ray tasks for the
 rest) and puts the results back in order, so both give the same rows."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from model.retrieval import SEARCH_CHUNK, FaissRetriever, query_order
+from model.retrieval import SEARCH_CHUNK, FaissRetriever, query_order, seen_counts
 from utils import log, peak_memory_mb
 
 ENGINES = ("local", "ray")
@@ -41,9 +41,6 @@ class LocalEngine:
     """Every shard in this process, one after the other."""
 
     name, workers = "local", 1
-
-    def map(self, function: Callable, shards: Sequence[tuple], shared: tuple = ()) -> list:
-        return [function(*shared, *shard) for shard in shards]
 
     def encode(self, encoder, texts: list[str], desc: str = "encode") -> np.ndarray:
         return encoder.encode(texts, desc=desc)
@@ -190,8 +187,7 @@ def search(engine, retriever: FaissRetriever, user_vectors: np.ndarray, k: int,
     chunks of the one-process order per shard, so the lists are the same."""
     if engine is None or engine.workers == 1 or len(users) <= SEARCH_CHUNK:
         return retriever.search(user_vectors, k, exclude, users)
-    seen_counts = np.diff(exclude.indptr)[users] if exclude is not None else np.zeros(len(users))
-    order = query_order(seen_counts)
+    order = query_order(seen_counts(exclude, users))
     chunks = np.array_split(np.arange(-(-len(users) // SEARCH_CHUNK)), engine.workers)
     positions = [order[c[0] * SEARCH_CHUNK:(c[-1] + 1) * SEARCH_CHUNK] for c in chunks if len(c)]
     shards = [(np.ascontiguousarray(user_vectors[users[p]]),

@@ -28,7 +28,7 @@ from model.fusion import Fusion
 from model.graph import DeepWalk, GraphSAGE, LightGCN
 from model.hygiene import clean_dataset_profiles
 from model.ranking import WideDeepRanker
-from model.retrieval import CALIBRATION_USERS, calibrated_retriever
+from model.retrieval import calibrated_retriever, calibration_users
 from model.splits import apply_split, cold_evaluator, cold_start_report
 from model.text import ENCODER_CONFIG, ENCODER_DIR, TextEncoder, TextRecall
 from model.tuning import tuned
@@ -104,9 +104,7 @@ class RecallModels:
         run = self.config.run
         if run.index == "flat" or not model.has_vectors():
             return model.with_index(run.index, run.nprobe)
-        users = users_with_test_items(self.dataset.val)
-        users = np.sort(np.random.default_rng(run.seed).choice(
-            users, min(CALIBRATION_USERS, len(users)), replace=False))
+        users = calibration_users(users_with_test_items(self.dataset.val), run.seed)
         retriever, report = calibrated_retriever(model.item_vectors, model._usable(),
                                                  model.user_vectors, model.seen, users,
                                                  run.index, run.nprobe)

@@ -89,13 +89,13 @@ class FaissRetriever:
                ) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, scores) of shape (len(users), k); -1 / -inf pad short lists."""
         users = np.arange(len(user_vectors)) if users is None else np.asarray(users)
-        seen_counts = np.diff(exclude.indptr)[users] if exclude is not None else np.zeros(len(users))
-        order = query_order(seen_counts)
+        counts = seen_counts(exclude, users)
+        order = query_order(counts)
         top_items = np.full((len(users), k), -1, dtype=np.int64)
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), chunk):
             rows = order[start:start + chunk]
-            depth = min(k + int(seen_counts[rows].max()), self.index.ntotal)
+            depth = min(k + int(counts[rows].max()), self.index.ntotal)
             queries = np.ascontiguousarray(user_vectors[users[rows]], dtype=np.float32)
             scores, positions = self.index.search(queries, depth)
             items = np.where(positions >= 0, self.row_to_item[np.maximum(positions, 0)], -1)
@@ -148,11 +148,22 @@ class FaissRetriever:
         return cls._wrap(faiss.read_index(str(path)), row_to_item)
 
 
-def query_order(seen_counts: np.ndarray) -> np.ndarray:
+def seen_counts(exclude: sp.csr_matrix | None, users: np.ndarray) -> np.ndarray:
+    """How many items each user has excluded (0 without an exclusion matrix)."""
+    return np.diff(exclude.indptr)[users] if exclude is not None else np.zeros(len(users))
+
+
+def query_order(counts: np.ndarray) -> np.ndarray:
     """The order users are searched in: similar seen counts share a query size. A sharded
     search cuts this order at multiples of SEARCH_CHUNK, so every FAISS call gets the same
     queries as in one process and the lists are identical to the last bit."""
-    return np.argsort(seen_counts, kind="stable")
+    return np.argsort(counts, kind="stable")
+
+
+def top_overlap(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's `truth` list (-1 padding ignored) that `found` also holds."""
+    return round(float(np.mean([len(np.intersect1d(f[f >= 0], t[t >= 0]))
+                                / max((t >= 0).sum(), 1) for f, t in zip(found, truth)])), 4)
 
 
 OVERLAP_TARGET = 0.95  # share of the exact top 20 an IVF index must keep to be used
@@ -178,10 +189,7 @@ def calibrated_retriever(item_vectors: np.ndarray, items: np.ndarray | None,
     tried = {}
     while width <= limit:
         approximate.set_search_width(width)
-        found = approximate.search(user_vectors, 20, seen, users)[0]
-        tried[width] = round(float(np.mean([
-            len(np.intersect1d(f[f >= 0], t[t >= 0])) / max((t >= 0).sum(), 1)
-            for f, t in zip(found, truth)])), 4)
+        tried[width] = top_overlap(approximate.search(user_vectors, 20, seen, users)[0], truth)
         if tried[width] >= target:
             return approximate, {"type": type(approximate.index).__name__, "width": width,
                                  "overlap@20_by_width": tried, "target": target}
@@ -190,9 +198,13 @@ def calibrated_retriever(item_vectors: np.ndarray, items: np.ndarray | None,
                    "overlap@20_by_width": tried, "target": target}
 
 
-def calibration_users(seen: sp.csr_matrix, seed: int = 0,
+def calibration_users(candidates: np.ndarray, seed: int = 0,
                       count: int = CALIBRATION_USERS) -> np.ndarray:
-    """A seeded sample of users with training interactions (the ones served)."""
-    active = np.flatnonzero(np.diff(seen.indptr) > 0)
-    return np.sort(np.random.default_rng(seed).choice(active, min(count, len(active)),
+    """A seeded sorted sample of `count` of the `candidates` (all of them when fewer)."""
+    return np.sort(np.random.default_rng(seed).choice(candidates, min(count, len(candidates)),
                                                       replace=False))
+
+
+def active_users(seen: sp.csr_matrix) -> np.ndarray:
+    """Users with at least one training interaction (the ones a bundle serves)."""
+    return np.flatnonzero(np.diff(seen.indptr) > 0)

@@ -34,7 +34,8 @@ from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, Bundle, BundleErr
                           seal_manifest, write_version_files)
 from model.foldin import FoldIn, choose_fold_in
 from model.hygiene import scrub_pii
-from model.retrieval import FaissRetriever, calibrated_retriever, calibration_users
+from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
+                             calibration_users)
 from model.versions import BundleStore, is_store
 from utils import sha256_file
 
@@ -354,7 +355,7 @@ class _Update:
         else:  # the same kind, checked again against exact search on the new vectors
             self.retriever, self.index_report = calibrated_retriever(
                 self.items, self.index_items, self.users, self.seen,
-                calibration_users(self.seen), exported.kind, exported.search_width())
+                calibration_users(active_users(self.seen)), exported.kind, exported.search_width())
         self.log("index", started, added_items=len(new_rows), removed_items=len(self.removed),
                  new_items_not_retrievable=len(self.item_ids) - self.n_old_items - len(new_rows))
 
