@@ -164,11 +164,25 @@ def pair_values(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def rows_contain(matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Boolean array shaped like `items`: is items[r, c] a stored entry of matrix row rows[r]?
+    """Boolean array shaped like `items`: is items[r, c] a non-zero entry of matrix row rows[r]?
 
-    `matrix` is a scipy CSR matrix; negative item ids (padding) are never contained.
+    `matrix` is a scipy CSR matrix; negative item ids (padding) are never contained. Works
+    on the CSR arrays directly (one sorted key per stored entry of the asked rows): scipy's
+    fancy indexing costs ~0.1 ms per call, which a served request pays once per channel.
     """
-    sub = matrix[rows]
-    flat_rows = np.repeat(np.arange(len(rows)), items.shape[1])
-    values = pair_values(sub, flat_rows, np.maximum(items.ravel(), 0))
-    return (values != 0).reshape(items.shape) & (items >= 0)
+    rows, items = np.asarray(rows, dtype=np.int64), np.asarray(items)
+    starts, ends = matrix.indptr[rows].astype(np.int64), matrix.indptr[rows + 1].astype(np.int64)
+    lengths = ends - starts
+    offsets = np.cumsum(lengths) - lengths
+    entries = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - offsets, lengths)
+    stored = matrix.data[entries] != 0
+    n_cols = np.int64(matrix.shape[1])
+    keys = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)[stored] * n_cols \
+        + matrix.indices[entries][stored]
+    keys.sort()
+    asked = np.arange(len(rows), dtype=np.int64).reshape(-1, *[1] * (items.ndim - 1)) * n_cols \
+        + np.maximum(items, 0)
+    if len(keys) == 0:
+        return np.zeros(items.shape, dtype=bool)
+    found = keys[np.minimum(np.searchsorted(keys, asked), len(keys) - 1)] == asked
+    return found & (items >= 0)

@@ -423,28 +423,39 @@ class Bundle:
         `where`: only items whose attributes match (`items_matching`): recall returns the
         exact top k among them; ranking keeps the matching ones of its candidates, scored
         exactly as without the filter (so the list may be shorter than k)."""
-        row = np.array([self.user_row(user)])
         keep = self.items_matching(where) if where else None
+        if keep is None:
+            return self.recommend_many([user], k, rank)[0]
+        row = self.user_row(user)
         if not rank:
-            if keep is None:
-                items, scores = self.retriever.search(self.users, k, self.seen, row)
-                return self._named(items[0], scores[0])
-            return self._top_among(row[0], keep, k)
+            return self._top_among(row, keep, k)
+        ranker = self.ranker
+        items, scores = self._ranked(np.array([row]), ranker.candidates + ranker.channel_candidates
+                                     * (len(ranker.features.signals) - 1))  # largest union
+        inside = np.isin(items[0], keep)
+        return self._named(items[0][inside][:k], scores[0][inside][:k])
+
+    def recommend_many(self, users: list[str], k: int = 20,
+                       rank: bool = False) -> list[list[tuple[str, float]]]:
+        """`recommend` (no filter) for several users with one search per index and one
+        ranker call: the same lists as one at a time (scores may differ in the last float32
+        bit, as the arithmetic is batched)."""
+        rows = np.array([self.user_row(user) for user in users], dtype=np.int64)
+        items, scores = self._ranked(rows, k) if rank else \
+            self.retriever.search(self.users, k, self.seen, rows)
+        return [self._named(i, s) for i, s in zip(items, scores)]
+
+    def _ranked(self, rows: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        ranker = self.ranker
         trained = self.manifest.get("ranker_rows", {"users": len(self.users),
                                                     "items": len(self.items)})
-        if row[0] >= trained["users"]:
-            raise BundleError(f"user {user!r} joined in an update after the ranker was trained;"
+        if (rows >= trained["users"]).any():
+            late = self.user_ids[rows[rows >= trained["users"]][0]]
+            raise BundleError(f"user {late!r} joined in an update after the ranker was trained;"
                               " ask without rank (recall) until the next full retrain")
         removed = np.asarray(self.manifest.get("removed_rows", []), dtype=np.int64)
-        exclude = self._exclusion(row[0], (trained["users"], trained["items"]), removed)
-        ranker = self.ranker
-        depth = k if keep is None else ranker.candidates + ranker.channel_candidates * (
-            len(ranker.features.signals) - 1)  # the largest candidate union
-        items, scores = ranker.recommend(row, exclude, depth)
-        if keep is not None:
-            inside = np.isin(items[0], keep)
-            items, scores = items[:, inside][:, :k], scores[:, inside][:, :k]
-        return self._named(items[0], scores[0])
+        exclude = self._exclusion(rows, (trained["users"], trained["items"]), removed)
+        return ranker.recommend(rows, exclude, depth)
 
     def _top_among(self, row: int, keep: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Exact inner-product top k of `row` among the indexed, unseen items of `keep`
@@ -457,12 +468,14 @@ class Bundle:
         top = top[np.argsort(-scores[top], kind="stable")]
         return self._named(candidates[top], scores[top])
 
-    def _exclusion(self, row: int, shape: tuple[int, int], extra: np.ndarray) -> sp.csr_matrix:
-        """A `shape` matrix whose only row `row` holds the user's seen items and `extra`."""
-        seen = self.seen.indices[self.seen.indptr[row]:self.seen.indptr[row + 1]]
-        items = np.union1d(seen, extra).astype(np.int64)
-        items = items[items < shape[1]]
-        return sp.csr_matrix((np.ones(len(items), np.float32), (np.full(len(items), row), items)),
+    def _exclusion(self, rows: np.ndarray, shape: tuple[int, int],
+                   extra: np.ndarray) -> sp.csr_matrix:
+        """A `shape` matrix whose rows `rows` hold each user's seen items and `extra`."""
+        lists = [np.union1d(self.seen.indices[self.seen.indptr[row]:self.seen.indptr[row + 1]],
+                            extra).astype(np.int64) for row in rows]
+        lists = [items[items < shape[1]] for items in lists]
+        users = np.repeat(rows, [len(items) for items in lists])
+        return sp.csr_matrix((np.ones(len(users), np.float32), (users, np.concatenate(lists))),
                              shape=shape)
 
     def items_matching(self, where: dict[str, str]) -> np.ndarray:

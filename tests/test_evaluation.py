@@ -126,3 +126,17 @@ def test_seed_summary_is_the_mean_and_std_over_runs(tmp_path):
     assert summary["seeds"] == [1, 2] and list(summary["variants"]) == ["als"]
     als = summary["variants"]["als"]["recall@20"]
     assert als["mean"] == 0.3 and als["std"] == round(np.std([0.2, 0.4], ddof=1), 5)
+
+
+def test_rows_contain_reads_stored_nonzero_entries_only():
+    import scipy.sparse as sp
+
+    from utils import rows_contain
+
+    matrix = sp.csr_matrix(np.array([[0, 1, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0]], np.float32))
+    matrix.data[matrix.data == 2] = 0  # an explicit zero is stored but not contained
+    items = np.array([[1, 3, -1, 0], [0, 1, 2, 3], [0, 0, 2, -1], [1, 1, 1, 1]])
+    got = rows_contain(matrix, np.array([0, 1, 2, 0]), items)
+    assert got.tolist() == [[True, False, False, False], [False] * 4,
+                            [True, True, False, False], [True] * 4]
+    assert rows_contain(matrix, np.array([1]), np.array([[0, 2]])).tolist() == [[False, False]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from main import cli
 from model.bundle import Bundle
-from model.service import MAX_BATCH, create_app
+from model.service import MAX_BATCH, RankBatcher, create_app
 
 TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -102,6 +103,56 @@ def test_user_recommendations_equal_the_bundle_and_the_cli(client, bundles):
     assert _ids(client.get("/users/5/recommendations?k=10&rank=true")) == listed
     seen = {bundle.item_ids[i] for i in bundle.seen[bundle.user_row("5")].indices}
     assert not seen & set(listed)
+
+
+def test_concurrent_ranked_requests_get_their_own_lists(client, bundles):
+    """Ranked requests that arrive together are ranked in one batch: each still gets the
+    list `recommend` gives it alone."""
+    bundle = Bundle(bundles[0])
+    users = [str(u) for u in range(0, 48, 3)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda u: _ids(client.get(
+            f"/users/{u}/recommendations", params={"k": 7, "rank": "true"})), users))
+    assert answers == [[i for i, _ in bundle.recommend(u, 7, rank=True)] for u in users]
+
+
+class _SlowBundle:
+    """Ranks 'user' as ['user-0', ...]; the first call waits until released; 'bad' fails."""
+
+    def __init__(self) -> None:
+        self.calls, self.release = [], threading.Event()
+        self.ranker = type("Ranker", (), {"candidates": 200})()
+
+    def recommend_many(self, users, k, rank):
+        self.calls.append(list(users))
+        if len(self.calls) == 1:
+            self.release.wait(10)
+        if "bad" in users:
+            raise ValueError("bad user")
+        return [[(f"{user}-{i}", float(-i)) for i in range(k)] for user in users]
+
+
+def test_rank_batcher_batches_waiting_requests_and_isolates_errors():
+    bundle = _SlowBundle()
+    served = type("Served", (), {"bundle": bundle})()
+    batcher = RankBatcher()
+    with ThreadPoolExecutor(6) as pool:
+        first = pool.submit(batcher.rank, served, "a", 3)
+        while not bundle.calls:
+            time.sleep(0.01)
+        waiting = {user: pool.submit(batcher.rank, served, user, depth)
+                   for user, depth in (("b", 2), ("bad", 2), ("c", 4), ("d", 1))}
+        while batcher.jobs.qsize() < 4:
+            time.sleep(0.01)
+        bundle.release.set()
+        assert first.result(10) == [("a-0", 0.0), ("a-1", -1.0), ("a-2", -2.0)]
+        assert waiting["c"].result(10) == [(f"c-{i}", float(-i)) for i in range(4)]
+        assert waiting["d"].result(10) == [("d-0", 0.0)]
+        with pytest.raises(ValueError, match="bad user"):
+            waiting["bad"].result(10)
+    assert bundle.calls[1] == ["b", "bad", "c", "d"]  # the four that waited: one call
+    assert ["b"] in bundle.calls[2:] and ["bad"] in bundle.calls[2:]  # then one by one
+    batcher.stop()
 
 
 def test_exclude_drops_items_and_keeps_the_order(client):
