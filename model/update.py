@@ -11,6 +11,10 @@ unless its validation figures fall too far below the parent's.
   updated), and one with a profile gets its text vector from the bundle's encoder in the
   text block (only new profiles are encoded); a changed item is updated like a changed user.
   New items are added to the FAISS index; `remove_items` are taken out of it.
+- An ALS bundle (variant 'als' whose fold-in is ALS's closed form) is instead brought up to
+  date by ALS_SWEEPS warm-started ALS iterations over every user and item (`implicit`
+  continues from the vectors it is given; new rows start from zero): solving only the
+  touched rows leaves the others fitted to yesterday's vectors, and that drift adds up.
 - The Wide&Deep ranker is kept as trained: users who joined after it are answered by recall.
 """
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from implicit.als import AlternatingLeastSquares
+from threadpoolctl import threadpool_limits
 
 from dataHandler import DataError, iter_json_lines
 from evaluation import per_user_metrics
@@ -40,6 +46,7 @@ from model.versions import BundleStore, is_store
 from utils import sha256_file
 
 GATE_USERS = 1000  # validation users the no-regression check looks at (a fixed sample)
+ALS_SWEEPS = 2  # warm-started ALS iterations over all rows in an update of an ALS bundle
 
 
 @dataclass
@@ -247,9 +254,11 @@ class _Update:
             self.parent.users, self.parent.items, self.parent.seen, self.parent.retriever,
             self.parent.manifest.get("model_params"))
         self.log("choose fold-in", started, **self.fold_in.describe())
+        self.als = self._als_settings()  # an ALS bundle: sweeps re-solve the changed rows
         self._item_vectors()
         self._user_vectors()
         self._changed_items()
+        self._als_sweep()
         self._index()
 
     def _encoded(self, texts: list[str]) -> np.ndarray | None:
@@ -269,8 +278,9 @@ class _Update:
         items = self._grown(self.parent.items, len(self.item_ids))
         new_rows = np.arange(self.n_old_items, len(self.item_ids))
         by_users = self.added.T.tocsr()[new_rows]
-        items[new_rows] = self.fold_in.vectors(by_users,
-                                               self._grown(self.parent.users, by_users.shape[1]))
+        if self.als is None:  # (ALS: the sweeps solve them, from zero)
+            items[new_rows] = self.fold_in.vectors(
+                by_users, self._grown(self.parent.users, by_users.shape[1]))
         with_text = np.array([r for r in new_rows if self.item_ids[r] in self.items_text],
                              dtype=np.int64)
         encoded = self._encoded([self.items_text[self.item_ids[r]] for r in with_text])
@@ -299,10 +309,11 @@ class _Update:
         users = self._grown(self.parent.users, len(self.user_ids))
         touched = np.flatnonzero(np.diff(self.added.indptr) > 0)
         old, new = touched[touched < self.n_old_users], touched[touched >= self.n_old_users]
-        if len(old):
+        if len(old) and self.als is None:
             users[old] = self._refreshed(self.seen[old], lambda: self.parent.seen[old],
                                          self.items, users[old])
-        users[new] = self.fold_in.vectors(self.seen[new], self.items)
+        if self.als is None:
+            users[new] = self.fold_in.vectors(self.seen[new], self.items)
         quiet = np.array([r for r in range(self.n_old_users, len(self.user_ids))
                           if self.added.indptr[r + 1] == self.added.indptr[r]
                           and self.user_ids[r] in self.users_text], dtype=np.int64)
@@ -319,12 +330,13 @@ class _Update:
         started = time.perf_counter()
         by_users, seen_by_item = self.added.T.tocsr(), self.seen.T.tocsr()
         touched = np.flatnonzero(np.diff(by_users.indptr[:self.n_old_items + 1]) > 0)
-        if len(touched):
+        if len(touched) and self.als is None:
             self.items[touched] = self._refreshed(
                 seen_by_item[touched], lambda: self.parent.seen.T.tocsr()[touched], self.users,
                 self.items[touched])
         new_rows = np.arange(self.n_old_items, len(self.item_ids))
-        refold = new_rows[np.diff(by_users.indptr)[new_rows] > 0]  # now with the new users too
+        refold = new_rows[np.diff(by_users.indptr)[new_rows] > 0] if self.als is None \
+            else new_rows[:0]  # now with the new users too (ALS: the sweeps do it)
         self.items[refold] = self.fold_in.vectors(seen_by_item[refold], self.users,
                                                   self.items[refold])
         self._text_block(self.items, refold, np.diff(seen_by_item.indptr))
@@ -342,6 +354,38 @@ class _Update:
         before.resize(after.shape)
         return current + self.fold_in.vectors(after, other) \
             - self.fold_in.vectors(before.tocsr(), other)
+
+    def _als_settings(self) -> dict | None:
+        """An ALS bundle's settings (variant 'als', ALS fold-in), else None."""
+        params = self.parent.manifest.get("model_params") or {}
+        if self.parent.manifest["variant"] != "als" or self.fold_in.method != "als" or \
+                params.get("factors") != self.dim or ALS_SWEEPS == 0:
+            return None
+        return params
+
+    def _als_sweep(self) -> None:
+        """An ALS bundle: every user and item is solved again, as ALS_SWEEPS training
+        iterations do, warm-started from the vectors (implicit continues from factors it is
+        given; new rows start from zero, as training starts them from noise). Re-solving only the touched rows leaves the
+        others fitted to yesterday's vectors, and that drift adds up over daily updates."""
+        params = self.als
+        if params is None:
+            return
+        started = time.perf_counter()
+        observed = ((self.seen > 0) if params.get("binary", True) else self.seen
+                    ).astype(np.float32).tocsr()
+        als = AlternatingLeastSquares(factors=self.dim, regularization=params["regularization"],
+                                      alpha=params["alpha"], iterations=ALS_SWEEPS,
+                                      random_state=0, use_gpu=False)
+        als.user_factors, als.item_factors = self.users.copy(), self.items.copy()
+        with threadpool_limits(1, "blas"):  # implicit runs its own threads
+            als.fit(observed, show_progress=False)
+        solved_users = np.diff(observed.indptr) > 0  # the others keep their (text) vectors
+        solved_items = np.diff(observed.T.tocsr().indptr) > 0
+        self.users[solved_users] = np.asarray(als.user_factors)[solved_users]
+        self.items[solved_items] = np.asarray(als.item_factors)[solved_items]
+        self.log("ALS sweep", started, iterations=ALS_SWEEPS, users=int(solved_users.sum()),
+                 items=int(solved_items.sum()))
 
     def _index(self) -> None:
         started = time.perf_counter()
