@@ -366,8 +366,8 @@ class _Update:
     def _als_sweep(self) -> None:
         """An ALS bundle: every user and item is solved again, as ALS_SWEEPS training
         iterations do, warm-started from the vectors (implicit continues from factors it is
-        given; new rows start from zero, as training starts them from noise). Re-solving only the touched rows leaves the
-        others fitted to yesterday's vectors, and that drift adds up over daily updates."""
+        given; new rows start from zero). Re-solving only the touched rows leaves the others
+        fitted to yesterday's vectors, and that drift adds up over daily updates."""
         params = self.als
         if params is None:
             return
