@@ -156,6 +156,7 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         "metric": "inner_product", "index": {"file": "items.faiss", **index_report},
         "metrics_at_export": exported_metrics,
         "text_encoder": text, "ranker": ranker, "model_params": _json_params(model),
+        "graph": model.save_layer0(tmp) if hasattr(model, "save_layer0") else None,
         "fold_in": choose_fold_in(served_users, served_items, model.seen, retriever,
                                   model.params()).describe(),
         **lineage}
@@ -437,9 +438,8 @@ class Bundle:
 
     def recommend_many(self, users: list[str], k: int = 20,
                        rank: bool = False) -> list[list[tuple[str, float]]]:
-        """`recommend` (no filter) for several users with one search per index and one
-        ranker call: the same lists as one at a time (scores may differ in the last float32
-        bit, as the arithmetic is batched)."""
+        """`recommend` (no filter) for several users: one search per index, one ranker call;
+        the lists of one at a time (scores may differ in the last float32 bit: batched)."""
         rows = np.array([self.user_row(user) for user in users], dtype=np.int64)
         items, scores = self._ranked(rows, k) if rank else \
             self.retriever.search(self.users, k, self.seen, rows)

@@ -24,6 +24,7 @@ from model.config import TrainConfig
 from utils import deterministic_torch, log, pick_device
 
 STATE_FILE = "state.pt"
+LAYER0_FILE = "graph_layer0.npy"  # a LightGCN bundle's layer-0 embeddings
 
 
 @register
@@ -291,6 +292,54 @@ class LightGCN(_BPRGraphModel):
         self.net = self._network(self.n_users + self.n_items)
         self.net.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
         self.net.eval()
+
+    def save_layer0(self, folder: Path, users: np.ndarray | None = None,
+                    items: np.ndarray | None = None) -> dict:
+        """Write the layer-0 embeddings of rows `users` and `items` (all by default), users
+        first, to `folder`/LAYER0_FILE, what an update warm-starts from; returns the
+        settings a bundle's manifest records for that."""
+        weight = self.net.embedding.weight.detach().cpu().numpy()
+        n_users = len(self.user_vectors)
+        user_rows, item_rows = weight[:n_users], weight[n_users:]
+        np.save(folder / LAYER0_FILE, np.vstack([
+            user_rows if users is None else user_rows[users],
+            item_rows if items is None else item_rows[items]]).astype(np.float32))
+        return {"model": "lightgcn", "file": LAYER0_FILE, "dim": self.dim,
+                "layers": self.layers, "train": vars(self.train_config), "seed": self.seed}
+
+    @classmethod
+    def from_layer0(cls, layer0: np.ndarray, settings: dict) -> "LightGCN":
+        """A LightGCN network whose layer-0 embeddings are `layer0` (users, then items)."""
+        model = cls(settings["dim"], settings["layers"], settings["train"], settings["seed"])
+        model.net = model._network(len(layer0))
+        with torch.no_grad():
+            model.net.embedding.weight.copy_(torch.as_tensor(layer0))
+        return model
+
+    def continue_training(self, graph: sp.csr_matrix, edges: sp.csr_matrix,
+                          epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`epochs` BPR passes over the pairs of `edges` (e.g. a day's new pairs and a replayed
+        sample of old ones), propagating over `graph` (all interactions), from the current
+        embeddings. Returns the propagated (user, item) vectors and the layer-0 embeddings."""
+        device = pick_device(self.device)
+        torch.manual_seed(self.seed)
+        adjacency = graph_adjacency(graph, normalize=True).to(device)
+        self.net.to(device)
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=self.train_config.lr)
+        rng, n_users = np.random.default_rng(self.seed), graph.shape[0]
+
+        def embed():
+            out = self.net.get_embedding(adjacency)
+            return out[:n_users], out[n_users:]
+        with deterministic_torch():
+            for epoch in range(1, epochs + 1):
+                bpr_epoch(self.net, embed, optimiser, edges, self.train_config.batch,
+                          self.train_config.weight_decay, rng, device,
+                          f"lightgcn warm start {epoch}/{epochs}", self._loss_fn(n_users))
+        self.net.eval()
+        with torch.no_grad():
+            users, items = (t.cpu().numpy() for t in embed())
+        return users, items, self.net.embedding.weight.detach().cpu().numpy()
 
 
 def graph_adjacency(train: sp.csr_matrix, normalize: bool) -> torch.Tensor:

@@ -28,6 +28,7 @@ from evaluation import Evaluator, paired_bootstrap_ci
 from model.bundle import (FORMAT_VERSION, Bundle, original_ids, seal_manifest,
                           write_version_files)
 from model.foldin import choose_fold_in
+from model.graph import LightGCN
 from model.retrieval import FaissRetriever
 from model.update import parse_timestamps, update_bundle
 from model.versions import BundleStore
@@ -144,6 +145,8 @@ class Stream:
                     "metrics_at_export": {}, "text_encoder": None, "ranker": None,
                     "text_encoder_unavailable": f"stream of '{self.variant}'",
                     "model_params": model.params(), "fold_in": fold_in.describe(),
+                    "graph": model.save_layer0(folder, known_users, known_items)
+                    if isinstance(model, LightGCN) else None,
                     "version": version, "parent": None,
                     "data_cutoff": {"training_interactions": int(base.train.nnz)},
                     "changes": {"kind": "full", "stream_step": 0}})

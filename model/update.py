@@ -39,6 +39,7 @@ from evaluation import per_user_metrics
 from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, Bundle, BundleError,
                           seal_manifest, write_version_files)
 from model.foldin import FoldIn, choose_fold_in
+from model.graph import LightGCN
 from model.hygiene import scrub_pii
 from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
                              calibration_users)
@@ -47,6 +48,7 @@ from utils import sha256_file
 
 GATE_USERS = 1000  # validation users the no-regression check looks at (a fixed sample)
 ALS_SWEEPS = 2  # warm-started ALS iterations over all rows in an update of an ALS bundle
+GRAPH_EPOCHS = 5  # LightGCN bundle: BPR passes over the new pairs and as many replayed ones
 
 
 @dataclass
@@ -255,10 +257,14 @@ class _Update:
             self.parent.manifest.get("model_params"))
         self.log("choose fold-in", started, **self.fold_in.describe())
         self.als = self._als_settings()  # an ALS bundle: sweeps re-solve the changed rows
+        self.graph = self.parent.manifest.get("graph")  # a LightGCN bundle: a warm start
+        self.whole_pass = self.als is not None or self.graph is not None
+        self.layer0: np.ndarray | None = None
         self._item_vectors()
         self._user_vectors()
         self._changed_items()
         self._als_sweep()
+        self._lightgcn_pass()
         self._index()
 
     def _encoded(self, texts: list[str]) -> np.ndarray | None:
@@ -278,7 +284,7 @@ class _Update:
         items = self._grown(self.parent.items, len(self.item_ids))
         new_rows = np.arange(self.n_old_items, len(self.item_ids))
         by_users = self.added.T.tocsr()[new_rows]
-        if self.als is None:  # (ALS: the sweeps solve them, from zero)
+        if not self.whole_pass:  # (else the pass over every row places them)
             items[new_rows] = self.fold_in.vectors(
                 by_users, self._grown(self.parent.users, by_users.shape[1]))
         with_text = np.array([r for r in new_rows if self.item_ids[r] in self.items_text],
@@ -309,10 +315,10 @@ class _Update:
         users = self._grown(self.parent.users, len(self.user_ids))
         touched = np.flatnonzero(np.diff(self.added.indptr) > 0)
         old, new = touched[touched < self.n_old_users], touched[touched >= self.n_old_users]
-        if len(old) and self.als is None:
+        if len(old) and not self.whole_pass:
             users[old] = self._refreshed(self.seen[old], lambda: self.parent.seen[old],
                                          self.items, users[old])
-        if self.als is None:
+        if not self.whole_pass:
             users[new] = self.fold_in.vectors(self.seen[new], self.items)
         quiet = np.array([r for r in range(self.n_old_users, len(self.user_ids))
                           if self.added.indptr[r + 1] == self.added.indptr[r]
@@ -330,13 +336,13 @@ class _Update:
         started = time.perf_counter()
         by_users, seen_by_item = self.added.T.tocsr(), self.seen.T.tocsr()
         touched = np.flatnonzero(np.diff(by_users.indptr[:self.n_old_items + 1]) > 0)
-        if len(touched) and self.als is None:
+        if len(touched) and not self.whole_pass:
             self.items[touched] = self._refreshed(
                 seen_by_item[touched], lambda: self.parent.seen.T.tocsr()[touched], self.users,
                 self.items[touched])
         new_rows = np.arange(self.n_old_items, len(self.item_ids))
-        refold = new_rows[np.diff(by_users.indptr)[new_rows] > 0] if self.als is None \
-            else new_rows[:0]  # now with the new users too (ALS: the sweeps do it)
+        refold = new_rows[np.diff(by_users.indptr)[new_rows] > 0] if not self.whole_pass \
+            else new_rows[:0]  # now with the new users too
         self.items[refold] = self.fold_in.vectors(seen_by_item[refold], self.users,
                                                   self.items[refold])
         self._text_block(self.items, refold, np.diff(seen_by_item.indptr))
@@ -387,6 +393,43 @@ class _Update:
         self.log("ALS sweep", started, iterations=ALS_SWEEPS, users=int(solved_users.sum()),
                  items=int(solved_items.sum()))
 
+    def _lightgcn_pass(self) -> None:
+        """A LightGCN bundle: new users' and items' layer-0 embeddings start as the mean of
+        their neighbours' (items from known users, then users from items), then GRAPH_EPOCHS
+        BPR passes over the new pairs and as many replayed old ones, propagating over the
+        whole updated graph, so every vector is propagated again."""
+        if self.graph is None:
+            return
+        started = time.perf_counter()
+        layer0 = np.load(self.parent.folder / self.graph["file"])
+        n_users, n_items = self.seen.shape
+        grown = np.zeros((n_users + n_items, layer0.shape[1]), np.float32)
+        users, items = grown[:n_users], grown[n_users:]  # views
+        users[:self.n_old_users], items[:self.n_old_items] = np.split(layer0, [self.n_old_users])
+        by_item = self.seen.T.tocsr()
+        new_users, new_items = np.arange(self.n_old_users, n_users), np.arange(self.n_old_items,
+                                                                               n_items)
+        items[new_items] = _neighbour_mean(by_item[new_items][:, :self.n_old_users],
+                                           users[:self.n_old_users])
+        users[new_users] = _neighbour_mean(self.seen[new_users], items)
+        alone = new_items[~items[new_items].any(axis=1)]  # only new users had them
+        items[alone] = _neighbour_mean(by_item[alone], users)
+        model = LightGCN.from_layer0(grown, self.graph)
+        edges = self._with_replay(self.added, self.parent.seen)
+        self.users, self.items, self.layer0 = model.continue_training(
+            (self.seen > 0).astype(np.float32).tocsr(), edges, GRAPH_EPOCHS)
+        self.log("LightGCN warm start", started, epochs=GRAPH_EPOCHS, new_pairs=int(self.added.nnz),
+                 replayed_pairs=int(edges.nnz - self.added.nnz))
+
+    def _with_replay(self, added: sp.csr_matrix, old: sp.csr_matrix) -> sp.csr_matrix:
+        """`added` and as many pairs drawn from `old` (seeded), as one binary matrix."""
+        old = old.tocoo()
+        picks = np.random.default_rng(len(self.user_ids)).choice(
+            old.nnz, min(old.nnz, added.nnz), replace=False)
+        replay = sp.csr_matrix((np.ones(len(picks), np.float32), (old.row[picks], old.col[picks])),
+                               shape=added.shape)
+        return ((added + replay) > 0).astype(np.float32).tocsr()
+
     def _index(self) -> None:
         started = time.perf_counter()
         kept = np.setdiff1d(self.parent.retriever.row_to_item, self.removed)
@@ -428,6 +471,8 @@ class _Update:
                 self.n_old_items
             table[column] = old + [self.attributes.get(i, {}).get(name, "")
                                    for i in self.item_ids[self.n_old_items:]]
+        if self.layer0 is not None:
+            np.save(folder / self.graph["file"], self.layer0)
         write_version_files(folder, self.users.astype(np.float32), self.items.astype(np.float32),
                             {"row": np.arange(len(self.user_ids)), "id": self.user_ids}, table,
                             self.retriever, self.seen, compressed=False)  # daily: speed
@@ -458,6 +503,13 @@ class _Update:
                                   "answered by recall" if parent.manifest.get("ranker") else None}})
         seal_manifest(folder, manifest)
         return manifest
+
+
+def _neighbour_mean(interactions: sp.csr_matrix, vectors: np.ndarray) -> np.ndarray:
+    """Per row, the mean of the vectors of its columns (zero for a row without any)."""
+    binary = (interactions > 0).astype(np.float32)
+    counts = np.maximum(np.asarray(binary.sum(axis=1)).ravel(), 1)
+    return np.asarray(binary @ vectors, dtype=np.float32) / counts[:, None]
 
 
 def _link(source: str, target: str) -> None:

@@ -98,6 +98,40 @@ def test_an_als_update_solves_every_row_again(store, tmp_path, monkeypatch):
     assert _als_objective(swept) < _als_objective(touched_only)
 
 
+def test_a_lightgcn_update_warm_starts_from_the_bundles_layer0(tmp_path):
+    """A LightGCN bundle keeps its layer-0 embeddings; an update grows them by the new rows
+    (their neighbours' mean), trains briefly on the new pairs plus a replay sample, and
+    serves the propagation of the result over the updated graph, new item included."""
+    import torch
+
+    from model.graph import LightGCN, graph_adjacency
+
+    output = _cli("run", "--dataset", "demo", "--model", "lightgcn", "--epochs", "4",
+                  "--data-root", tmp_path / "data", "--runs-dir", tmp_path / "runs")
+    run_dir = [line for line in output.splitlines() if line.startswith("run written to ")][-1]
+    _cli("export", "--run", run_dir[15:], "--variant", "lightgcn", "--out", tmp_path / "b")
+    parent = Bundle(tmp_path / "b")
+    layer0 = np.load(parent.folder / parent.manifest["graph"]["file"])
+    assert layer0.shape == (len(parent.users) + len(parent.items), parent.manifest["dim"])
+    rows = [(str(u), "NEW-ITEM") for u in range(0, 60, 2)] + [("new-user", "3"),
+                                                               ("new-user", "NEW-ITEM")]
+    _cli("update", "--bundle", tmp_path / "b", "--interactions", _write_csv(tmp_path / "d.csv",
+                                                                           rows))
+    bundle = Bundle(tmp_path / "b")
+    steps = {s["step"]: s for s in bundle.manifest["changes"]["steps"]}
+    assert steps["LightGCN warm start"]["new_pairs"] == 32
+    assert steps["LightGCN warm start"]["replayed_pairs"] == 32
+    grown = np.load(bundle.folder / bundle.manifest["graph"]["file"])
+    assert grown.shape == (len(parent.users) + 1 + len(parent.items) + 1, layer0.shape[1])
+    model = LightGCN.from_layer0(grown, bundle.manifest["graph"])  # this version's own state
+    with torch.no_grad():
+        propagated = model.net.get_embedding(graph_adjacency(bundle.seen, True)).numpy()
+    assert np.allclose(propagated, np.vstack([bundle.users, bundle.items]), atol=1e-5)
+    assert bundle.item_row("NEW-ITEM") in bundle.retriever.row_to_item
+    top = bundle.retriever.search(bundle.users, 20, bundle.seen)[0]
+    assert (top == bundle.item_row("NEW-ITEM")).any()  # recommended to someone
+
+
 def test_a_failed_update_leaves_the_current_version_untouched(store, tmp_path, monkeypatch):
     before = sorted(p.name for p in (store / "versions").iterdir())
     bad = tmp_path / "bad.csv"
