@@ -437,6 +437,64 @@ def info_nce(users: torch.Tensor, items: torch.Tensor, temperature: float) -> to
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) of the process group this process belongs to; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gathered_info_nce(users: torch.Tensor, items: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """`info_nce` over the global batch of every rank (rank r holding rows r of it, sizes may
+    differ): each rank scores its own rows against all ranks' rows, gathered with gradients,
+    and its loss is scaled by world / global rows, so gradients averaged over the ranks are
+    one process's gradients on the whole batch: the negatives never depend on the number of
+    workers. Without a process group: `info_nce`."""
+    rank, world = data_parallel()
+    if world == 1:
+        return info_nce(users, items, temperature)
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=users.device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([len(users)], device=users.device))
+    sizes = [int(size) for size in sizes]
+    padding = max(sizes) - len(users)
+
+    def gathered(local: torch.Tensor) -> torch.Tensor:  # equal shapes for the collective
+        padded = F.pad(local, (0, 0, 0, padding))
+        return torch.cat([part[:size] for part, size in zip(all_gather(padded), sizes)])
+    all_users, all_items = gathered(users), gathered(items)
+    target = torch.arange(len(users), device=users.device) + sum(sizes[:rank])
+    both = F.cross_entropy(users @ all_items.T / temperature, target, reduction="sum") + \
+        F.cross_entropy(items @ all_users.T / temperature, target, reduction="sum")
+    return both / 2 * world / sum(sizes)
+
+
+def rank0_value(value: float) -> float:
+    """Rank 0's `value` on every rank (itself without a process group)."""
+    if data_parallel()[1] == 1:
+        return value
+    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL moves CUDA tensors only
+    shared = torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    torch.distributed.broadcast(shared, src=0)
+    return float(shared)
+
+
+def average_gradients(parameters) -> None:
+    """What DistributedDataParallel does after backward: every gradient averaged over the
+    ranks (a no-op without a process group)."""
+    _, world = data_parallel()
+    if world == 1:
+        return
+    for parameter in parameters:
+        if parameter.requires_grad:  # a rank without rows this step still takes part
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= world
+
+
 def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance between the student's pooled vectors and the teacher's
     (normalised) ones: what the student's L2-normalised embeddings will be compared by."""

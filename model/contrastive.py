@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coreMethod import (BestState, distinct_pairs, info_nce, mean_of_items, mixed_precision,
-                        profile_pairs, sample_item_pairs, train_until_no_improvement)
+from coreMethod import (BestState, average_gradients, data_parallel, distinct_pairs,
+                        gathered_info_nce, mean_of_items, mixed_precision, profile_pairs,
+                        rank0_value, sample_item_pairs, train_until_no_improvement)
 from evaluation import Evaluator
 from model.config import FinetuneConfig
 from model.finetune import count_parameters, finished, prepare
@@ -69,7 +70,12 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
     Returns a new TextEncoder (LoRA merged) and a log with trainable parameter counts and
     the validation Recall@20 history; the best checkpoint by that metric is kept (the
     zero-shot weights when no step beats them).
+
+    In a process group (`model.ddp.finetune_on_ray`), every rank draws the same global batch,
+    encodes its share, and takes the InfoNCE negatives from all ranks (`gathered_info_nce`);
+    gradients are averaged over the ranks and rank 0's validation probe decides for all.
     """
+    rank, world = data_parallel()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pairs = profile_pairs(dataset, rng)
@@ -100,18 +106,21 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
     autocast, scaler = mixed_precision(encoder.device, config.ft_amp)
 
     def one_step() -> float:
-        rows = distinct_pairs(pairs[rng.integers(len(pairs), size=config.ft_batch)])
+        rows = np.array_split(distinct_pairs(pairs[rng.integers(len(pairs),
+                                                               size=config.ft_batch)]), world)[rank]
         with autocast:
             users = embed([dataset.user_profiles[u] for u in rows[:, 0]])
-            loss = info_nce(users, embed(item_texts(rows[:, 1])), config.ft_temperature)
+            loss = gathered_info_nce(users, embed(item_texts(rows[:, 1])), config.ft_temperature)
             if config.ft_item_weight > 0:
-                items = distinct_pairs(sample_item_pairs(dataset.train, has_text,
-                                                         config.ft_batch, rng), shared_space=True)
-                item_loss = info_nce(embed(item_texts(items[:, 0])),
-                                     embed(item_texts(items[:, 1])), config.ft_temperature)
+                items = np.array_split(distinct_pairs(sample_item_pairs(
+                    dataset.train, has_text, config.ft_batch, rng), shared_space=True), world)[rank]
+                item_loss = gathered_info_nce(embed(item_texts(items[:, 0])),
+                                              embed(item_texts(items[:, 1])),
+                                              config.ft_temperature)
                 loss = loss + config.ft_item_weight * item_loss
         optimiser.zero_grad()
         scaler.scale(loss).backward()
+        average_gradients(trainable.parameters())
         scaler.step(optimiser)
         scaler.update()
         return loss.item()
@@ -122,10 +131,11 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
         loss = [one_step() for _ in range((round_ - 1) * config.ft_eval_every, last)][-1]
         return {"step": last, "loss": loss}
 
-    def probe_recall() -> float:
-        recall = probe.recall(TextEncoder(trainable, encoder.tokenizer, **settings))
+    def probe_recall() -> float:  # rank 0 measures; every rank gets its figure
+        recall = probe.recall(TextEncoder(trainable, encoder.tokenizer, **settings)) \
+            if rank == 0 else 0.0
         trainable.train()
-        return recall
+        return rank0_value(recall)
 
     rounds = -(-config.ft_steps // config.ft_eval_every)
     with deterministic_torch():

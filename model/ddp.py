@@ -121,3 +121,68 @@ def run_on_ray(config: dict, workers: int) -> dict:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def finetune(encoder, dataset, method: str, config, seed: int, engine=None):
+    """Contrastive fine-tuning of `encoder` (`model.contrastive.finetune_encoder`): on a Ray
+    engine with several workers, data-parallel on Ray Train (`finetune_on_ray`); else here."""
+    from model.contrastive import finetune_encoder
+
+    workers = engine.workers if engine is not None and engine.name == "ray" else 1
+    if workers > 1:
+        return finetune_on_ray(encoder, dataset, method, config, seed, workers)
+    return finetune_encoder(encoder, dataset, method, config, seed)
+
+
+def _finetune_worker(job: dict) -> None:
+    """One Ray Train worker of `finetune_on_ray`: the same loop as one process, on this
+    rank's share of every global batch; rank 0 saves the result."""
+    from ray.train.torch import get_device
+
+    from model.contrastive import finetune_encoder
+
+    encoder = job["encoder"]
+    encoder.model.to(get_device())
+    encoder.device = str(get_device())
+    tuned, log_ = finetune_encoder(encoder, job["dataset"], job["method"], job["config"],
+                                   job["seed"])
+    if dist.get_rank() == 0:
+        tuned.save(Path(job["out"]) / "encoder")
+        (Path(job["out"]) / "log.json").write_text(json.dumps({**log_, "workers": job["workers"]}))
+
+
+def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: int):
+    """`finetune_encoder` data-parallel on `workers` Ray Train workers (TorchTrainer; gloo on
+    CPU, NCCL on GPUs): each global batch is drawn as in one process and split over the
+    ranks, negatives are gathered across them, gradients averaged. Returns (encoder, log) as
+    `finetune_encoder` does. The workers write the result to a folder of this machine (a
+    cluster needs it on shared storage)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from model.text import TextEncoder
+
+    device = encoder.device
+    encoder.model.to("cpu")  # pickled for the workers: any of them can read it
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            job = {"encoder": encoder, "dataset": dataset, "method": method, "config": config,
+                   "seed": seed, "out": folder, "workers": workers}
+            started_here = not ray.is_initialized()
+            if started_here:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            try:
+                TorchTrainer(_finetune_worker, train_loop_config=job,
+                             scaling_config=ScalingConfig(num_workers=workers,
+                                                          use_gpu=torch.cuda.is_available()),
+                             run_config=RunConfig(storage_path=folder)).fit()
+            finally:
+                if started_here:
+                    ray.shutdown()
+            tuned = TextEncoder.from_pretrained(str(Path(folder) / "encoder"), device=device)
+            log_ = json.loads((Path(folder) / "log.json").read_text())
+    finally:
+        encoder.model.to(device)
+    tuned.name, tuned.recipe = f"{encoder.name}+{method}", None
+    return tuned, log_

@@ -21,7 +21,7 @@ from model.classic import Popularity
 from model.content import TfidfRecall
 from model.config import (BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig,
                           RunConfig)
-from model.contrastive import finetune_encoder
+from model.ddp import finetune
 from model.distill import distill_encoder, distillation_texts
 from model.engine import LocalEngine, make_engine
 from model.fusion import Fusion
@@ -402,9 +402,9 @@ class Experiment:
                 raise Unavailable("fine-tuning needs users with written profiles")
             self.models.text()  # raises Unavailable when there is no item text
             with timed() as clock:
-                tuned, log_ = finetune_encoder(self.models.student(),
-                                               dataset, method, self.config.finetune,
-                                               self.config.run.seed)
+                tuned, log_ = finetune(self.models.student(), dataset, method,
+                                       self.config.finetune, self.config.run.seed,
+                                       self.models.engine)
             model = TextRecall(tuned, self.config.run.cache_dir,
                                self.config.run.user_text, self.models.engine).fit(dataset)
             model._name = f"text-{method}"

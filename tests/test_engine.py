@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import scipy.sparse as sp
 from click.testing import CliRunner
 
@@ -97,3 +98,77 @@ def test_ray_train_data_parallel_equals_one_process(ray_engine):
     _assert_equal_training(run_on_ray({"seed": 1, "steps": 3, "global_batch": 256}, 2), 2)
 
 
+
+
+def test_gathered_info_nce_gradients_equal_one_process():
+    """Two gloo ranks holding 3 and 2 rows of a batch: gathered negatives and averaged
+    gradients are one process's InfoNCE gradients on the 5 rows."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "gathered_nce_worker.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["loss_difference"] < 1e-6 and report["gradient_difference"] < 1e-6
+
+
+def _demo_and_encoder(tiny_roberta, data_root):
+    from dataHandler import open_dataset
+    from model.text import TextEncoder
+
+    encoder = TextEncoder.from_pretrained(str(tiny_roberta), layers=2, batch_size=8)
+    for module in encoder.model.modules():  # dropout would draw other masks per rank
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return open_dataset("demo", data_root), encoder
+
+
+FT_SETTINGS = {"ft_steps": 4, "ft_eval_every": 2, "ft_batch": 8, "ft_lr": 5e-3}
+
+
+def test_data_parallel_fine_tuning_equals_one_process(tiny_roberta, tmp_path, monkeypatch):
+    """Fine-tuning on 2 gloo ranks (torchrun), each encoding its half of every global batch
+    with negatives gathered from both, ends at one process's weights (the probe is replaced
+    by a rising counter, so the last step's weights are kept and compared)."""
+    from model.config import FinetuneConfig
+    from model.contrastive import ValidationProbe, finetune_encoder
+
+    out = tmp_path / "ranks.npz"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "ddp_finetune_worker.py"), str(tiny_roberta),
+                           str(tmp_path / "data"), str(out), json.dumps(FT_SETTINGS)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = iter(range(100))
+    monkeypatch.setattr(ValidationProbe, "recall", lambda self, encoder: float(next(steps)))
+    dataset, encoder = _demo_and_encoder(tiny_roberta, tmp_path / "data")
+    before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    alone, log_ = finetune_encoder(encoder, dataset, "full", FinetuneConfig(**FT_SETTINGS), 5)
+    assert log_["best_step"] == 4
+    shared = np.load(out)
+    weights = alone.model.state_dict()
+    difference = np.concatenate([np.abs(shared[k] - v.numpy()).ravel() for k, v in weights.items()])
+    movement = np.concatenate([np.abs(v - before[k]).numpy().ravel() for k, v in weights.items()])
+    # Adam turns float noise in a gradient near zero into a whole step, so a few weights of
+    # a nearly dead unit differ; the rest match to 1e-5 of a movement ~1e2 times larger
+    assert (difference <= 1e-5).mean() > 0.995 and difference.max() < 1e-3
+    assert np.median(movement) > 1e-3  # full fine-tuning: the weights did move
+
+
+def test_fine_tuning_on_ray_train_equals_one_process(ray_engine, tiny_roberta, tmp_path):
+    """`finetune` with a 2-worker Ray engine runs the same loop on Ray Train's TorchTrainer
+    and hands back the encoder and log of one process."""
+    from model.config import FinetuneConfig
+    from model.contrastive import finetune_encoder
+    from model.ddp import finetune
+
+    config = FinetuneConfig(**FT_SETTINGS)
+    dataset, encoder = _demo_and_encoder(tiny_roberta, tmp_path / "d")
+    alone, alone_log = finetune_encoder(encoder, dataset, "bitfit", config, 5)
+    encoder = _demo_and_encoder(tiny_roberta, tmp_path / "d")[1]
+    shared, shared_log = finetune(encoder, dataset, "bitfit", config, 5, ray_engine)
+    assert shared_log["workers"] == 2 and shared_log["pairs"] == alone_log["pairs"]
+    assert [h["val_recall@20"] for h in shared_log["history"]] == \
+        [h["val_recall@20"] for h in alone_log["history"]]  # rank 0 probed the same weights
+    for (name, a), b in zip(alone.model.state_dict().items(), shared.model.state_dict().values()):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5, err_msg=name)
+    assert shared.name.endswith("+bitfit") and shared.quantize == encoder.quantize
