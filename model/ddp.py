@@ -1,7 +1,8 @@
-"""Data-parallel training of the Wide&Deep ranker: one plain function per worker, run by
-`torchrun --nproc_per_node=N main.py ddp-check` or by Ray Train's `TorchTrainer`
-(`main.py ddp-check --engine ray --workers N`); DistributedDataParallel over gloo on the CPU
-(the check compares with one CPU process, GPU or not).
+"""Data-parallel training on Ray Train's `TorchTrainer` (gloo on CPU, NCCL on GPUs): the
+pipeline's encoder fine-tuning (`finetune`) and Wide&Deep ranker (`ranker_train_loop`) when
+the run has `--engine ray --workers N`, and `main.py ddp-check` (also under
+`torchrun --nproc_per_node=N`), DistributedDataParallel over gloo on the CPU (the check
+compares with one CPU process, GPU or not).
 
 Each global batch is split into equal contiguous slices, one per rank; DDP averages the
 gradients, so a step equals one process's step on the whole global batch (the loss is a
@@ -101,9 +102,9 @@ def data_parallel_check(config: dict) -> dict:
     return report
 
 
-def run_on_ray(config: dict, workers: int) -> dict:
-    """`data_parallel_check` on `workers` Ray Train workers (TorchTrainer, gloo on CPU);
-    rank 0 hands its report back through a file, so the workers share this machine."""
+def _on_ray_train(worker, job: dict, workers: int, folder: str) -> None:
+    """`worker(job)` on `workers` Ray Train workers (TorchTrainer: gloo on CPU, NCCL when
+    the driver has a GPU); a local Ray instance is started for it if none runs."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -112,15 +113,59 @@ def run_on_ray(config: dict, workers: int) -> dict:
     if started_here:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            out = Path(folder) / "report.json"
-            TorchTrainer(data_parallel_check, train_loop_config={**config, "out": str(out)},
-                         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-                         run_config=RunConfig(storage_path=folder)).fit()
-            return json.loads(out.read_text())
+        TorchTrainer(worker, train_loop_config=job,
+                     scaling_config=ScalingConfig(num_workers=workers,
+                                                  use_gpu=job.get("use_gpu", False)),
+                     run_config=RunConfig(storage_path=folder)).fit()
     finally:
         if started_here:
             ray.shutdown()
+
+
+def run_on_ray(config: dict, workers: int) -> dict:
+    """`data_parallel_check` on `workers` Ray Train workers (gloo on CPU); rank 0 hands its
+    report back through a file, so the workers share this machine."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "report.json"
+        _on_ray_train(data_parallel_check, {**config, "out": str(out)}, workers, folder)
+        return json.loads(out.read_text())
+
+
+def ray_workers(engine) -> int:
+    """How many Ray Train workers `engine` trains with (1: train in this process)."""
+    return engine.workers if engine is not None and engine.name == "ray" else 1
+
+
+def ranker_train_loop(engine):
+    """The Wide&Deep ranker's training loop for `engine` (`WideDeepRanker.fit(...,
+    train_loop=)`): on Ray Train with several workers, else None (this process)."""
+    workers = ray_workers(engine)
+    if workers < 2:
+        return None
+
+    def on_ray(ranker, pairs, check, validation, device: str) -> dict:
+        with tempfile.TemporaryDirectory() as folder:
+            job = {"ranker": ranker, "pairs": pairs, "check": check, "validation": validation,
+                   "out": folder, "use_gpu": torch.cuda.is_available()}
+            _on_ray_train(_ranker_worker, job, workers, folder)
+            ranker.net.load_state_dict(torch.load(Path(folder) / "state.pt",
+                                                  weights_only=True))
+            log_ = json.loads((Path(folder) / "log.json").read_text())
+        ranker.kept_recall_order = log_["kept_recall_order"]
+        return {**log_, "workers": workers}
+    return on_ray
+
+
+def _ranker_worker(job: dict) -> None:
+    from ray.train.torch import get_device
+
+    ranker = job["ranker"]
+    ranker.net.to(get_device())
+    log_ = ranker.train_loop(job["pairs"], job["check"], job["validation"], str(get_device()))
+    if dist.get_rank() == 0:
+        torch.save({k: v.cpu() for k, v in ranker.net.state_dict().items()},
+                   Path(job["out"]) / "state.pt")
+        (Path(job["out"]) / "log.json").write_text(json.dumps(log_))
 
 
 def finetune(encoder, dataset, method: str, config, seed: int, engine=None):
@@ -128,7 +173,7 @@ def finetune(encoder, dataset, method: str, config, seed: int, engine=None):
     engine with several workers, data-parallel on Ray Train (`finetune_on_ray`); else here."""
     from model.contrastive import finetune_encoder
 
-    workers = engine.workers if engine is not None and engine.name == "ray" else 1
+    workers = ray_workers(engine)
     if workers > 1:
         return finetune_on_ray(encoder, dataset, method, config, seed, workers)
     return finetune_encoder(encoder, dataset, method, config, seed)
@@ -148,19 +193,14 @@ def _finetune_worker(job: dict) -> None:
                                    job["seed"])
     if dist.get_rank() == 0:
         tuned.save(Path(job["out"]) / "encoder")
-        (Path(job["out"]) / "log.json").write_text(json.dumps({**log_, "workers": job["workers"]}))
+        (Path(job["out"]) / "log.json").write_text(json.dumps(log_))
 
 
 def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: int):
-    """`finetune_encoder` data-parallel on `workers` Ray Train workers (TorchTrainer; gloo on
-    CPU, NCCL on GPUs): each global batch is drawn as in one process and split over the
-    ranks, negatives are gathered across them, gradients averaged. Returns (encoder, log) as
-    `finetune_encoder` does. The workers write the result to a folder of this machine (a
-    cluster needs it on shared storage)."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """`finetune_encoder` data-parallel on `workers` Ray Train workers: each global batch is
+    drawn as in one process and split over the ranks, negatives are gathered across them,
+    gradients averaged. Returns (encoder, log) as `finetune_encoder` does. The workers
+    write the result to a folder of this machine (a cluster needs it on shared storage)."""
     from model.text import TextEncoder
 
     device = encoder.device
@@ -168,21 +208,11 @@ def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: i
     try:
         with tempfile.TemporaryDirectory() as folder:
             job = {"encoder": encoder, "dataset": dataset, "method": method, "config": config,
-                   "seed": seed, "out": folder, "workers": workers}
-            started_here = not ray.is_initialized()
-            if started_here:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-            try:
-                TorchTrainer(_finetune_worker, train_loop_config=job,
-                             scaling_config=ScalingConfig(num_workers=workers,
-                                                          use_gpu=torch.cuda.is_available()),
-                             run_config=RunConfig(storage_path=folder)).fit()
-            finally:
-                if started_here:
-                    ray.shutdown()
+                   "seed": seed, "out": folder, "use_gpu": torch.cuda.is_available()}
+            _on_ray_train(_finetune_worker, job, workers, folder)
             tuned = TextEncoder.from_pretrained(str(Path(folder) / "encoder"), device=device)
             log_ = json.loads((Path(folder) / "log.json").read_text())
     finally:
         encoder.model.to(device)
     tuned.name, tuned.recipe = f"{encoder.name}+{method}", None
-    return tuned, log_
+    return tuned, {**log_, "workers": workers}

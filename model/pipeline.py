@@ -21,7 +21,7 @@ from model.classic import Popularity
 from model.content import TfidfRecall
 from model.config import (BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig,
                           RunConfig)
-from model.ddp import finetune
+from model.ddp import finetune, ranker_train_loop
 from model.distill import distill_encoder, distillation_texts
 from model.engine import LocalEngine, make_engine
 from model.fusion import Fusion
@@ -429,7 +429,8 @@ class Experiment:
                                     rank.hard_negatives, rank.random_negatives, rank.rank_epochs,
                                     rank.rank_lr, rank.rank_batch, self.config.run.seed,
                                     self.config.run.device,
-                                    rank.channel_candidates).fit(dataset, recall)
+                                    rank.channel_candidates).fit(
+                dataset, recall, ranker_train_loop(self.models.engine))
             users = self.evaluator.users
             with timed() as clock:
                 top = ranker.recommend(users, dataset.train, self.evaluator.k)[0]

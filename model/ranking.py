@@ -10,8 +10,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from coreMethod import (BestState, ranking_pairs, rerank_with_scores,
-                        train_until_no_improvement, unit_rows)
+from coreMethod import (BestState, average_gradients, data_parallel, rank0_value,
+                        ranking_pairs, rerank_with_scores, train_until_no_improvement,
+                        unit_rows)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
 from model.candidates import ChannelCandidates, channel_retrievers
@@ -252,8 +253,13 @@ class WideDeepRanker:
                 "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed,
                 "device": self.device, "channel_candidates": self.channel_candidates}
 
-    def fit(self, dataset, recall) -> "WideDeepRanker":
-        """Train on the candidates of `recall` (a fitted recall model) and its parts."""
+    def __getstate__(self) -> dict:  # pickled for Ray Train workers: FAISS indexes rebuilt
+        return {**self.__dict__, "_retrievers": None}
+
+    def fit(self, dataset, recall, train_loop=None) -> "WideDeepRanker":
+        """Train on the candidates of `recall` (a fitted recall model) and its parts;
+        `train_loop`: runs `WideDeepRanker.train_loop` elsewhere (`model.ddp`), same
+        arguments."""
         device = pick_device(self.device)
         self.recall_name = recall.name
         self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
@@ -277,8 +283,9 @@ class WideDeepRanker:
         torch.manual_seed(self.seed)
         self.net = WideDeep(self.features, self.mode).to(device)
         check = self.channel_candidates_of(check_users, dataset.train)
-        self.training_log = self._train((users, items, ranks, labels), check,
-                                        Evaluator.on_validation(dataset, max_users=None), device)
+        self.training_log = (train_loop or WideDeepRanker.train_loop)(
+            self, (users, items, ranks, labels), check,
+            Evaluator.on_validation(dataset, max_users=None), device)
         self.training_log.update(
             recall_model=recall.name, channels=list(self.features.signals), mode=self.mode,
             candidates=self.candidates, channel_candidates=self.channel_candidates,
@@ -299,8 +306,12 @@ class WideDeepRanker:
         return ChannelCandidates(self._retrievers, users, exclude, max(widths), widths,
                                  len(self.features.popularity))
 
-    def _train(self, pairs, check: ChannelCandidates, validation: Evaluator,
-               device: str) -> dict:
+    def train_loop(self, pairs, check: ChannelCandidates, validation: Evaluator,
+                   device: str) -> dict:
+        """Epochs over the labelled pairs until validation NDCG@20 of the `check` users stops
+        improving. In a process group every rank takes its share of each global batch,
+        gradients are averaged (the global batch's mean loss) and rank 0's score decides."""
+        rank, world = data_parallel()
         users, items, ranks, labels = pairs
         self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
                                                        ranks[:50000])["dense"].to(device))
@@ -316,20 +327,25 @@ class WideDeepRanker:
             trained.append(round_)
             self.net.train()
             for start in range(0, len(labels), self.batch):
-                rows = slice(start, start + self.batch)
-                batch = on_device(self.features.build(users[rows], items[rows], ranks[rows]),
-                                  device)
-                loss = loss_fn(self.net(batch), torch.as_tensor(labels[rows], device=device))
-                optimiser.zero_grad()
-                loss.backward()
+                batch_rows = np.arange(start, min(start + self.batch, len(labels)))
+                rows = np.array_split(batch_rows, world)[rank]
+                optimiser.zero_grad(set_to_none=True)
+                if len(rows):  # (a rank without rows still joins the gradient average)
+                    batch = on_device(self.features.build(users[rows], items[rows],
+                                                          ranks[rows]), device)
+                    loss = loss_fn(self.net(batch), torch.as_tensor(labels[rows], device=device))
+                    (loss * (len(rows) * world / len(batch_rows)) if world > 1 else loss).backward()
+                average_gradients(self.net.parameters())
                 optimiser.step()
             return {"epoch": f"{round_}/{self.epochs}"}
 
         def score() -> float:  # before the first epoch: the recall order itself
             self.kept_recall_order = not trained
+            if rank != 0:
+                return rank0_value(0.0)
             order = self._order(check)[0]
             padding = np.full((len(order), max(0, 20 - order.shape[1])), -1, dtype=order.dtype)
-            return check_split.mean(np.hstack([order, padding]), "ndcg", 20)
+            return rank0_value(check_split.mean(np.hstack([order, padding]), "ndcg", 20))
 
         with deterministic_torch():
             log_ = train_until_no_improvement(epoch, score, BestState(self.net), self.epochs,

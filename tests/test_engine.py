@@ -172,3 +172,27 @@ def test_fine_tuning_on_ray_train_equals_one_process(ray_engine, tiny_roberta, t
     for (name, a), b in zip(alone.model.state_dict().items(), shared.model.state_dict().values()):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5, err_msg=name)
     assert shared.name.endswith("+bitfit") and shared.quantize == encoder.quantize
+
+
+def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
+    """`--engine ray --workers 2` trains the Wide&Deep ranker on Ray Train, each rank taking
+    half of every global batch: the same weights and ranked lists as one process."""
+    from dataHandler import open_dataset
+    from model import WideDeepRanker
+    from model.ddp import ranker_train_loop
+    from model.tuning import tuned
+
+    data = open_dataset("demo", tmp_path)
+    recall = tuned("als", data, {"seed": 0}, tune=False)
+
+    def ranker() -> WideDeepRanker:
+        return WideDeepRanker(candidates=30, epochs=3, batch=256, device="cpu")
+    alone = ranker().fit(data, recall)
+    shared = ranker().fit(data, recall, ranker_train_loop(ray_engine))
+    assert shared.training_log["workers"] == 2
+    assert shared.training_log["history"] == alone.training_log["history"]
+    for (name, a), b in zip(alone.net.state_dict().items(), shared.net.state_dict().values()):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, err_msg=name)
+    users = np.arange(0, data.n_users, 3)
+    assert np.array_equal(shared.recommend(users, data.train, 10)[0],
+                          alone.recommend(users, data.train, 10)[0])
