@@ -48,7 +48,8 @@ from utils import sha256_file
 
 GATE_USERS = 1000  # validation users the no-regression check looks at (a fixed sample)
 ALS_SWEEPS = 2  # warm-started ALS iterations over all rows in an update of an ALS bundle
-GRAPH_EPOCHS = 5  # LightGCN bundle: BPR passes over the new pairs and as many replayed ones
+GRAPH_EPOCHS = 5  # LightGCN bundle: BPR passes over the new pairs and replayed old ones
+GRAPH_REPLAY = 4  # ... old pairs replayed per new pair (more: less forgetting)
 
 
 @dataclass
@@ -396,8 +397,8 @@ class _Update:
     def _lightgcn_pass(self) -> None:
         """A LightGCN bundle: new users' and items' layer-0 embeddings start as the mean of
         their neighbours' (items from known users, then users from items), then GRAPH_EPOCHS
-        BPR passes over the new pairs and as many replayed old ones, propagating over the
-        whole updated graph, so every vector is propagated again."""
+        BPR passes over the new pairs and GRAPH_REPLAY times as many replayed old ones,
+        propagating over the whole updated graph, so every vector is propagated again."""
         if self.graph is None:
             return
         started = time.perf_counter()
@@ -425,7 +426,7 @@ class _Update:
         """`added` and as many pairs drawn from `old` (seeded), as one binary matrix."""
         old = old.tocoo()
         picks = np.random.default_rng(len(self.user_ids)).choice(
-            old.nnz, min(old.nnz, added.nnz), replace=False)
+            old.nnz, min(old.nnz, GRAPH_REPLAY * added.nnz), replace=False)
         replay = sp.csr_matrix((np.ones(len(picks), np.float32), (old.row[picks], old.col[picks])),
                                shape=added.shape)
         return ((added + replay) > 0).astype(np.float32).tocsr()
