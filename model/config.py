@@ -122,8 +122,9 @@ class RunConfig:
                         "and report each row's mean and standard deviation over them.")
     threads: int | None = option(None, "CPU threads for torch [default: torch's choice].")
     engine: str = option("local", "Where profile encoding, retrieval and evaluation run: in "
-                         "this process, or sharded over Ray workers (same results).",
-                         choices=("local", "ray"))
+                         "this process, or sharded over Ray workers (same results); with "
+                         "ray and 2+ workers, encoder fine-tuning and the ranker train "
+                         "data-parallel on Ray Train.", choices=("local", "ray"))
     workers: int = option(2, "With --engine ray: workers (a local Ray instance gets this many "
                           "CPUs).")
     ray_address: str | None = option(None, "With --engine ray: join this running cluster "
