@@ -481,18 +481,38 @@ def rank0_value(value: float) -> float:
     return float(shared)
 
 
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over the ranks (itself without a process group)."""
+    _, world = data_parallel()
+    if world == 1:
+        return value
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    total = torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    torch.distributed.all_reduce(total)
+    return float(total) / world
+
+
 def average_gradients(parameters) -> None:
     """What DistributedDataParallel does after backward: every gradient averaged over the
-    ranks (a no-op without a process group)."""
+    ranks (a no-op without a process group). A parameter without a gradient on some rank
+    (e.g. a rank without rows) counts as zero there; one without a gradient on every rank
+    keeps none, so the optimiser skips it as one process would."""
     _, world = data_parallel()
     if world == 1:
         return
-    for parameter in parameters:
-        if parameter.requires_grad:  # a rank without rows this step still takes part
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad)
-            parameter.grad /= world
+    trainable = [p for p in parameters if p.requires_grad]
+    if not trainable:
+        return
+    has = torch.tensor([p.grad is not None for p in trainable], dtype=torch.float32,
+                       device=trainable[0].device)
+    torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
+    for parameter, anywhere in zip(trainable, has.tolist()):
+        if not anywhere:
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad)
+        parameter.grad /= world
 
 
 def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -185,4 +185,4 @@ def rows_contain(matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
     if len(keys) == 0:
         return np.zeros(items.shape, dtype=bool)
     found = keys[np.minimum(np.searchsorted(keys, asked), len(keys) - 1)] == asked
-    return found & (items >= 0)
+    return found & (items >= 0) & (items < n_cols)

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from coreMethod import (BestState, average_gradients, data_parallel, distinct_pairs,
-                        gathered_info_nce, mean_of_items, mixed_precision, profile_pairs,
-                        rank0_value, sample_item_pairs, train_until_no_improvement)
+                        gathered_info_nce, mean_of_items, mean_over_ranks, mixed_precision,
+                        profile_pairs, rank0_value, sample_item_pairs,
+                        train_until_no_improvement)
 from evaluation import Evaluator
 from model.config import FinetuneConfig
 from model.finetune import count_parameters, finished, prepare
@@ -94,6 +95,9 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
         f"{parameters['total']:,} parameters trainable")
 
     def embed(texts: list[str]) -> torch.Tensor:
+        if not texts:  # a rank without rows this step still joins the collectives,
+            # backward's included (hence a tensor that requires a gradient)
+            return torch.zeros((0, encoder.dim), device=encoder.device, requires_grad=True)
         tokens = encoder.tokenizer(texts, padding=True, truncation=True,
                                    max_length=config.ft_max_length, return_tensors="pt")
         tokens = {k: v.to(encoder.device) for k, v in tokens.items()}
@@ -123,7 +127,7 @@ def finetune_encoder(encoder: TextEncoder, dataset, method: str, config: Finetun
         average_gradients(trainable.parameters())
         scaler.step(optimiser)
         scaler.update()
-        return loss.item()
+        return mean_over_ranks(loss.item())  # the global batch's loss
 
     def run_steps(round_: int) -> dict:
         trainable.train()

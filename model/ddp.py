@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from model.ranking import RankingFeatures, WideDeep
+from utils import log
 
 USERS, ITEMS, DIM = 300, 200, 16
 
@@ -112,10 +113,12 @@ def _on_ray_train(worker, job: dict, workers: int, folder: str) -> None:
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    # one GPU per worker, or none: a run on a GPU machine with fewer GPUs than workers
+    # trains its workers on the CPUs rather than waiting for GPUs that never come
+    use_gpu = bool(job.get("use_gpu")) and ray.cluster_resources().get("GPU", 0) >= workers
     try:
         TorchTrainer(worker, train_loop_config=job,
-                     scaling_config=ScalingConfig(num_workers=workers,
-                                                  use_gpu=job.get("use_gpu", False)),
+                     scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                      run_config=RunConfig(storage_path=folder)).fit()
     finally:
         if started_here:
@@ -132,8 +135,18 @@ def run_on_ray(config: dict, workers: int) -> dict:
 
 
 def ray_workers(engine) -> int:
-    """How many Ray Train workers `engine` trains with (1: train in this process)."""
-    return engine.workers if engine is not None and engine.name == "ray" else 1
+    """How many Ray Train workers `engine` trains with (1: train in this process). The
+    workers hand their result back through this machine's disk, so a cluster of several
+    nodes trains in this process (and says so)."""
+    if engine is None or engine.name != "ray" or engine.workers < 2:
+        return 1
+    import ray
+
+    if sum(node.get("Alive", False) for node in ray.nodes()) > 1:
+        log("note: data-parallel training returns its result through this machine's disk; "
+            "on a cluster of several nodes the encoder and the ranker train in this process")
+        return 1
+    return engine.workers
 
 
 def ranker_train_loop(engine):
@@ -144,13 +157,15 @@ def ranker_train_loop(engine):
         return None
 
     def on_ray(ranker, pairs, check, validation, device: str) -> dict:
+        ranker.net.to("cpu")  # pickled for the workers: any of them can read it
         with tempfile.TemporaryDirectory() as folder:
             job = {"ranker": ranker, "pairs": pairs, "check": check, "validation": validation,
-                   "out": folder, "use_gpu": torch.cuda.is_available()}
+                   "out": folder, "use_gpu": str(device).startswith("cuda")}
             _on_ray_train(_ranker_worker, job, workers, folder)
             ranker.net.load_state_dict(torch.load(Path(folder) / "state.pt",
                                                   weights_only=True))
             log_ = json.loads((Path(folder) / "log.json").read_text())
+        ranker.net.to(device)
         ranker.kept_recall_order = log_["kept_recall_order"]
         return {**log_, "workers": workers}
     return on_ray
@@ -208,7 +223,7 @@ def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: i
     try:
         with tempfile.TemporaryDirectory() as folder:
             job = {"encoder": encoder, "dataset": dataset, "method": method, "config": config,
-                   "seed": seed, "out": folder, "use_gpu": torch.cuda.is_available()}
+                   "seed": seed, "out": folder, "use_gpu": str(device).startswith("cuda")}
             _on_ray_train(_finetune_worker, job, workers, folder)
             tuned = TextEncoder.from_pretrained(str(Path(folder) / "encoder"), device=device)
             log_ = json.loads((Path(folder) / "log.json").read_text())

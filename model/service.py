@@ -179,8 +179,12 @@ class RankBatcher:
     one thread takes every waiting request (up to `max_batch`) and ranks those of the same
     bundle with one search per recall channel and one Wide&Deep call, about half the work
     per request of ranking them one by one. Nothing waits on purpose: a request that finds
-    the thread idle is ranked at once. Lists are those of `Bundle.recommend`; a batch that
-    fails is retried one request at a time, so an error reaches only its own request."""
+    the thread idle is ranked at once. Lists are those of `Bundle.recommend` (with HNSW
+    channels a batch searches as deep as its most active user, which can change a list where
+    the shallower search missed an item); a batch that fails is retried one request at a
+    time, so an error reaches only its own request."""
+
+    WAIT = 60.0  # seconds a request waits for its answer at most
 
     def __init__(self, max_batch: int = 32) -> None:
         self.max_batch, self.jobs = max_batch, queue.SimpleQueue()
@@ -189,29 +193,35 @@ class RankBatcher:
 
     def rank(self, served: Served, user: str, depth: int) -> list[tuple[str, float]]:
         with self._starting:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="rank-batcher")
                 self._thread.start()
-        job = (served, user, depth, Future())
-        self.jobs.put(job)
-        return job[3].result()
+            job = (served, user, depth, Future())
+            self.jobs.put(job)
+        return job[3].result(self.WAIT)
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self.jobs.put(None)
-            self._thread.join()
-            self._thread = None
+        with self._starting:
+            if self._thread is not None:
+                self.jobs.put(None)
+                self._thread.join()
+                self._thread = None
 
     def _loop(self) -> None:
-        while (first := self.jobs.get()) is not None:
-            jobs = [first]
+        stopping = False
+        while not stopping:
+            jobs = [self.jobs.get()]
             while len(jobs) < self.max_batch and not self.jobs.empty():
                 jobs.append(self.jobs.get())
-            if jobs[-1] is None:  # stop once these are answered
-                self._answer(jobs[:-1])
-                return
-            self._answer(jobs)
+            stopping = None in jobs  # answer the others, then end
+            jobs = [job for job in jobs if job is not None]
+            try:
+                self._answer(jobs)
+            except BaseException as error:  # never leave a request waiting
+                for job in jobs:
+                    if not job[3].done():
+                        job[3].set_exception(error)
 
     @staticmethod
     def _answer(jobs: list) -> None:

@@ -12,9 +12,13 @@ unless its validation figures fall too far below the parent's.
   text block (only new profiles are encoded); a changed item is updated like a changed user.
   New items are added to the FAISS index; `remove_items` are taken out of it.
 - An ALS bundle (variant 'als' whose fold-in is ALS's closed form) is instead brought up to
-  date by ALS_SWEEPS warm-started ALS iterations over every user and item (`implicit`
-  continues from the vectors it is given; new rows start from zero): solving only the
-  touched rows leaves the others fitted to yesterday's vectors, and that drift adds up.
+  date by ALS_SWEEPS warm-started ALS iterations over every user and item with interactions
+  (`implicit` continues from the vectors it is given; new rows start from zero): solving
+  only the touched rows leaves the others fitted to yesterday's vectors, and that drift adds
+  up.
+- A LightGCN bundle keeps its layer-0 embeddings: new rows start as their neighbours' mean,
+  a few BPR passes run over the new pairs and replayed old ones, and every vector is
+  propagated again over the updated graph.
 - The Wide&Deep ranker is kept as trained: users who joined after it are answered by recall.
 """
 from __future__ import annotations
@@ -257,7 +261,7 @@ class _Update:
             self.parent.users, self.parent.items, self.parent.seen, self.parent.retriever,
             self.parent.manifest.get("model_params"))
         self.log("choose fold-in", started, **self.fold_in.describe())
-        self.als = self._als_settings()  # an ALS bundle: sweeps re-solve the changed rows
+        self.als = self._als_settings()  # an ALS bundle: sweeps re-solve every row
         self.graph = self.parent.manifest.get("graph")  # a LightGCN bundle: a warm start
         self.whole_pass = self.als is not None or self.graph is not None
         self.layer0: np.ndarray | None = None
@@ -423,7 +427,8 @@ class _Update:
                  replayed_pairs=int(edges.nnz - self.added.nnz))
 
     def _with_replay(self, added: sp.csr_matrix, old: sp.csr_matrix) -> sp.csr_matrix:
-        """`added` and as many pairs drawn from `old` (seeded), as one binary matrix."""
+        """`added` and GRAPH_REPLAY times as many pairs drawn from `old` (seeded), as one
+        binary matrix."""
         old = old.tocoo()
         picks = np.random.default_rng(len(self.user_ids)).choice(
             old.nnz, min(old.nnz, GRAPH_REPLAY * added.nnz), replace=False)

@@ -152,6 +152,10 @@ def test_rank_batcher_batches_waiting_requests_and_isolates_errors():
             waiting["bad"].result(10)
     assert bundle.calls[1] == ["b", "bad", "c", "d"]  # the four that waited: one call
     assert ["b"] in bundle.calls[2:] and ["bad"] in bundle.calls[2:]  # then one by one
+    thread = batcher._thread
+    batcher.stop()
+    assert not thread.is_alive() and batcher._thread is None
+    assert batcher.rank(served, "e", 1) == [("e-0", 0.0)]  # a stopped batcher starts again
     batcher.stop()
 
 
