@@ -20,7 +20,9 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
+from model.contrastive import finetune_encoder
 from model.ranking import RankingFeatures, WideDeep
+from model.text import TextEncoder
 from utils import log
 
 USERS, ITEMS, DIM = 300, 200, 16
@@ -186,8 +188,6 @@ def _ranker_worker(job: dict) -> None:
 def finetune(encoder, dataset, method: str, config, seed: int, engine=None):
     """Contrastive fine-tuning of `encoder` (`model.contrastive.finetune_encoder`): on a Ray
     engine with several workers, data-parallel on Ray Train (`finetune_on_ray`); else here."""
-    from model.contrastive import finetune_encoder
-
     workers = ray_workers(engine)
     if workers > 1:
         return finetune_on_ray(encoder, dataset, method, config, seed, workers)
@@ -198,8 +198,6 @@ def _finetune_worker(job: dict) -> None:
     """One Ray Train worker of `finetune_on_ray`: the same loop as one process, on this
     rank's share of every global batch; rank 0 saves the result."""
     from ray.train.torch import get_device
-
-    from model.contrastive import finetune_encoder
 
     encoder = job["encoder"]
     encoder.model.to(get_device())
@@ -216,8 +214,6 @@ def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: i
     drawn as in one process and split over the ranks, negatives are gathered across them,
     gradients averaged. Returns (encoder, log) as `finetune_encoder` does. The workers
     write the result to a folder of this machine (a cluster needs it on shared storage)."""
-    from model.text import TextEncoder
-
     device = encoder.device
     encoder.model.to("cpu")  # pickled for the workers: any of them can read it
     try:
