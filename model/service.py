@@ -14,8 +14,8 @@ import logging
 import os
 import queue
 import threading
-from concurrent.futures import Future
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,6 +311,7 @@ def _for_user(served: Served, user: str, k: int, rank: bool,
         unknown = ", ".join(sorted(set(where) - set(bundle._attribute_index)))
         raise HTTPException(422, f"where: unknown item attribute(s) {unknown}; this bundle can "
                             f"filter by {', '.join(sorted(bundle._attribute_index)) or 'none'}")
+
     def fetch(depth: int) -> list[tuple[str, float]]:
         if rank and not where and batcher is not None:
             return batcher.rank(served, user, depth)
