@@ -196,3 +196,19 @@ def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
     users = np.arange(0, data.n_users, 3)
     assert np.array_equal(shared.recommend(users, data.train, 10)[0],
                           alone.recommend(users, data.train, 10)[0])
+
+
+def test_training_goes_to_ray_train_only_on_one_node_with_several_workers(monkeypatch):
+    """Ray Train workers hand their result back through the driver's disk: a cluster of
+    several nodes trains in the driver instead of failing after the training."""
+    import ray
+
+    from model.ddp import ray_workers
+
+    engine = type("Engine", (), {"name": "ray", "workers": 4})()
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    assert ray_workers(engine) == 4
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    assert ray_workers(engine) == 1
+    assert ray_workers(type("Local", (), {"name": "local", "workers": 1})()) == 1
+    assert ray_workers(None) == 1
