@@ -420,21 +420,21 @@ class _Update:
         alone = new_items[~items[new_items].any(axis=1)]  # only new users had them
         items[alone] = _neighbour_mean(by_item[alone], users)
         model = LightGCN.from_layer0(grown, self.graph)
-        edges = self._with_replay(self.added, self.parent.seen)
+        edges, replayed = self._with_replay(self.added, self.parent.seen)
         self.users, self.items, self.layer0 = model.continue_training(
             (self.seen > 0).astype(np.float32).tocsr(), edges, GRAPH_EPOCHS)
-        self.log("LightGCN warm start", started, epochs=GRAPH_EPOCHS, new_pairs=int(self.added.nnz),
-                 replayed_pairs=int(edges.nnz - self.added.nnz))
+        self.log("LightGCN warm start", started, epochs=GRAPH_EPOCHS,
+                 new_pairs=int(self.added.nnz), replayed_pairs=replayed)
 
-    def _with_replay(self, added: sp.csr_matrix, old: sp.csr_matrix) -> sp.csr_matrix:
-        """`added` and GRAPH_REPLAY times as many pairs drawn from `old` (seeded), as one
-        binary matrix."""
+    def _with_replay(self, added: sp.csr_matrix, old: sp.csr_matrix) -> tuple[sp.csr_matrix, int]:
+        """(`added` and GRAPH_REPLAY times as many pairs drawn from `old` (seeded), as one
+        binary matrix; how many were drawn)."""
         old = old.tocoo()
         picks = np.random.default_rng(len(self.user_ids)).choice(
             old.nnz, min(old.nnz, GRAPH_REPLAY * added.nnz), replace=False)
         replay = sp.csr_matrix((np.ones(len(picks), np.float32), (old.row[picks], old.col[picks])),
                                shape=added.shape)
-        return ((added + replay) > 0).astype(np.float32).tocsr()
+        return ((added + replay) > 0).astype(np.float32).tocsr(), len(picks)
 
     def _index(self) -> None:
         started = time.perf_counter()

@@ -105,15 +105,27 @@ def test_user_recommendations_equal_the_bundle_and_the_cli(client, bundles):
     assert not seen & set(listed)
 
 
-def test_concurrent_ranked_requests_get_their_own_lists(client, bundles):
-    """Ranked requests that arrive together are ranked in one batch: each still gets the
-    list `recommend` gives it alone."""
+def test_concurrent_ranked_requests_get_their_own_lists(bundles):
+    """Ranked requests that arrive together are ranked in one batch (the first call is
+    slowed down so that the others queue behind it): each still gets the list `recommend`
+    gives it alone."""
     bundle = Bundle(bundles[0])
+    app = create_app(bundles[0])
+    served = app.state.served.current().bundle
+    batches, recommend_many = [], served.recommend_many
+
+    def slow_first(users, k, rank):
+        batches.append(len(users))
+        if len(batches) == 1:
+            time.sleep(0.5)
+        return recommend_many(users, k, rank)
+    served.recommend_many = slow_first
     users = [str(u) for u in range(0, 48, 3)]
-    with ThreadPoolExecutor(8) as pool:
+    with serving(app) as client, ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda u: _ids(client.get(
             f"/users/{u}/recommendations", params={"k": 7, "rank": "true"})), users))
     assert answers == [[i for i, _ in bundle.recommend(u, 7, rank=True)] for u in users]
+    assert max(batches) > 1 and sum(batches) == len(users)  # some were ranked together
 
 
 class _SlowBundle:
