@@ -471,12 +471,16 @@ def gathered_info_nce(users: torch.Tensor, items: torch.Tensor,
     return both / 2 * world / sum(sizes)
 
 
+def _collective_scalar(value: float) -> torch.Tensor:
+    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL moves CUDA tensors only
+    return torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+
+
 def rank0_value(value: float) -> float:
     """Rank 0's `value` on every rank (itself without a process group)."""
     if data_parallel()[1] == 1:
         return value
-    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL moves CUDA tensors only
-    shared = torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    shared = _collective_scalar(value)
     torch.distributed.broadcast(shared, src=0)
     return float(shared)
 
@@ -486,8 +490,7 @@ def mean_over_ranks(value: float) -> float:
     _, world = data_parallel()
     if world == 1:
         return value
-    on_gpu = torch.distributed.get_backend() == "nccl"
-    total = torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    total = _collective_scalar(value)
     torch.distributed.all_reduce(total)
     return float(total) / world
 

@@ -4,8 +4,9 @@ cluster (`--engine ray`, `--workers N`, `--ray-address` to join a running one).
 Each heavy step is a plain function over a shard: `encode_batch` (one length-sorted batch of
 profile texts), `search_shard` (one slice of users against a replicated FAISS index) and
 `metrics_shard` (those users' Recall/NDCG). The local engine runs the whole step in this
-process (one shard); the Ray engine maps the shards over workers (Ray Data with an actor pool for encoding, Ray tasks for the
-rest) and puts the results back in order, so both give the same rows."""
+process (one shard); the Ray engine maps the shards over workers (Ray Data with an actor
+pool for encoding, Ray tasks for the rest) and puts the results back in order, so both give
+the same rows."""
 from __future__ import annotations
 
 import logging
