@@ -393,20 +393,33 @@ def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.nd
     return all_users[order], all_items[order], ranks[order], labels[order]
 
 
-def union_of_lists(lists: list[np.ndarray]) -> np.ndarray:
-    """Row-wise union of ranked lists (rows are users): the first list in its order, then
-    what each later list adds, in its order; -1 pads rows to the widest union."""
-    merged = np.concatenate(lists, axis=1)
-    order = np.argsort(merged, axis=1, kind="stable")  # equal items: the earliest first
-    in_order = np.take_along_axis(merged, order, 1)
-    repeat_in_order = np.zeros(merged.shape, dtype=bool)
-    repeat_in_order[:, 1:] = in_order[:, 1:] == in_order[:, :-1]
-    dropped = np.zeros(merged.shape, dtype=bool)
-    np.put_along_axis(dropped, order, repeat_in_order, 1)
-    dropped |= merged < 0
-    keep = np.argsort(dropped, axis=1, kind="stable")
-    union = np.where(np.take_along_axis(dropped, keep, 1), -1, np.take_along_axis(merged, keep, 1))
-    return union[:, :max(1, int((~dropped).sum(1).max(initial=0)))]
+def user_batches(users: np.ndarray, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Rows of pairs sorted by user, in batches of whole users (a shuffled user order, a new
+    batch once `batch` pairs are reached), so a user's positives meet their negatives."""
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    sizes = np.diff(np.append(starts, len(users)))
+    order = rng.permutation(len(starts))
+    offsets = np.cumsum(sizes[order]) - sizes[order]
+    rows = np.repeat(starts[order] - offsets, sizes[order]) + np.arange(len(users))
+    cuts = np.flatnonzero(np.diff(offsets // batch)) + 1
+    return np.split(rows, offsets[cuts]) if len(users) else []
+
+
+def grouped_softmax_loss(logits: torch.Tensor, labels: torch.Tensor,
+                         groups: torch.Tensor) -> torch.Tensor:
+    """Summed over positives: -log of the positive's softmax against the negatives of its
+    group (its user), the listwise loss of the ranker. groups: 0..G-1 per row."""
+    negative = labels == 0
+    neg_groups = groups[negative]
+    order = torch.argsort(neg_groups, stable=True)
+    counts = torch.bincount(neg_groups, minlength=int(groups.max()) + 1)
+    slots = torch.arange(len(order), device=logits.device) \
+        - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    # a finite floor for padding: a group without negatives adds nothing, and no NaN
+    padded = logits.new_full((len(counts), max(1, int(counts.max()))), -1e4)
+    padded[neg_groups[order], slots] = logits[negative][order]
+    positive = ~negative
+    return F.softplus(torch.logsumexp(padded, 1)[groups[positive]] - logits[positive]).sum()
 
 
 def rerank(score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],

@@ -62,7 +62,8 @@ def _click_option(f) -> Callable:
                             callback=_int_list, **kwargs)
     if meta.get("kind") == "names":
         return click.option(flag, f.name, default=",".join(default) or "none",
-                            callback=_name_list(meta["choices"], allow_empty=not default),
+                            callback=_name_list(meta["choices"],
+                                                allow_empty=not default or meta["none_ok"]),
                             **kwargs)
     if meta.get("kind") == "variants":
         return click.option(flag, f.name, default=default, callback=_variant_list(meta["choices"]),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from coreMethod import union_of_lists
 from model.retrieval import FaissRetriever
 
 
@@ -70,3 +69,19 @@ def channel_retrievers(channels: dict[str, tuple[np.ndarray, np.ndarray]],
                    FaissRetriever(kind, nprobe=width, ef_search=width, use_gpu=False).fit(
                        items, np.flatnonzero(items.any(axis=1))))
             for name, (users, items) in channels.items()}
+
+
+def union_of_lists(lists: list[np.ndarray]) -> np.ndarray:
+    """Row-wise union of ranked lists (rows are users): the first list in its order, then
+    what each later list adds, in its order; -1 pads rows to the widest union."""
+    merged = np.concatenate(lists, axis=1)
+    order = np.argsort(merged, axis=1, kind="stable")  # equal items: the earliest first
+    in_order = np.take_along_axis(merged, order, 1)
+    repeat_in_order = np.zeros(merged.shape, dtype=bool)
+    repeat_in_order[:, 1:] = in_order[:, 1:] == in_order[:, :-1]
+    dropped = np.zeros(merged.shape, dtype=bool)
+    np.put_along_axis(dropped, order, repeat_in_order, 1)
+    dropped |= merged < 0
+    keep = np.argsort(dropped, axis=1, kind="stable")
+    union = np.where(np.take_along_axis(dropped, keep, 1), -1, np.take_along_axis(merged, keep, 1))
+    return union[:, :max(1, int((~dropped).sum(1).max(initial=0)))]

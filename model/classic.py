@@ -130,6 +130,13 @@ class _ItemToItem(Recommender):
             block[:, ~self.item_mask] = -np.inf
         return _top_k(block, k)
 
+    def sparse_weights(self, k: int = 200) -> sp.csr_matrix:
+        """The item x item weights as CSR; dense ones (EASE) keep each row's `k` largest."""
+        self._check_fitted()
+        if sp.issparse(self.weights):
+            return sp.csr_matrix(self.weights)
+        return _sparse_top_k(lambda rows: self.weights[rows], self.n_items, k)
+
     def similar_users(self, user_ids, k: int = 20):
         raise NotImplementedError(f"{type(self).__name__} is score-only (item x item weights, "
                                   "no user vectors): it has no notion of user similarity")

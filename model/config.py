@@ -33,11 +33,13 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str, *, flag: str | None = None,
-           choices: tuple[str, ...] | None = None, kind: str | None = None) -> Any:
+           choices: tuple[str, ...] | None = None, kind: str | None = None,
+           none_ok: bool = False) -> Any:
     """A config field with what the command line needs to know about it. `kind`: 'ints'
-    (comma-separated integers), 'names' (comma-separated names from `choices`) or 'path'."""
+    (comma-separated integers), 'names' (comma-separated names from `choices`; 'none' for an
+    empty list where the default is empty or `none_ok`) or 'path'."""
     factory = (lambda: list(default)) if isinstance(default, (list, tuple)) else None
-    metadata = {"help": help, "flag": flag, "choices": choices, "kind": kind}
+    metadata = {"help": help, "flag": flag, "choices": choices, "kind": kind, "none_ok": none_ok}
     if factory:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -184,9 +186,22 @@ class RankConfig:
                                  "validation users (the other half checks each epoch), or "
                                  "training pairs (their recall scores are inflated: the recall "
                                  "models were fit on them).", choices=("val", "train"))
+    rank_item_models: list[str] = option(
+        ("rp3beta", "ease"), "Score-only item-item models (tuned on validation like their rows) "
+        "whose score of each (user, candidate) pair is a ranker feature; EASE's dense weights "
+        "are cut to each item's 200 largest; 'none' for none.",
+        choices=("rp3beta", "ease", "itemknn"), kind="names", none_ok=True)
+    rank_loss: str = option("softmax", "Ranker loss: softmax of each positive against its "
+                            "user's negatives (listwise, batches of whole users) or pointwise "
+                            "binary cross-entropy.", choices=("softmax", "bce"))
+    rank_members: int = option(3, "Ranker networks in the ensemble (scores averaged), each "
+                               "trained on its own split of the validation users.")
     rank_ablations: bool = option(False, "Also train wide-only and deep-only rankers.")
-    rank_epochs: int = option(10, "Ranker training epochs (the best on validation is kept).")
-    rank_lr: float = option(1e-3, "Ranker Adam learning rate.")
+    rank_epochs: int = option(20, "Ranker training epochs at most (the best on validation is "
+                              "kept).")
+    rank_patience: int = option(4, "Ranker epochs without a better validation NDCG@20 before "
+                                "training stops.")
+    rank_lr: float = option(3e-4, "Ranker Adam learning rate.")
     rank_batch: int = option(512, "Ranker pairs per step.")
     hard_negatives: int = option(4, "Negatives per positive drawn from the user's recall "
                                  "candidates.")

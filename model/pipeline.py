@@ -425,12 +425,19 @@ class Experiment:
         def produce(dataset: Dataset):
             rank = self.config.rank
             recall = self.models.get(rank.rank_on)
+            item_item = {}
+            for name in rank.rank_item_models:
+                try:
+                    item_item[name] = self.models.get(name).sparse_weights()
+                except Unavailable as reason:
+                    log(f"ranker: no {name} feature ({reason})")
             ranker = WideDeepRanker(mode, rank.candidates, rank.rank_positives,
                                     rank.hard_negatives, rank.random_negatives, rank.rank_epochs,
                                     rank.rank_lr, rank.rank_batch, self.config.run.seed,
-                                    self.config.run.device,
-                                    rank.channel_candidates).fit(
-                dataset, recall, ranker_train_loop(self.models.engine))
+                                    self.config.run.device, rank.channel_candidates,
+                                    rank.rank_loss, rank.rank_patience,
+                                    rank.rank_members).fit(
+                dataset, recall, ranker_train_loop(self.models.engine), item_item)
             users = self.evaluator.users
             with timed() as clock:
                 top = ranker.recommend(users, dataset.train, self.evaluator.k)[0]

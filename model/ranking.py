@@ -10,9 +10,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from coreMethod import (BestState, average_gradients, data_parallel, rank0_value,
-                        ranking_pairs, rerank_with_scores, train_until_no_improvement,
-                        unit_rows)
+from coreMethod import (BestState, average_gradients, data_parallel, grouped_softmax_loss,
+                        rank0_value, ranking_pairs, rerank_with_scores,
+                        train_until_no_improvement, unit_rows, user_batches)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
 from model.candidates import ChannelCandidates, channel_retrievers
@@ -37,13 +37,18 @@ class RankingFeatures:
     product; `primary` is the one whose order the candidates start with. Per channel a pair
     gets its cosine, its inner product (the channel's own score) and its rank in the
     channel's list. Segments are k-means clusters of the primary vectors.
+    item_item: name -> sparse item x item weights of a score-only model (RP3beta, EASE, ...):
+    a pair gets that model's score, the sum of the weights from the user's training items.
     """
 
     def __init__(self, train: sp.csr_matrix, signals: dict[str, tuple[np.ndarray, np.ndarray]],
-                 primary: str, n_segments: int = 32, seed: int = 2023) -> None:
+                 primary: str, n_segments: int = 32, seed: int = 2023,
+                 item_item: dict[str, sp.csr_matrix] | None = None) -> None:
         if train is None:  # filled by `load`
             return
         binary = train > 0
+        self.history = sp.csr_matrix(binary, dtype=np.float32)
+        self.item_item = {name: _canonical(w) for name, w in (item_item or {}).items()}
         self.activity = np.log1p(np.asarray(binary.sum(axis=1)).ravel()).astype(np.float32)
         self.popularity = np.log1p(np.asarray(binary.sum(axis=0)).ravel()).astype(np.float32)
         self.activity_bucket, self.popularity_bucket = (_buckets(self.activity),
@@ -71,6 +76,11 @@ class RankingFeatures:
             out[f"signal{position}_users"], out[f"signal{position}_items"] = self.signals[name]
             out[f"signal{position}_user_norms"], out[f"signal{position}_item_norms"] = \
                 self.norms[name]
+        matrices = {"history": self.history, **{f"item_item{p}": w for p, w in
+                                                enumerate(self.item_item.values())}}
+        for key, matrix in matrices.items():
+            out.update({f"{key}_data": matrix.data, f"{key}_indices": matrix.indices,
+                        f"{key}_indptr": matrix.indptr, f"{key}_shape": np.array(matrix.shape)})
         return out
 
     _ARRAYS = ("activity", "popularity", "activity_bucket", "popularity_bucket",
@@ -78,8 +88,15 @@ class RankingFeatures:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], names: list[str], primary: str,
-                    n_segments: int) -> "RankingFeatures":
+                    n_segments: int, item_item: list[str] = ()) -> "RankingFeatures":
+        def matrix(key: str) -> sp.csr_matrix:
+            return sp.csr_matrix((arrays[f"{key}_data"], arrays[f"{key}_indices"],
+                                  arrays[f"{key}_indptr"]), shape=tuple(arrays[f"{key}_shape"]))
+
         features = cls(None, {}, primary)
+        features.history = matrix("history")
+        features.item_item = {name: _canonical(matrix(f"item_item{p}"))
+                              for p, name in enumerate(item_item)}
         for name in cls._ARRAYS:
             setattr(features, name, arrays[name])
         features.signals = {name: (arrays[f"signal{p}_users"], arrays[f"signal{p}_items"])
@@ -92,7 +109,7 @@ class RankingFeatures:
 
     @property
     def n_dense(self) -> int:
-        return 3 * len(self.signals) + 2
+        return 3 * len(self.signals) + 2 + 2 * len(self.item_item)
 
     def channels(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each channel's own vectors (inner product = its score), primary first."""
@@ -115,8 +132,13 @@ class RankingFeatures:
         cosines = [np.einsum("ij,ij->i", u[users], i[items]) for u, i in self.signals.values()]
         products = [cosine * self.norms[name][0][users] * self.norms[name][1][items]
                     for cosine, name in zip(cosines, self.signals)]
+        if getattr(self, "_keys", None) is None:  # derived, built once
+            self._keys = {name: sorted_keys(w) for name, w in self.item_item.items()}
+        item_item = [pair_sums(self.history, w, self._keys[name], users, items)
+                     for name, w in self.item_item.items()]
         dense = np.stack(cosines + products + list(np.log1p(ranks.T).astype(np.float32))
-                         + [self.activity[users], self.popularity[items]], axis=1)
+                         + [self.activity[users], self.popularity[items]] + item_item
+                         + [np.log1p(np.maximum(s, 0)) for s in item_item], axis=1)
         user_segment, item_segment = self.user_segment[users], self.item_segment[items]
         activity, popularity = self.activity_bucket[users], self.popularity_bucket[items]
         crosses = [items, user_segment * self.n_segments + item_segment,
@@ -128,6 +150,39 @@ class RankingFeatures:
                     [user_segment, item_segment, activity, popularity], axis=1)),
                 "users": torch.as_tensor(users, dtype=torch.long),
                 "items": torch.as_tensor(items, dtype=torch.long)}
+
+
+def sorted_keys(weights: sp.csr_matrix) -> np.ndarray:
+    """row * n_columns + column of every stored entry, ascending (CSR with sorted indices)."""
+    return np.repeat(np.arange(weights.shape[0], dtype=np.int64), np.diff(weights.indptr)) \
+        * np.int64(weights.shape[1]) + weights.indices
+
+
+def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, keys: np.ndarray,
+              users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """sum over j of history[users[r], j] * weights[j, items[r]] for every r (an item-item
+    model's score of each pair; `keys`: `sorted_keys(weights)`), from the CSR arrays: one
+    sorted-key lookup per history entry instead of a dense row of scores per user."""
+    starts = history.indptr[users].astype(np.int64)
+    lengths = history.indptr[users + 1] - starts
+    entries = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths),
+                                                        lengths)
+    rows = np.repeat(np.arange(len(users)), lengths)
+    asked = history.indices[entries].astype(np.int64) * np.int64(weights.shape[1]) \
+        + np.maximum(items, 0)[rows]
+    values = np.zeros(len(asked), dtype=np.float32)
+    if len(keys):
+        at = np.minimum(np.searchsorted(keys, asked), len(keys) - 1)
+        found = keys[at] == asked
+        values[found] = weights.data[at[found]] * history.data[entries[found]]
+    return np.bincount(rows, weights=values, minlength=len(users)).astype(np.float32)
+
+
+def _canonical(matrix) -> sp.csr_matrix:
+    """float32 CSR, duplicates summed, column indices sorted (what `sorted_keys` needs)."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    matrix.sum_duplicates()
+    return matrix
 
 
 def _norms(vectors: np.ndarray) -> np.ndarray:
@@ -175,6 +230,11 @@ class WideDeep(torch.nn.Module):
             width = size
         self.mlp = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
 
+    def shift_parameters(self) -> list[torch.nn.Parameter]:
+        """The output biases: they shift every logit alike, which a softmax over a user's
+        candidates ignores (their gradient is float noise that Adam would turn into steps)."""
+        return [self.bias, self.mlp[-1].bias]
+
     def set_dense_scaling(self, dense: torch.Tensor) -> None:
         self.dense_mean.copy_(dense.mean(0))
         self.dense_std.copy_(dense.std(0).clamp(min=1e-6))
@@ -212,7 +272,9 @@ def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 RANKER_FILE = "ranker.json"
-RANKER_FORMAT = 2  # 2: multi-channel candidates, per-channel score and rank features
+MEMBER_LOG = ("seed", "best_epoch", "best_val_ndcg@20", "kept_recall_order", "training_pairs")
+RANKER_FORMAT = 3  # 2: multi-channel candidates, per-channel score and rank features;
+# 3: item-item model scores, the training history
 
 
 class WideDeepRanker:
@@ -223,24 +285,35 @@ class WideDeepRanker:
     channel adds its top `channel_candidates`. Per channel, a pair's score and rank are
     features, so the ranker can trust each channel where it is strong.
 
+    Score-only item-item models (RP3beta, EASE, item-kNN) given to `fit` add their score of
+    each pair as a feature.
+
     Trained without leakage: features from training interactions only; positives are the
     validation items among the candidates of half of the validation users (or training pairs
     with positives='train'); negatives are their other candidates (hard) and random items; the
     other half of the validation users checks NDCG@20 after every epoch. If no epoch beats
-    the recall order on validation, the recall order is kept.
+    the recall order on validation, the recall order is kept. loss='softmax' (listwise): each
+    positive against its user's negatives, batches of whole users; 'bce': pointwise.
     """
 
     def __init__(self, mode: str = "widedeep", candidates: int = 200, positives: str = "val",
                  hard_negatives: int = 4, random_negatives: int = 2, epochs: int = 10,
                  lr: float = 1e-3, batch: int = 512, seed: int = 2023,
-                 device: str = "auto", channel_candidates: int = 50) -> None:
+                 device: str = "auto", channel_candidates: int = 50,
+                 loss: str = "softmax", patience: int | None = 4, members: int = 3) -> None:
         if positives not in ("val", "train"):
             raise ValueError(f"positives must be 'val' or 'train', got {positives!r}")
+        if loss not in ("softmax", "bce"):
+            raise ValueError(f"loss must be 'softmax' or 'bce', got {loss!r}")
+        if members < 1:
+            raise ValueError(f"members must be at least 1, got {members}")
+        self.loss, self.patience, self.members = loss, patience, members
         self.mode, self.candidates, self.positives = mode, candidates, positives
         self.channel_candidates = channel_candidates
         self.hard_negatives, self.random_negatives = hard_negatives, random_negatives
         self.epochs, self.lr, self.batch, self.seed, self.device = epochs, lr, batch, seed, device
-        self.net: WideDeep | None = None
+        self.net: WideDeep | None = None  # the member being trained (the first, after fit)
+        self.nets: list[WideDeep] = []
         self.features: RankingFeatures | None = None
         self.recall_name, self.kept_recall_order = "", False
         self.training_log: dict = {}
@@ -251,26 +324,53 @@ class WideDeepRanker:
         return {"mode": self.mode, "candidates": self.candidates, "positives": self.positives,
                 "hard_negatives": self.hard_negatives, "random_negatives": self.random_negatives,
                 "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed,
-                "device": self.device, "channel_candidates": self.channel_candidates}
+                "device": self.device, "channel_candidates": self.channel_candidates,
+                "loss": self.loss, "patience": self.patience, "members": self.members}
 
     def __getstate__(self) -> dict:  # pickled for Ray Train workers: FAISS indexes rebuilt
         return {**self.__dict__, "_retrievers": None}
 
-    def fit(self, dataset, recall, train_loop=None) -> "WideDeepRanker":
+    def fit(self, dataset, recall, train_loop=None,
+            item_item: dict[str, sp.csr_matrix] | None = None) -> "WideDeepRanker":
         """Train on the candidates of `recall` (a fitted recall model) and its parts;
         `train_loop`: runs `WideDeepRanker.train_loop` elsewhere (`model.ddp`), same
-        arguments."""
+        arguments; `item_item`: name -> item x item weights (`sparse_weights()` of a fitted
+        RP3beta, EASE or ItemKNN) whose pair scores become features."""
         device = pick_device(self.device)
         self.recall_name = recall.name
         self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
-                                        seed=self.seed)
+                                        seed=self.seed, item_item=item_item)
         self._retrievers = None
-        rng = np.random.default_rng(self.seed)
         val_users = users_with_test_items(dataset.val)
-        rng.shuffle(val_users)
-        check_users = np.sort(val_users[: min(3000, len(val_users) // 2)])
-        if len(check_users) == 0:
+        if len(val_users) < 2:
             raise Unavailable("the ranker needs validation interactions of at least two users")
+        validation = Evaluator.on_validation(dataset, max_users=None)
+        self.nets, logs = [], []
+        for member in range(self.members):
+            logs.append(self._fit_member(dataset, val_users, self.seed + member, validation,
+                                         train_loop or WideDeepRanker.train_loop, device))
+            if not self.kept_recall_order:  # a member that never beat recall adds nothing
+                self.nets.append(self.net)
+        self.kept_recall_order = not self.nets
+        self.net = self.nets[0] if self.nets else self.net
+        self.training_log = {**logs[0], "kept_recall_order": self.kept_recall_order,
+                             "members": [{key: member[key] for key in MEMBER_LOG}
+                                         for member in logs]}
+        self.training_log.update(
+            recall_model=recall.name, channels=list(self.features.signals), mode=self.mode,
+            item_item_features=list(self.features.item_item), loss=self.loss,
+            candidates=self.candidates, channel_candidates=self.channel_candidates,
+            positives=self.positives, device=device)
+        return self
+
+    def _fit_member(self, dataset, val_users: np.ndarray, seed: int, validation: Evaluator,
+                    train_loop, device: str) -> dict:
+        """One network of the ensemble: its own split of the validation users into fitting
+        and checking halves, its own pairs and initial weights (`seed`); leaves it in
+        `self.net` and returns its training log."""
+        rng = np.random.default_rng(seed)
+        val_users = rng.permutation(val_users)
+        check_users = np.sort(val_users[: min(3000, len(val_users) // 2)])
         if self.positives == "val":
             fit_users, positives = np.sort(val_users[len(check_users):]), dataset.val
         else:
@@ -280,18 +380,12 @@ class WideDeepRanker:
             positives, fit_users, fit_channels.candidates, self.hard_negatives,
             self.random_negatives, rng, within_candidates=self.positives == "val")
         ranks = self._visible(fit_channels.ranks(users, items))
-        torch.manual_seed(self.seed)
+        torch.manual_seed(seed)
         self.net = WideDeep(self.features, self.mode).to(device)
         check = self.channel_candidates_of(check_users, dataset.train)
-        self.training_log = (train_loop or WideDeepRanker.train_loop)(
-            self, (users, items, ranks, labels), check,
-            Evaluator.on_validation(dataset, max_users=None), device)
-        self.training_log.update(
-            recall_model=recall.name, channels=list(self.features.signals), mode=self.mode,
-            candidates=self.candidates, channel_candidates=self.channel_candidates,
-            mean_union_size=round(float((check.candidates >= 0).sum(1).mean()), 1),
-            positives=self.positives, training_pairs=int(len(labels)), device=device)
-        return self
+        log_ = train_loop(self, (users, items, ranks, labels), check, validation, device)
+        return {**log_, "seed": seed, "training_pairs": int(len(labels)),
+                "mean_union_size": round(float((check.candidates >= 0).sum(1).mean()), 1)}
 
     def channel_candidates_of(self, users: np.ndarray, exclude: sp.csr_matrix | None,
                               k: int = 0) -> ChannelCandidates:
@@ -313,28 +407,56 @@ class WideDeepRanker:
         gradients are averaged (the global batch's mean loss) and rank 0's score decides."""
         rank, world = data_parallel()
         users, items, ranks, labels = pairs
+        if self.loss == "softmax":  # batches of whole users: the pairs sorted by user
+            order = np.argsort(users, kind="stable")
+            users, items, ranks, labels = users[order], items[order], ranks[order], labels[order]
         self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
                                                        ranks[:50000])["dense"].to(device))
+        for parameter in self.net.shift_parameters() if self.loss == "softmax" else []:
+            parameter.requires_grad_(False)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
+        shuffle = np.random.default_rng(self.seed)
         check_split = validation.restricted(check.users)
-        log(f"ranker ({self.mode}): {len(labels):,} pairs ({int(labels.sum()):,} positive), "
-            f"{len(self.features.signals)} channels")
+        log(f"ranker ({self.mode}, {self.loss}): {len(labels):,} pairs "
+            f"({int(labels.sum()):,} positive), {len(self.features.signals)} channels, "
+            f"{len(self.features.item_item)} item-item features")
+
+        def batches() -> list[np.ndarray]:
+            if self.loss == "softmax":
+                return user_batches(users, self.batch, shuffle)
+            return [np.arange(start, min(start + self.batch, len(labels)))
+                    for start in range(0, len(labels), self.batch)]
+
+        def share(batch_rows: np.ndarray) -> np.ndarray:  # this rank's rows (whole users)
+            if self.loss == "bce":
+                return np.array_split(batch_rows, world)[rank]
+            mine = np.array_split(np.unique(users[batch_rows]), world)[rank]
+            return batch_rows[np.isin(users[batch_rows], mine)]
+
+        def batch_loss(rows: np.ndarray, batch_rows: np.ndarray) -> torch.Tensor:
+            """This rank's part of the global batch's mean loss, times the number of ranks
+            (averaging the ranks' gradients then gives the global batch's gradient)."""
+            logits = self.net(on_device(self.features.build(users[rows], items[rows],
+                                                            ranks[rows]), device))
+            target = torch.as_tensor(labels[rows], device=device)
+            if self.loss == "bce":
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+                return loss * (len(rows) * world / len(batch_rows)) if world > 1 else loss
+            groups = torch.as_tensor(np.unique(users[rows], return_inverse=True)[1],
+                                     device=device)
+            return grouped_softmax_loss(logits, target, groups) * (
+                world / max(float(labels[batch_rows].sum()), 1.0))
 
         trained = []
 
         def epoch(round_: int) -> dict:
             trained.append(round_)
             self.net.train()
-            for start in range(0, len(labels), self.batch):
-                batch_rows = np.arange(start, min(start + self.batch, len(labels)))
-                rows = np.array_split(batch_rows, world)[rank]
+            for batch_rows in batches():
+                rows = share(batch_rows)
                 optimiser.zero_grad(set_to_none=True)
                 if len(rows):  # (a rank without rows still joins the gradient average)
-                    batch = on_device(self.features.build(users[rows], items[rows],
-                                                          ranks[rows]), device)
-                    loss = loss_fn(self.net(batch), torch.as_tensor(labels[rows], device=device))
-                    (loss * (len(rows) * world / len(batch_rows)) if world > 1 else loss).backward()
+                    batch_loss(rows, batch_rows).backward()
                 average_gradients(self.net.parameters())
                 optimiser.step()
             return {"epoch": f"{round_}/{self.epochs}"}
@@ -343,22 +465,24 @@ class WideDeepRanker:
             self.kept_recall_order = not trained
             if rank != 0:
                 return rank0_value(0.0)
-            order = self._order(check)[0]
+            order = self._order(check, [self.net])[0]
             padding = np.full((len(order), max(0, 20 - order.shape[1])), -1, dtype=order.dtype)
             return rank0_value(check_split.mean(np.hstack([order, padding]), "ndcg", 20))
 
         with deterministic_torch():
             log_ = train_until_no_improvement(epoch, score, BestState(self.net), self.epochs,
-                                              score_first=True, metric="val_ndcg@20",
+                                              self.patience, score_first=True,
+                                              metric="val_ndcg@20",
                                               label=f"ranker ({self.mode})")
         self.kept_recall_order = log_["best_round"] == 0
         return {"best_epoch": log_["best_round"], "best_val_ndcg@20": log_["best_val_ndcg@20"],
                 "kept_recall_order": self.kept_recall_order, "history": log_["history"]}
 
-    def _pair_scores(self, channels: ChannelCandidates, users: np.ndarray,
-                     items: np.ndarray) -> np.ndarray:
-        return self.net.score(self.features, users, items,
-                              self._visible(channels.ranks(users, items)))
+    def _pair_scores(self, channels: ChannelCandidates, users: np.ndarray, items: np.ndarray,
+                     nets: list[WideDeep]) -> np.ndarray:
+        """The mean of the networks' scores (logits)."""
+        ranks = self._visible(channels.ranks(users, items))
+        return np.mean([net.score(self.features, users, items, ranks) for net in nets], axis=0)
 
     def _visible(self, ranks: np.ndarray) -> np.ndarray:
         """The channel ranks as features, except with training positives: those are never
@@ -366,16 +490,18 @@ class WideDeepRanker:
         label away."""
         return np.zeros_like(ranks) if self.positives == "train" else ranks
 
-    def _order(self, channels: ChannelCandidates) -> tuple[np.ndarray, np.ndarray]:
-        """(union candidates, their scores) in ranker order, or in recall order with the
-        recall model's scores if that order was kept."""
+    def _order(self, channels: ChannelCandidates, nets: list[WideDeep] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(union candidates, their scores) in the order of `nets` (the ensemble by default),
+        or in recall order with the recall model's scores if that order was kept."""
         if self.kept_recall_order:
             candidates = channels.candidates
             users = np.repeat(channels.users, candidates.shape[1])
             scores = self.features.primary_scores(users, np.maximum(candidates.ravel(), 0))
             return candidates, np.where(candidates >= 0, scores.reshape(candidates.shape),
                                         -np.inf)
-        return rerank_with_scores(lambda u, i, _: self._pair_scores(channels, u, i),
+        nets = self.nets if nets is None else nets
+        return rerank_with_scores(lambda u, i, _: self._pair_scores(channels, u, i, nets),
                                   channels.users, channels.candidates)
 
     def recommend(self, users: np.ndarray, exclude: sp.csr_matrix | None, k: int,
@@ -399,10 +525,12 @@ class WideDeepRanker:
         with atomic_path(folder, RANKER_FILE, overwrite) as tmp:
             tmp.mkdir(parents=True)
             np.savez(tmp / "features.npz", **self.features.arrays())
-            torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, tmp / "state.pt")
+            torch.save({"members": [{k: v.cpu() for k, v in net.state_dict().items()}
+                                    for net in self.nets or [self.net]]}, tmp / "state.pt")
             write_json_atomic(tmp / RANKER_FILE, {
                 "format_version": RANKER_FORMAT, "params": self.params(),
                 "recall_model": self.recall_name, "signals": list(self.features.signals),
+                "item_item": list(self.features.item_item),
                 "n_segments": self.features.n_segments,
                 "kept_recall_order": self.kept_recall_order, "training_log": self.training_log})
         return folder
@@ -422,10 +550,14 @@ class WideDeepRanker:
         ranker.recall_name = description["recall_model"]
         ranker.features = RankingFeatures.from_arrays(arrays, description["signals"],
                                                       ranker.recall_name,
-                                                      description["n_segments"])
-        ranker.net = WideDeep(ranker.features, ranker.mode)
-        ranker.net.load_state_dict(torch.load(folder / "state.pt", weights_only=True))
-        ranker.net.to(pick_device(device)).eval()
+                                                      description["n_segments"],
+                                                      description["item_item"])
+        ranker.nets = []
+        for state in torch.load(folder / "state.pt", weights_only=True)["members"]:
+            ranker.nets.append(WideDeep(ranker.features, ranker.mode))
+            ranker.nets[-1].load_state_dict(state)
+            ranker.nets[-1].to(pick_device(device)).eval()
+        ranker.net = ranker.nets[0]
         ranker.kept_recall_order = description["kept_recall_order"]
         ranker.training_log = description.get("training_log", {})
         return ranker

@@ -186,13 +186,19 @@ def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
     recall = tuned("als", data, {"seed": 0}, tune=False)
 
     def ranker() -> WideDeepRanker:
-        return WideDeepRanker(candidates=30, epochs=3, batch=256, device="cpu")
+        return WideDeepRanker(candidates=30, epochs=3, batch=256, device="cpu", members=2)
     alone = ranker().fit(data, recall)
     shared = ranker().fit(data, recall, ranker_train_loop(ray_engine))
     assert shared.training_log["workers"] == 2
     assert shared.training_log["history"] == alone.training_log["history"]
-    for (name, a), b in zip(alone.net.state_dict().items(), shared.net.state_dict().values()):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, err_msg=name)
+    assert len(alone.nets) == len(shared.nets) >= 1
+    for one, two in zip(alone.nets, shared.nets):
+        weights = [torch.cat([v.flatten() for k, v in net.state_dict().items()
+                              if not k.startswith("wide")]) for net in (one, two)]
+        gap = (weights[0] - weights[1]).abs()
+        # Adam turns float noise in a near-zero gradient (a dead unit) into a whole step
+        assert (gap <= 1e-5).float().mean() > 0.999 and gap.max() < 3e-4, gap.max()
+        np.testing.assert_allclose(two.wide.weight.numpy(), one.wide.weight.numpy(), atol=1e-5)
     users = np.arange(0, data.n_users, 3)
     assert np.array_equal(shared.recommend(users, data.train, 10)[0],
                           alone.recommend(users, data.train, 10)[0])

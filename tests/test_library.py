@@ -168,14 +168,28 @@ def test_saved_text_model_rebuilds_its_encoder(text_model, tmp_path):
 def test_ranker_round_trips(demo, text_model, tmp_path):
     from model import LightGCN, WideDeepRanker
 
+    from model.tuning import tuned
+
     recall = LightGCN(dim=16, train=FAST, device="cpu").fit(demo)
-    ranker = WideDeepRanker(candidates=30, epochs=2, device="cpu").fit(demo, recall)
+    item_item = {"rp3beta": tuned("rp3beta", demo, {}, tune=False).sparse_weights()}
+    ranker = WideDeepRanker(candidates=30, epochs=2, device="cpu", members=2)
+    ranker.fit(demo, recall, item_item=item_item)
     users = np.arange(0, demo.n_users, 5)
     ranker.save(tmp_path / "ranker")
     loaded = WideDeepRanker.load(tmp_path / "ranker", device="cpu")
     items, scores = ranker.recommend(users, demo.train, 20)
     loaded_items, loaded_scores = loaded.recommend(users, demo.train, 20)
     assert np.array_equal(items, loaded_items) and np.allclose(scores, loaded_scores)
+    pairs = users, items[:, 0], np.zeros(len(users), dtype=np.int64)
+    assert np.array_equal(ranker.features.build(*pairs)["dense"],  # the item-item scores too
+                          loaded.features.build(*pairs)["dense"])
+    assert len(loaded.nets) == len(ranker.nets) == 2 and not loaded.kept_recall_order
+    channels = loaded.channel_candidates_of(users, demo.train)
+    ranks = channels.ranks(*pairs[:2])
+    each = [net.score(loaded.features, *pairs[:2], ranks) for net in loaded.nets]
+    assert not np.allclose(*each)  # two networks, and the ranker's score is their mean
+    assert np.allclose(loaded._pair_scores(channels, *pairs[:2], loaded.nets),
+                       (each[0] + each[1]) / 2, atol=1e-6)
 
 
 # ---------------------------------------------------------------- runs, configs, bundles

@@ -91,7 +91,7 @@ def test_training_positives_do_not_leak_through_the_recall_rank(tmp_path, monkey
 
 
 def test_union_keeps_the_first_lists_order_and_adds_what_others_find():
-    from coreMethod import union_of_lists
+    from model.candidates import union_of_lists
 
     first = np.array([[3, 1, -1], [5, 6, 7]])
     second = np.array([[1, 4], [8, 5]])
@@ -154,3 +154,60 @@ def test_a_channel_never_offers_items_or_users_it_has_no_vector_for():
                                  None, depth=6, widths=[6], n_items=6)
     assert channels.candidates[0].tolist() == [0, 1, 3, 4, 5]  # the union is trimmed
     assert (channels.candidates[1] == -1).all()  # user 1 cannot be scored here
+
+
+def test_item_item_feature_is_the_models_own_score(tmp_path):
+    """A pair's item-item feature is what the score-only model itself gives the pair."""
+    from dataHandler import open_dataset
+    from model.ranking import pair_sums, sorted_keys
+    from model.tuning import tuned
+
+    data = open_dataset("demo", tmp_path)
+    rp3 = tuned("rp3beta", data, {}, tune=False)
+    weights = rp3.sparse_weights()
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(data.n_users, size=500), rng.integers(data.n_items, size=500)
+    history = sp.csr_matrix(data.train > 0, dtype=np.float32)
+    got = pair_sums(history, weights, sorted_keys(weights), users, items)
+    assert np.allclose(got, rp3.score(users)[np.arange(500), items], atol=1e-6)
+    assert (got > 0).mean() > 0.1  # not a vacuous match of zeros
+    signals = {"x": (rng.normal(size=(data.n_users, 4)), rng.normal(size=(data.n_items, 4)))}
+    features = RankingFeatures(data.train, signals, "x", n_segments=2,
+                               item_item={"rp3beta": weights})
+    dense = features.build(users, items, np.zeros(500, dtype=np.int64))["dense"].numpy()
+    assert dense.shape[1] == features.n_dense == 3 + 2 + 2
+    assert np.allclose(dense[:, 5], got) and np.allclose(dense[:, 6], np.log1p(got))
+    ease = tuned("ease", data, {}, tune=False)
+    kept = ease.sparse_weights(k=7)  # a dense model keeps each item's 7 largest weights
+    assert np.diff(kept.indptr).max() <= 7
+    row = ease.weights[3].copy()
+    row[3] = 0
+    assert np.isclose(kept[3].toarray().max(), row.max())
+
+
+def test_softmax_loss_on_a_hand_checked_example():
+    from coreMethod import grouped_softmax_loss
+
+    logits = torch.tensor([1.0, 0.0, 0.0, 2.0, 5.0, 0.5])
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    # user 0: positives 1.0 and 2.0 against negatives {0, 0}; user 1: 5.0 against {0.5}
+    expected = (-np.log(np.e / (np.e + 2)) - np.log(np.e ** 2 / (np.e ** 2 + 2))
+                - np.log(np.e ** 5 / (np.e ** 5 + np.e ** 0.5)))
+    assert np.isclose(grouped_softmax_loss(logits, labels, groups).item(), expected, atol=1e-5)
+    alone = grouped_softmax_loss(torch.tensor([3.0], requires_grad=True), torch.tensor([1.0]),
+                                 torch.tensor([0]))
+    alone.backward()  # a user without negatives adds nothing and no NaN
+    assert alone.item() == 0
+
+
+def test_batches_hold_whole_users():
+    from coreMethod import user_batches
+
+    users = np.sort(np.random.default_rng(0).integers(0, 50, size=400))
+    batches = user_batches(users, 64, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(400))
+    for rows in batches:
+        for user in np.unique(users[rows]):
+            assert (users[rows] == user).sum() == (users == user).sum()
+    assert max(len(rows) for rows in batches) < 64 + np.bincount(users).max()
