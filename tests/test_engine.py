@@ -190,7 +190,10 @@ def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
     alone = ranker().fit(data, recall)
     shared = ranker().fit(data, recall, ranker_train_loop(ray_engine))
     assert shared.training_log["workers"] == 2
-    assert shared.training_log["history"] == alone.training_log["history"]
+    assert shared.training_log["best_epoch"] == alone.training_log["best_epoch"]
+    for one, two in zip(alone.training_log["history"], shared.training_log["history"],
+                        strict=True):  # float noise grows over the Adam steps
+        assert abs(one["val_ndcg@20"] - two["val_ndcg@20"]) < 1e-4
     assert len(alone.nets) == len(shared.nets) >= 1
     for one, two in zip(alone.nets, shared.nets):
         weights = [torch.cat([v.flatten() for k, v in net.state_dict().items()
@@ -198,7 +201,8 @@ def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
         gap = (weights[0] - weights[1]).abs()
         # Adam turns float noise in a near-zero gradient (a dead unit) into a whole step
         assert (gap <= 1e-5).float().mean() > 0.999 and gap.max() < 3e-4, gap.max()
-        np.testing.assert_allclose(two.wide.weight.numpy(), one.wide.weight.numpy(), atol=1e-5)
+        np.testing.assert_allclose(two.wide.weight.detach().numpy(),
+                                   one.wide.weight.detach().numpy(), atol=1e-5)
     users = np.arange(0, data.n_users, 3)
     assert np.array_equal(shared.recommend(users, data.train, 10)[0],
                           alone.recommend(users, data.train, 10)[0])
