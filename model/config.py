@@ -375,6 +375,9 @@ class ExperimentConfig:
         at_least = {"seeds": (self.run.seeds, 1), "layers": (self.encoder.layers, 1),
                     "candidates": (self.rank.candidates, 1),
                     "channel_candidates": (self.rank.channel_candidates, 0),
+                    "rank_members": (self.rank.rank_members, 1),
+                    "rank_epochs": (self.rank.rank_epochs, 1),
+                    "rank_patience": (self.rank.rank_patience, 1),
                     "tune_budget": (self.run.tune_budget, 0), "epochs": (self.graph.epochs, 1),
                     "workers": (self.run.workers, 1), "dw_workers": (self.graph.dw_workers, 1)}
         for name, (value, lowest) in at_least.items():
