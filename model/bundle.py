@@ -217,8 +217,7 @@ def _id_tables(dataset, n_users: int, n_items: int,
 
 
 def _item_attributes(config: dict, n_items: int) -> dict[str, list[str]]:
-    """The filterable attributes (FILTER_ATTRIBUTES) of the run's items, from the data
-    folder's item_meta.json when it has one."""
+    """The run's items' FILTER_ATTRIBUTES, from the data folder's item_meta.json if any."""
     data, seed = config.get("data", config), config.get("run", {}).get("seed", 2023)
     folder = prepare_dataset(data["dataset"], data.get("data_root", "dataset"),
                              data.get("data_source"), data.get("data_url"), seed)
@@ -303,8 +302,7 @@ def _no_text_reason(variant: str, model: Recommender) -> str:
 
 
 def reproduction_verdict(now: dict, then: dict, tolerance: float) -> tuple[bool, str]:
-    """Do metrics measured now match those at export within `tolerance`? A metric missing
-    at export counts as a difference."""
+    """Do metrics now match those at export within `tolerance`? One missing then differs."""
     gaps = [abs(value - then.get(name, float("nan"))) for name, value in now.items()]
     worst = max(gaps) if gaps else float("nan")
     if worst <= tolerance:
@@ -313,12 +311,11 @@ def reproduction_verdict(now: dict, then: dict, tolerance: float) -> tuple[bool,
 
 
 class Bundle:
-    """A loaded, verified bundle: vectors, ids, seen items, the item index, and (when the
-    run had them) the text encoder and the Wide&Deep ranker."""
+    """A loaded, verified bundle: vectors, ids, seen items, the item index, and the run's
+    text encoder and Wide&Deep ranker when it had them."""
 
     def __init__(self, folder: str | Path) -> None:
-        """`folder`: a bundle store (its `current` version is read, resolved once) or one
-        version's folder."""
+        """`folder`: a store (its `current` version, resolved once) or a version's folder."""
         self.folder = Path(folder)
         self.store: BundleStore | None = None
         if is_store(self.folder):
@@ -411,7 +408,10 @@ class Bundle:
                               f"with --rank widedeep --rank-on {self.manifest['variant']}, "
                               "then export)")
         if self._ranker is None:
-            self._ranker = WideDeepRanker.load(self.folder / RANKER_DIR)
+            try:
+                self._ranker = WideDeepRanker.load(self.folder / RANKER_DIR)
+            except ValueError as error:  # e.g. a ranker of an older format
+                raise BundleError(str(error)) from error
             channels = self.manifest["ranker"].get("channels") or {}
             if channels.get("kind") == "hnsw":  # kept at export: close to exact channels
                 self._ranker.channel_index = ("hnsw", channels["width"])

@@ -4,9 +4,9 @@ the run has `--engine ray --workers N`, and `main.py ddp-check` (also under
 `torchrun --nproc_per_node=N`), DistributedDataParallel over gloo on the CPU (the check
 compares with one CPU process, GPU or not).
 
-Each global batch is split into equal contiguous slices, one per rank; DDP averages the
-gradients, so a step equals one process's step on the whole global batch (the loss is a
-mean). `data_parallel_check` measures exactly that on a seeded ranking problem: the
+Each global batch is split into one share per rank (whole users under the ranker's softmax
+loss), each rank's loss scaled so that the averaged gradients are one process's gradient on
+the whole global batch. `data_parallel_check` measures exactly that on a seeded ranking problem: the
 gradient of the first step and the weights after a few Adam steps, against one process."""
 from __future__ import annotations
 

@@ -251,6 +251,7 @@ class Experiment:
         except ValueError as error:  # e.g. --device cuda on a machine without a GPU
             raise ConfigError(str(error)) from error
         self.config = config
+        self._item_item: dict | None = None  # the ranker's item-item weights, cut once
 
     def rows(self) -> list[tuple[str, Callable]]:
         run, rank = self.config.run, self.config.rank
@@ -425,12 +426,7 @@ class Experiment:
         def produce(dataset: Dataset):
             rank = self.config.rank
             recall = self.models.get(rank.rank_on)
-            item_item = {}
-            for name in rank.rank_item_models:
-                try:
-                    item_item[name] = self.models.get(name).sparse_weights()
-                except Unavailable as reason:
-                    log(f"ranker: no {name} feature ({reason})")
+            item_item = self._item_item_weights(rank.rank_item_models)
             ranker = WideDeepRanker(mode, rank.candidates, rank.rank_positives,
                                     rank.hard_negatives, rank.random_negatives, rank.rank_epochs,
                                     rank.rank_lr, rank.rank_batch, self.config.run.seed,
@@ -445,6 +441,19 @@ class Experiment:
                     "users_ranked_per_s": round(len(users) / max(clock["seconds"], 1e-9))}
             return ranker, top, info, {}
         return produce
+
+
+    def _item_item_weights(self, names: list[str]) -> dict:
+        """The sparse weights of the item-item models the ranker takes scores from (fitted
+        and tuned once per run like their rows; one that cannot run here is left out)."""
+        if self._item_item is None:
+            self._item_item = {}
+            for name in names:
+                try:
+                    self._item_item[name] = self.models.get(name).sparse_weights()
+                except Unavailable as reason:
+                    log(f"ranker: no {name} feature ({reason})")
+        return self._item_item
 
 
 def requested_variants(variants: str) -> list[str]:

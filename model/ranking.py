@@ -171,9 +171,10 @@ def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, keys: np.ndarray,
     asked = history.indices[entries].astype(np.int64) * np.int64(weights.shape[1]) \
         + np.maximum(items, 0)[rows]
     values = np.zeros(len(asked), dtype=np.float32)
+    inside = ((items >= 0) & (items < weights.shape[1]))[rows]  # else no weight: 0
     if len(keys):
         at = np.minimum(np.searchsorted(keys, asked), len(keys) - 1)
-        found = keys[at] == asked
+        found = (keys[at] == asked) & inside
         values[found] = weights.data[at[found]] * history.data[entries[found]]
     return np.bincount(rows, weights=values, minlength=len(users)).astype(np.float32)
 
@@ -297,8 +298,8 @@ class WideDeepRanker:
     """
 
     def __init__(self, mode: str = "widedeep", candidates: int = 200, positives: str = "val",
-                 hard_negatives: int = 4, random_negatives: int = 2, epochs: int = 10,
-                 lr: float = 1e-3, batch: int = 512, seed: int = 2023,
+                 hard_negatives: int = 4, random_negatives: int = 2, epochs: int = 20,
+                 lr: float = 3e-4, batch: int = 512, seed: int = 2023,
                  device: str = "auto", channel_candidates: int = 50,
                  loss: str = "softmax", patience: int | None = 4, members: int = 3) -> None:
         if positives not in ("val", "train"):
@@ -313,6 +314,7 @@ class WideDeepRanker:
         self.hard_negatives, self.random_negatives = hard_negatives, random_negatives
         self.epochs, self.lr, self.batch, self.seed, self.device = epochs, lr, batch, seed, device
         self.net: WideDeep | None = None  # the member being trained (the first, after fit)
+        self.member_seed = seed  # the seed of the member being trained
         self.nets: list[WideDeep] = []
         self.features: RankingFeatures | None = None
         self.recall_name, self.kept_recall_order = "", False
@@ -328,7 +330,7 @@ class WideDeepRanker:
                 "loss": self.loss, "patience": self.patience, "members": self.members}
 
     def __getstate__(self) -> dict:  # pickled for Ray Train workers: FAISS indexes rebuilt
-        return {**self.__dict__, "_retrievers": None}
+        return {**self.__dict__, "_retrievers": None, "nets": []}  # workers train `net` only
 
     def fit(self, dataset, recall, train_loop=None,
             item_item: dict[str, sp.csr_matrix] | None = None) -> "WideDeepRanker":
@@ -338,6 +340,10 @@ class WideDeepRanker:
         RP3beta, EASE or ItemKNN) whose pair scores become features."""
         device = pick_device(self.device)
         self.recall_name = recall.name
+        if self.positives == "train" and item_item:  # a training positive's own
+            log("ranker: no item-item features with training positives (their scores "
+                "count the pair itself)")
+            item_item = None
         self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
                                         seed=self.seed, item_item=item_item)
         self._retrievers = None
@@ -353,7 +359,8 @@ class WideDeepRanker:
                 self.nets.append(self.net)
         self.kept_recall_order = not self.nets
         self.net = self.nets[0] if self.nets else self.net
-        self.training_log = {**logs[0], "kept_recall_order": self.kept_recall_order,
+        first = next((log_ for log_ in logs if not log_["kept_recall_order"]), logs[0])
+        self.training_log = {**first, "kept_recall_order": self.kept_recall_order,
                              "members": [{key: member[key] for key in MEMBER_LOG}
                                          for member in logs]}
         self.training_log.update(
@@ -381,7 +388,7 @@ class WideDeepRanker:
             self.random_negatives, rng, within_candidates=self.positives == "val")
         ranks = self._visible(fit_channels.ranks(users, items))
         torch.manual_seed(seed)
-        self.net = WideDeep(self.features, self.mode).to(device)
+        self.net, self.member_seed = WideDeep(self.features, self.mode).to(device), seed
         check = self.channel_candidates_of(check_users, dataset.train)
         log_ = train_loop(self, (users, items, ranks, labels), check, validation, device)
         return {**log_, "seed": seed, "training_pairs": int(len(labels)),
@@ -406,16 +413,16 @@ class WideDeepRanker:
         improving. In a process group every rank takes its share of each global batch,
         gradients are averaged (the global batch's mean loss) and rank 0's score decides."""
         rank, world = data_parallel()
-        users, items, ranks, labels = pairs
+        users, items, ranks, labels = pairs  # in random order (`ranking_pairs`)
+        self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
+                                                       ranks[:50000])["dense"].to(device))
         if self.loss == "softmax":  # batches of whole users: the pairs sorted by user
             order = np.argsort(users, kind="stable")
             users, items, ranks, labels = users[order], items[order], ranks[order], labels[order]
-        self.net.set_dense_scaling(self.features.build(users[:50000], items[:50000],
-                                                       ranks[:50000])["dense"].to(device))
         for parameter in self.net.shift_parameters() if self.loss == "softmax" else []:
             parameter.requires_grad_(False)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
-        shuffle = np.random.default_rng(self.seed)
+        shuffle = np.random.default_rng(self.member_seed)
         check_split = validation.restricted(check.users)
         log(f"ranker ({self.mode}, {self.loss}): {len(labels):,} pairs "
             f"({int(labels.sum()):,} positive), {len(self.features.signals)} channels, "
@@ -543,7 +550,8 @@ class WideDeepRanker:
         description = json.loads((folder / RANKER_FILE).read_text())
         if description.get("format_version") != RANKER_FORMAT:
             raise ValueError(f"{folder}: a ranker of format {description.get('format_version', 1)}"
-                             f"; this version reads format {RANKER_FORMAT} (train it again)")
+                             f"; this version reads format {RANKER_FORMAT} (train it again: "
+                             "`run --rank widedeep`, then export a new bundle)")
         ranker = cls(**{**description["params"], "device": device})
         with np.load(folder / "features.npz", allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
