@@ -116,10 +116,18 @@ class RankingFeatures:
         return {name: (u * self.norms[name][0][:, None], i * self.norms[name][1][:, None])
                 for name, (u, i) in self.signals.items()}
 
-    def primary_scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def primary_scores(self, users: np.ndarray, items: np.ndarray,
+                       chunk: int = 65536) -> np.ndarray:
+        """The primary channel's score of each pair, `chunk` pairs at a time (two gathered
+        vector blocks of pairs x dim floats each)."""
         name = next(iter(self.signals))
         (u, i), (nu, ni) = self.signals[name], self.norms[name]
-        return np.einsum("ij,ij->i", u[users], i[items]) * nu[users] * ni[items]
+        out = np.empty(len(users), dtype=np.float32)
+        for start in range(0, len(users), chunk):
+            rows = slice(start, start + chunk)
+            out[rows] = np.einsum("ij,ij->i", u[users[rows]], i[items[rows]]) \
+                * nu[users[rows]] * ni[items[rows]]
+        return out
 
     def categorical_sizes(self) -> list[int]:
         return [self.n_segments, self.n_segments, N_BUCKETS, N_BUCKETS]
@@ -132,10 +140,7 @@ class RankingFeatures:
         cosines = [np.einsum("ij,ij->i", u[users], i[items]) for u, i in self.signals.values()]
         products = [cosine * self.norms[name][0][users] * self.norms[name][1][items]
                     for cosine, name in zip(cosines, self.signals)]
-        if getattr(self, "_keys", None) is None:  # derived, built once
-            self._keys = {name: sorted_keys(w) for name, w in self.item_item.items()}
-        item_item = [pair_sums(self.history, w, self._keys[name], users, items)
-                     for name, w in self.item_item.items()]
+        item_item = [pair_sums(self.history, w, users, items) for w in self.item_item.values()]
         dense = np.stack(cosines + products + list(np.log1p(ranks.T).astype(np.float32))
                          + [self.activity[users], self.popularity[items]] + item_item
                          + [np.log1p(np.maximum(s, 0)) for s in item_item], axis=1)
@@ -152,35 +157,25 @@ class RankingFeatures:
                 "items": torch.as_tensor(items, dtype=torch.long)}
 
 
-def sorted_keys(weights: sp.csr_matrix) -> np.ndarray:
-    """row * n_columns + column of every stored entry, ascending (CSR with sorted indices)."""
-    return np.repeat(np.arange(weights.shape[0], dtype=np.int64), np.diff(weights.indptr)) \
-        * np.int64(weights.shape[1]) + weights.indices
-
-
-def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, keys: np.ndarray,
-              users: np.ndarray, items: np.ndarray) -> np.ndarray:
+def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, users: np.ndarray,
+              items: np.ndarray, block_floats: int = 1 << 24) -> np.ndarray:
     """sum over j of history[users[r], j] * weights[j, items[r]] for every r (an item-item
-    model's score of each pair; `keys`: `sorted_keys(weights)`), from the CSR arrays: one
-    sorted-key lookup per history entry instead of a dense row of scores per user."""
-    starts = history.indptr[users].astype(np.int64)
-    lengths = history.indptr[users + 1] - starts
-    entries = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths),
-                                                        lengths)
-    rows = np.repeat(np.arange(len(users)), lengths)
-    asked = history.indices[entries].astype(np.int64) * np.int64(weights.shape[1]) \
-        + np.maximum(items, 0)[rows]
-    values = np.zeros(len(asked), dtype=np.float32)
-    inside = ((items >= 0) & (items < weights.shape[1]))[rows]  # else no weight: 0
-    if len(keys):
-        at = np.minimum(np.searchsorted(keys, asked), len(keys) - 1)
-        found = (keys[at] == asked) & inside
-        values[found] = weights.data[at[found]] * history.data[entries[found]]
-    return np.bincount(rows, weights=values, minlength=len(users)).astype(np.float32)
+    model's score of each pair; 0 for padding): each block of distinct users' score rows
+    (history @ weights, a sparse product) at most `block_floats` floats at a time."""
+    out = np.zeros(len(users), dtype=np.float32)
+    distinct, row = np.unique(users, return_inverse=True)
+    inside = (items >= 0) & (items < weights.shape[1])
+    step = max(1, block_floats // max(weights.shape[1], 1))
+    for start in range(0, len(distinct), step):
+        block = distinct[start:start + step]
+        picked = np.flatnonzero(inside & (row >= start) & (row < start + len(block)))
+        scores = (history[block] @ weights).toarray()
+        out[picked] = scores[row[picked] - start, items[picked]]
+    return out
 
 
 def _canonical(matrix) -> sp.csr_matrix:
-    """float32 CSR, duplicates summed, column indices sorted (what `sorted_keys` needs)."""
+    """float32 CSR, duplicates summed, column indices sorted."""
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
     matrix.sum_duplicates()
     return matrix

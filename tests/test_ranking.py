@@ -159,7 +159,7 @@ def test_a_channel_never_offers_items_or_users_it_has_no_vector_for():
 def test_item_item_feature_is_the_models_own_score(tmp_path):
     """A pair's item-item feature is what the score-only model itself gives the pair."""
     from dataHandler import open_dataset
-    from model.ranking import pair_sums, sorted_keys
+    from model.ranking import pair_sums
     from model.tuning import tuned
 
     data = open_dataset("demo", tmp_path)
@@ -168,9 +168,11 @@ def test_item_item_feature_is_the_models_own_score(tmp_path):
     rng = np.random.default_rng(0)
     users, items = rng.integers(data.n_users, size=500), rng.integers(data.n_items, size=500)
     history = sp.csr_matrix(data.train > 0, dtype=np.float32)
-    got = pair_sums(history, weights, sorted_keys(weights), users, items)
+    got = pair_sums(history, weights, users, items)
+    assert np.allclose(pair_sums(history, weights, users, items, block_floats=1), got)
     assert np.allclose(got, rp3.score(users)[np.arange(500), items], atol=1e-6)
     assert (got > 0).mean() > 0.1  # not a vacuous match of zeros
+    assert not pair_sums(history, weights, users[:3], np.array([-1, -1, data.n_items])).any()
     signals = {"x": (rng.normal(size=(data.n_users, 4)), rng.normal(size=(data.n_items, 4)))}
     features = RankingFeatures(data.train, signals, "x", n_segments=2,
                                item_item={"rp3beta": weights})
