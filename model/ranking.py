@@ -335,7 +335,7 @@ class WideDeepRanker:
         RP3beta, EASE or ItemKNN) whose pair scores become features."""
         device = pick_device(self.device)
         self.recall_name = recall.name
-        if self.positives == "train" and item_item:  # a training positive's own
+        if self.positives == "train" and item_item:
             log("ranker: no item-item features with training positives (their scores "
                 "count the pair itself)")
             item_item = None
