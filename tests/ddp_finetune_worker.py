@@ -32,4 +32,5 @@ dataset = open_dataset("demo", data_root)
 tuned, _ = finetune_encoder(encoder, dataset, "full", FinetuneConfig(**json.loads(settings)), 5)
 if dist.get_rank() == 0:
     np.savez(out, **{k: v.numpy() for k, v in tuned.model.state_dict().items()})
+dist.barrier()  # rank 0 still works alone: tearing gloo down early aborts a rank
 dist.destroy_process_group()

@@ -37,4 +37,5 @@ if rank == 0:
         "loss_difference": abs(float(total) / 2 - alone.item()),
         "gradient_difference": max(float((a - p.grad).abs().max())
                                    for a, p in zip(shared, layer.parameters()))}))
+dist.barrier()  # rank 0 still works alone: tearing gloo down early aborts a rank
 dist.destroy_process_group()
