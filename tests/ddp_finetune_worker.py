@@ -4,6 +4,7 @@ counter (so the last step is kept); rank 0 saves the weights.
 Arguments: tiny model folder, data root, output .npz, fine-tuning settings (JSON)."""
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,5 +33,8 @@ dataset = open_dataset("demo", data_root)
 tuned, _ = finetune_encoder(encoder, dataset, "full", FinetuneConfig(**json.loads(settings)), 5)
 if dist.get_rank() == 0:
     np.savez(out, **{k: v.numpy() for k, v in tuned.model.state_dict().items()})
-dist.barrier()  # rank 0 still works alone: tearing gloo down early aborts a rank
-dist.destroy_process_group()
+dist.barrier()
+# gloo's teardown aborts a rank now and then ('terminate called without an active
+# exception'): leave without running it, the result being written
+sys.stdout.flush()
+os._exit(0)

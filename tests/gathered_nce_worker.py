@@ -2,6 +2,7 @@
 a 5-row batch and rank 1 rows 3-4; prints how far the gathered InfoNCE loss and the averaged
 gradients are from one process's on all 5 rows."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,5 +38,8 @@ if rank == 0:
         "loss_difference": abs(float(total) / 2 - alone.item()),
         "gradient_difference": max(float((a - p.grad).abs().max())
                                    for a, p in zip(shared, layer.parameters()))}))
-dist.barrier()  # rank 0 still works alone: tearing gloo down early aborts a rank
-dist.destroy_process_group()
+dist.barrier()
+# gloo's teardown aborts a rank now and then ('terminate called without an active
+# exception'): leave without running it, the result being written
+sys.stdout.flush()
+os._exit(0)
