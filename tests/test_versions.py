@@ -91,7 +91,10 @@ def test_an_als_update_solves_every_row_again(store, tmp_path, monkeypatch):
     update_bundle(store, day)
     swept = Bundle(store)
     assert swept.version == "v0003" and touched_only.version == "v0002"
-    assert [s["step"] for s in swept.manifest["changes"]["steps"]].count("ALS sweep") == 1
+    sweeps = [s for s in swept.manifest["changes"]["steps"] if s["step"] == "ALS sweep"]
+    iterations = parent.manifest["model_params"]["iterations"]
+    assert len(sweeps) == 1 and sweeps[0]["cg_steps"] == update_module.sweep_cg_steps(
+        iterations, 3)  # fewer CG steps than a refit's when its iterations are few
     quiet = parent.user_row("1")  # no interactions that day
     assert np.array_equal(touched_only.users[quiet], parent.users[quiet])
     assert not np.allclose(swept.users[quiet], parent.users[quiet])
@@ -427,3 +430,12 @@ def test_an_approximate_index_is_exported_measured_and_kept_by_updates(als_run, 
     assert updated.retriever.kind == ("hnsw" if checked["type"] == "IndexHNSWFlat" else "flat")
     if updated.retriever.kind == "hnsw":
         assert updated.retriever.search_width() == checked["width"] >= index["width"]
+
+
+def test_sweep_cg_steps_keep_the_sweeps_within_their_share_of_a_refit():
+    """Two sweeps of c CG steps cost 2 (c + 1) Gram products per row, a refit of n iterations
+    n (3 + 1): c is the largest within 8% of that, between 1 and the refit's 3."""
+    steps = {n: update_module.sweep_cg_steps(n, 3) for n in (3, 15, 20, 25, 100)}
+    assert steps == {3: 1, 15: 1, 20: 2, 25: 3, 100: 3}
+    for n, c in steps.items():
+        assert c == 1 or update_module.ALS_SWEEPS * (c + 1) <= 0.08 * n * 4 + 1e-9
