@@ -130,3 +130,28 @@ def choose_fold_in(users: np.ndarray, items: np.ndarray, seen: sp.csr_matrix, re
         option.reproduction_overlap = float(np.mean(
             [len(set(a[a >= 0]) & set(b[b >= 0])) / 20 for a, b in zip(truth, top)]))
     return max(options, key=lambda o: o.reproduction_overlap)
+
+
+def neighbour_mean(interactions: sp.csr_matrix, vectors: np.ndarray) -> np.ndarray:
+    """Per row, the mean of the vectors of its columns (zero for a row without any)."""
+    binary = (interactions > 0).astype(np.float32)
+    counts = np.maximum(np.asarray(binary.sum(axis=1)).ravel(), 1)
+    return np.asarray(binary @ vectors, dtype=np.float32) / counts[:, None]
+
+
+def grown_by_neighbours(users: np.ndarray, items: np.ndarray, interactions: sp.csr_matrix
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """`users` and `items` grown to the rows of `interactions` (new rows appended): a new
+    item starts as the mean of its trained users' vectors, then a new user as the mean of its
+    items' (new ones included), then an item that only new users had as the mean of theirs."""
+    n_users, n_items = interactions.shape
+    grown_users = np.zeros((n_users, users.shape[1]), np.float32)
+    grown_items = np.zeros((n_items, items.shape[1]), np.float32)
+    grown_users[:len(users)], grown_items[:len(items)] = users, items
+    by_item = interactions.T.tocsr()
+    new_items, new_users = np.arange(len(items), n_items), np.arange(len(users), n_users)
+    grown_items[new_items] = neighbour_mean(by_item[new_items][:, :len(users)], users)
+    grown_users[new_users] = neighbour_mean(interactions[new_users], grown_items)
+    alone = new_items[~grown_items[new_items].any(axis=1)]
+    grown_items[alone] = neighbour_mean(by_item[alone], grown_users)
+    return grown_users, grown_items

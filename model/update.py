@@ -20,7 +20,9 @@ unless its validation figures fall too far below the parent's.
 - A LightGCN bundle keeps its layer-0 embeddings: new rows start as their neighbours' mean,
   a few BPR passes run over the new pairs and replayed old ones, and every vector is
   propagated again over the updated graph.
-- The Wide&Deep ranker is kept as trained: users who joined after it are answered by recall.
+- A ranked bundle's Wide&Deep ranker gets its features grown to the new rows and one
+  warm-started epoch on the day's new pairs, kept if validation agrees
+  (`model/ranker_update.py`): users and items that joined are ranked too.
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ from threadpoolctl import threadpool_limits
 
 from dataHandler import DataError, iter_json_lines
 from evaluation import per_user_metrics
-from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, Bundle, BundleError,
-                          seal_manifest, write_version_files)
-from model.foldin import FoldIn, choose_fold_in
+from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, RANKER_DIR, Bundle,
+                          BundleError, seal_manifest, write_version_files)
+from model.foldin import FoldIn, choose_fold_in, grown_by_neighbours
 from model.graph import LightGCN
 from model.hygiene import scrub_pii
+from model.ranker_update import warm_epoch
 from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
                              calibration_users)
 from model.versions import BundleStore, is_store
@@ -200,9 +203,15 @@ def _update_locked(store: BundleStore, interactions: Path, user_profiles: Path |
     state.log("load parent and read", started, interactions=len(increment.pairs))
     state.run()
     made_current, verdict = True, "no validation file given: made current without a check"
-    if validation is not None:
+    started = time.perf_counter()
+    check = _validation_pairs(parent, state, Path(validation)) if validation else None
+    if check is not None:
+        state.log("validation pairs", started, users=0 if isinstance(check, str)
+                  else len(check[0]))
+    state.ranker_epoch(check if isinstance(check, tuple) else None)
+    if check is not None:
         started = time.perf_counter()
-        made_current, verdict = _no_regression(parent, state, Path(validation), max_drop)
+        made_current, verdict = _no_regression(parent, state, check, max_drop)
         state.log("validation check", started, made_current=made_current)
     with store.staged_version() as (version, folder):
         manifest = state.write(folder, version, verdict)
@@ -239,6 +248,7 @@ class _Update:
         self.n_old_users, self.n_old_items = len(parent.user_ids), len(parent.item_ids)
         self.dim = parent.manifest["dim"]
         self.attributes: dict[str, dict[str, str]] = {}  # new items' filter attributes
+        self.ranker, self.ranker_report = None, None  # a ranked bundle's (`ranker_epoch`)
         self.steps: list[dict] = []
 
     def log(self, name: str, started: float, **touched) -> None:
@@ -410,18 +420,7 @@ class _Update:
             return
         started = time.perf_counter()
         layer0 = np.load(self.parent.folder / self.graph["file"])
-        n_users, n_items = self.seen.shape
-        grown = np.zeros((n_users + n_items, layer0.shape[1]), np.float32)
-        users, items = grown[:n_users], grown[n_users:]  # views
-        users[:self.n_old_users], items[:self.n_old_items] = np.split(layer0, [self.n_old_users])
-        by_item = self.seen.T.tocsr()
-        new_users, new_items = np.arange(self.n_old_users, n_users), np.arange(self.n_old_items,
-                                                                               n_items)
-        items[new_items] = _neighbour_mean(by_item[new_items][:, :self.n_old_users],
-                                           users[:self.n_old_users])
-        users[new_users] = _neighbour_mean(self.seen[new_users], items)
-        alone = new_items[~items[new_items].any(axis=1)]  # only new users had them
-        items[alone] = _neighbour_mean(by_item[alone], users)
+        grown = np.vstack(grown_by_neighbours(*np.split(layer0, [self.n_old_users]), self.seen))
         model = LightGCN.from_layer0(grown, self.graph)
         edges, replayed = self._with_replay(self.added, self.parent.seen)
         self.users, self.items, self.layer0 = model.continue_training(
@@ -438,6 +437,19 @@ class _Update:
         replay = sp.csr_matrix((np.ones(len(picks), np.float32), (old.row[picks], old.col[picks])),
                                shape=added.shape)
         return ((added + replay) > 0).astype(np.float32).tocsr(), len(picks)
+
+    def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
+        """A ranked bundle: the ranker's features grown to this version's rows and one
+        warm-started epoch on the day's new pairs (`model/ranker_update.py`)."""
+        self.ranker, self.ranker_report = None, None
+        if self.parent.manifest.get("ranker") is None:
+            return
+        started = time.perf_counter()
+        before = self.parent.seen.copy().tocsr()
+        before.resize(self.seen.shape)
+        self.ranker, self.ranker_report = warm_epoch(self.parent.ranker, before, self.added,
+                                                     (self.users, self.items), check)
+        self.log("ranker epoch", started, **self.ranker_report)
 
     def _index(self) -> None:
         started = time.perf_counter()
@@ -460,9 +472,10 @@ class _Update:
         started = time.perf_counter()
         parent = self.parent
         folder.mkdir(parents=True)
-        for name in ("encoder", "ranker"):  # unchanged: hard links, no extra space
-            if (parent.folder / name).is_dir():
-                shutil.copytree(parent.folder / name, folder / name, copy_function=_link)
+        if (parent.folder / "encoder").is_dir():  # unchanged: hard links, no extra space
+            shutil.copytree(parent.folder / "encoder", folder / "encoder", copy_function=_link)
+        if self.ranker is not None:
+            self.ranker.save(folder / RANKER_DIR)
         recipe = parent.manifest.get("text_encoder") or {}
         for name in (recipe.get("projection") or {}).values():  # the cold-start path
             _link(parent.folder / name, folder / name)
@@ -494,8 +507,7 @@ class _Update:
             "scales": {"users": 1.0, "items": 1.0},
             "removed_rows": sorted(set(parent.manifest.get("removed_rows", []))
                                    | {int(r) for r in self.removed}),
-            "ranker_rows": parent.manifest.get("ranker_rows") or
-            {"users": parent.manifest["users"], "items": parent.manifest["items"]},
+            "ranker_rows": {"users": len(self.user_ids), "items": len(self.item_ids)},
             "data_cutoff": {"training_interactions": int(self.seen.nnz),
                             "interactions_file": self.increment.source,
                             "interactions_sha256": sha256_file(self.increment.source),
@@ -508,8 +520,7 @@ class _Update:
                         "removed_items": len(self.removed),
                         "fold_in": self.fold_in.describe(), "steps": self.steps,
                         "validation": verdict,
-                        "ranker": "kept as trained: users and items that joined after it are "
-                                  "answered by recall" if parent.manifest.get("ranker") else None}})
+                        "ranker": self.ranker_report}})
         seal_manifest(folder, manifest)
         return manifest
 
@@ -527,13 +538,6 @@ def sweep_cg_steps(refit_iterations: int, refit_cg_steps: int) -> int:
     return int(min(max(budget, 1), refit_cg_steps))
 
 
-def _neighbour_mean(interactions: sp.csr_matrix, vectors: np.ndarray) -> np.ndarray:
-    """Per row, the mean of the vectors of its columns (zero for a row without any)."""
-    binary = (interactions > 0).astype(np.float32)
-    counts = np.maximum(np.asarray(binary.sum(axis=1)).ravel(), 1)
-    return np.asarray(binary @ vectors, dtype=np.float32) / counts[:, None]
-
-
 def _link(source: str, target: str) -> None:
     try:
         os.link(source, target)
@@ -541,26 +545,36 @@ def _link(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _no_regression(parent: Bundle, candidate: _Update, validation: Path,
-                   max_drop: float, seed: int = 0) -> tuple[bool, str]:
-    """Recall@20 of both versions on held-out `user,item` pairs of (a fixed sample of at most
-    GATE_USERS) users and items the parent knows."""
+def _validation_pairs(parent: Bundle, candidate: _Update, validation: Path
+                      ) -> tuple[np.ndarray, sp.csr_matrix] | str:
+    """(a fixed sample of at most GATE_USERS users, the truth matrix in the candidate's rows)
+    of the held-out `user,item` pairs of users and items the parent knows; or why none."""
     frame = read_interactions(validation, parent).pairs
     users, items = frame["user"].map(parent._user_row), frame["item"].map(parent._item_row)
     known = (users.notna() & items.notna()).to_numpy()
     if not known.any():
-        return True, f"{validation}: no pairs of known users and items: made current unchecked"
+        return f"{validation}: no pairs of known users and items"
     users = users.to_numpy()[known].astype(np.int64)
     items = items.to_numpy()[known].astype(np.int64)
     gone = np.isin(items, [*parent.manifest.get("removed_rows", []), *candidate.removed])
     users, items = users[~gone], items[~gone]  # a removed item is no miss of the update
     if len(users) == 0:
-        return True, f"{validation}: no pairs of known users and kept items: made current"
+        return f"{validation}: no pairs of known users and kept items"
     truth = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
                           shape=(len(candidate.user_ids), len(candidate.item_ids)))
     rows = np.flatnonzero(np.diff(truth.indptr) > 0)
     if len(rows) > GATE_USERS:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, GATE_USERS, replace=False))
+        rows = np.sort(np.random.default_rng(0).choice(rows, GATE_USERS, replace=False))
+    return rows, truth
+
+
+def _no_regression(parent: Bundle, candidate: _Update,
+                   check: tuple[np.ndarray, sp.csr_matrix] | str,
+                   max_drop: float) -> tuple[bool, str]:
+    """Recall@20 of both versions on the validation pairs `check` (`_validation_pairs`)."""
+    if isinstance(check, str):
+        return True, f"{check}: made current unchecked"
+    rows, truth = check
     figures = []
     for bundle in (parent, candidate):  # the parent's rows are the candidate's first rows
         top = bundle.retriever.search(bundle.users, 20, bundle.seen, rows)[0]

@@ -301,11 +301,12 @@ def test_removed_items_leave_ranked_answers_and_do_not_fail_the_check(ranked_run
                            validation=_write_csv(tmp_path / "val.csv", held_out))
     assert result.made_current, result.report["validation"]  # removal is not a regression
     after = Bundle(store)
+    overlaps = []
     for user in users:
         now = [i for i, _ in after.recommend(user, 20, rank=True)]
         assert gone not in now and len(now) == 20
-        if gone not in ranked[user]:
-            assert now == ranked[user]  # nobody else's ranked list moves
+        overlaps.append(len(set(now) & set(ranked[user])) / 20)
+    assert np.mean(overlaps) >= 0.9  # the day's sweeps move the vectors, not the lists
 
 
 def test_interaction_files_with_bad_rows_stop_at_their_line(store, tmp_path):
@@ -397,7 +398,9 @@ def test_where_filters_keep_the_order_among_matching_items(store, ranked_run, tm
     assert new_row in after.items_matching({"categories": "thai"})
 
 
-def test_the_service_answers_a_user_who_joined_after_the_ranker(ranked_run, tmp_path):
+def test_the_service_ranks_a_user_who_joined_after_the_ranker(ranked_run, tmp_path):
+    """An update grows the ranker's features to its new rows, so a user who joined in it
+    is ranked like any other (the ranker's own candidates from their fold-in)."""
     from model.service import create_app
     from test_service import serving
 
@@ -407,7 +410,9 @@ def test_the_service_answers_a_user_who_joined_after_the_ranker(ranked_run, tmp_
     with serving(create_app(tmp_path / "bundle", watch_seconds=0)) as client:
         assert client.get("/users/late-user/recommendations?k=5").status_code == 200
         ranked = client.get("/users/late-user/recommendations?k=5&rank=true")
-        assert ranked.status_code == 409 and "after the ranker" in ranked.json()["detail"]
+        assert ranked.status_code == 200, ranked.text
+        listed = [entry["id"] for entry in ranked.json()["items"]]
+        assert len(listed) == 5 and not {"3", "9"} & set(listed)  # seen items excluded
         assert client.get("/users/3/recommendations?k=5&rank=true").status_code == 200
 
 
