@@ -102,6 +102,38 @@ def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
     return walks
 
 
+def sample_neighbours(graph: sp.csr_matrix, seeds: np.ndarray, fanouts: list[int],
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """GraphSAGE's neighbour sampling over a CSR adjacency: (nodes, edges). `nodes`: the
+    distinct `seeds`, then the nodes each hop reached first; at hop h every node reached at
+    hop h - 1 takes all its neighbours when it has at most fanouts[h], else draws fanouts[h]
+    (with replacement; repeats kept once). `edges`: (2, E) positions in `nodes`, row 0 the
+    node that drew, row 1 the neighbour it drew."""
+    nodes = frontier = np.asarray(seeds, dtype=np.int64)
+    position = {"nodes": np.sort(nodes), "order": np.argsort(nodes)}
+    drawers, drawn_all = [], []
+    for fanout in fanouts:
+        frontier = frontier[graph.indptr[frontier + 1] > graph.indptr[frontier]]
+        degree = graph.indptr[frontier + 1] - graph.indptr[frontier]
+        offsets = np.where(degree[:, None] <= fanout, np.arange(fanout),
+                           (rng.random((len(frontier), fanout)) * degree[:, None]).astype(int))
+        inside = offsets < degree[:, None]
+        drawn = graph.indices[(graph.indptr[frontier][:, None] + offsets)[inside]]
+        pairs = np.unique(np.stack([np.repeat(frontier, inside.sum(1)),
+                                    drawn.astype(np.int64)]), axis=1)
+        known = np.searchsorted(position["nodes"], pairs[1]).clip(max=len(nodes) - 1)
+        frontier = np.unique(pairs[1][position["nodes"][known] != pairs[1]])
+        nodes = np.concatenate([nodes, frontier])
+        position = {"nodes": np.sort(nodes), "order": np.argsort(nodes)}
+        drawers.append(pairs[0])
+        drawn_all.append(pairs[1])
+    ends = [np.concatenate(part) if part else np.empty(0, np.int64)
+            for part in (drawers, drawn_all)]
+    edges = np.stack([position["order"][np.searchsorted(position["nodes"], end)]
+                      for end in ends])
+    return nodes, edges
+
+
 # ---------------------------------------------------------------- sampling and losses
 
 
@@ -139,10 +171,12 @@ def bpr_loss(user: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
 def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, torch.Tensor]],
               optimiser: torch.optim.Optimizer, train: sp.csr_matrix, batch: int,
               weight_decay: float, rng: np.random.Generator, device: str = "cpu",
-              desc: str = "bpr", loss_fn: Callable | None = None) -> float:
+              desc: str = "bpr", loss_fn: Callable | None = None,
+              embed_triples: Callable | None = None) -> float:
     """One pass of BPR steps over about `train.nnz` sampled triples; `embed()` returns the
-    (user, item) vectors of all nodes (full batch). `loss_fn(user, positive, negative
-    vectors, user, positive, negative ids)` replaces BPR with an L2 penalty on the output
+    (user, item) vectors of all nodes (full batch), or `embed_triples(users, positives,
+    negatives)` only theirs (mini-batch: sampled neighbourhoods). `loss_fn(user, positive,
+    negative vectors, user, positive, negative ids)` replaces BPR with an L2 penalty on the output
     vectors (LightGCN penalises its layer-0 embeddings instead). Returns the mean loss."""
     module.train()
     steps = max(1, train.nnz // batch)
@@ -150,8 +184,11 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
         users, positives, negatives = (torch.as_tensor(a, device=device)
                                        for a in sample_bpr_triples(train, batch, rng, coo_rows))
-        user_vectors, item_vectors = embed()
-        vectors = (user_vectors[users], item_vectors[positives], item_vectors[negatives])
+        if embed_triples is not None:
+            vectors = embed_triples(users, positives, negatives)
+        else:
+            user_vectors, item_vectors = embed()
+            vectors = (user_vectors[users], item_vectors[positives], item_vectors[negatives])
         loss = loss_fn(*vectors, users, positives, negatives) if loss_fn is not None \
             else bpr_loss(*vectors, weight_decay)
         optimiser.zero_grad()
@@ -232,28 +269,6 @@ def _time_estimate(elapsed: float, done: int, total: int) -> str:
 # ---------------------------------------------------------------- fusion
 
 
-def concat_scales(parts: list[np.ndarray], weights: list[float]) -> list[float]:
-    """Per part, sqrt(weight) / its mean (non-zero) row norm: the factor `weighted_concat`
-    applies to it (and a bundle to a new row's block)."""
-    scales = []
-    for part, weight in zip(parts, weights):
-        norms = np.linalg.norm(part, axis=1)
-        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
-        scales.append(float(np.sqrt(weight) / mean_norm))
-    return scales
-
-
-def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Concatenate parts, each divided by its mean row norm and scaled by sqrt(weight).
-
-    A global scale (not a per-row one) keeps what each model learnt in its vector norms:
-    LightGCN and GraphSAGE score by inner product, and their norms carry popularity. The
-    inner product of a fused user and item is sum_p w_p <u_p, i_p> / (|u_p| |i_p|)_mean.
-    """
-    scales = concat_scales(parts, weights)
-    return np.hstack([part * scale for part, scale in zip(parts, scales)]).astype(np.float32)
-
-
 def fit_content_map(content: np.ndarray, target: np.ndarray, seed: int = 0,
                     strengths: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
                     max_rows: int = 200_000) -> tuple[np.ndarray, float]:
@@ -288,34 +303,6 @@ def fit_content_map(content: np.ndarray, target: np.ndarray, seed: int = 0,
 
 def apply_content_map(content: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (content @ weights[:-1] + weights[-1]).astype(np.float32)
-
-
-def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],
-                          grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0),
-                          rounds: int = 2) -> tuple[list[float], float]:
-    """Weights per part by a validation score of the weighted parts: start from the best
-    single part (weight 1, others 0), then coordinate ascent over `grid` for the others.
-    The result is never worse on validation than the best part alone."""
-    singles = [score([1.0 if p == q else 0.0 for q in range(n_parts)]) for p in range(n_parts)]
-    anchor = int(np.argmax(singles))
-    weights = [1.0 if p == anchor else 0.0 for p in range(n_parts)]
-    best = singles[anchor]
-    for _ in range(rounds):
-        improved = False
-        for part in range(n_parts):
-            if part == anchor:
-                continue
-            for value in grid:
-                candidate = weights.copy()
-                candidate[part] = value
-                if candidate == weights:
-                    continue
-                result = score(candidate)
-                if result > best + 1e-6:
-                    best, weights, improved = result, candidate, True
-        if not improved:
-            break
-    return weights, best
 
 
 def coordinate_search(grid: dict[str, list], score: Callable[[dict], float], start: dict,

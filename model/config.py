@@ -148,6 +148,10 @@ class GraphConfig:
     sage_layers: int = option(2, "GraphSAGE: SAGEConv layers.")
     sage_id_dim: int = option(64, "GraphSAGE: learned id embedding size added to the text "
                               "features (0: text features only).")
+    sage_fanout: int = option(0, "GraphSAGE: neighbours sampled per node and layer for each "
+                              "training batch (mini-batch over the batch's sampled "
+                              "neighbourhoods, memory independent of the graph's size); 0: "
+                              "full batch, every step over the whole graph.")
     lgn_layers: int = option(3, "LightGCN: propagation layers.")
     epochs: int = option(100, "Most training epochs (GraphSAGE, LightGCN, learned fusion); "
                          "early stopping on validation (--patience) usually ends sooner.")

@@ -3,14 +3,14 @@ GraphSAGE, LightGCN): weighted concatenation with weights tuned on validation, o
 linear projection on top of it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from coreMethod import (BestState, apply_content_map, bpr_epoch, concat_scales,
-                        fit_content_map, search_fusion_weights, train_until_no_improvement,
-                        weighted_concat)
+from coreMethod import (BestState, apply_content_map, bpr_epoch, fit_content_map,
+                        train_until_no_improvement)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
@@ -229,3 +229,53 @@ class Fusion(Recommender):
                                  for side in ("users", "items")}
         self.part_signals = {name: (arrays[f"part{p}_users"], arrays[f"part{p}_items"])
                              for p, name in enumerate(state.get("parts", []))}
+
+
+def concat_scales(parts: list[np.ndarray], weights: list[float]) -> list[float]:
+    """Per part, sqrt(weight) / its mean (non-zero) row norm: the factor `weighted_concat`
+    applies to it (and a bundle to a new row's block)."""
+    scales = []
+    for part, weight in zip(parts, weights):
+        norms = np.linalg.norm(part, axis=1)
+        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
+        scales.append(float(np.sqrt(weight) / mean_norm))
+    return scales
+
+
+def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Concatenate parts, each divided by its mean row norm and scaled by sqrt(weight).
+
+    A global scale (not a per-row one) keeps what each model learnt in its vector norms:
+    LightGCN and GraphSAGE score by inner product, and their norms carry popularity. The
+    inner product of a fused user and item is sum_p w_p <u_p, i_p> / (|u_p| |i_p|)_mean.
+    """
+    scales = concat_scales(parts, weights)
+    return np.hstack([part * scale for part, scale in zip(parts, scales)]).astype(np.float32)
+
+
+def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],
+                          grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0),
+                          rounds: int = 2) -> tuple[list[float], float]:
+    """Weights per part by a validation score of the weighted parts: start from the best
+    single part (weight 1, others 0), then coordinate ascent over `grid` for the others.
+    The result is never worse on validation than the best part alone."""
+    singles = [score([1.0 if p == q else 0.0 for q in range(n_parts)]) for p in range(n_parts)]
+    anchor = int(np.argmax(singles))
+    weights = [1.0 if p == anchor else 0.0 for p in range(n_parts)]
+    best = singles[anchor]
+    for _ in range(rounds):
+        improved = False
+        for part in range(n_parts):
+            if part == anchor:
+                continue
+            for value in grid:
+                candidate = weights.copy()
+                candidate[part] = value
+                if candidate == weights:
+                    continue
+                result = score(candidate)
+                if result > best + 1e-6:
+                    best, weights, improved = result, candidate, True
+        if not improved:
+            break
+    return weights, best

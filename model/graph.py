@@ -17,7 +17,7 @@ from torch_geometric.nn import SAGEConv
 from tqdm import tqdm
 
 from coreMethod import (BestState, bipartite_graph, bpr_epoch, random_walks,
-                        train_until_no_improvement)
+                        sample_neighbours, train_until_no_improvement)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
@@ -98,12 +98,16 @@ class SAGENet(torch.nn.Module):
         self.convs = torch.nn.ModuleList(SAGEConv(hidden, hidden) for _ in range(layers))
 
     def forward(self, features: torch.Tensor | None, adjacency: torch.Tensor,
-                new_nodes: int | None = None) -> torch.Tensor:
-        """All nodes of the training graph, or (`new_nodes` rows of `features`) nodes that
-        are not in it: those get no id vector."""
+                new_nodes: int | None = None, nodes: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """All nodes of the training graph; or its `nodes` (features and adjacency are
+        theirs: a sampled neighbourhood); or (`new_nodes` rows of `features`) nodes that are
+        not in it: those get no id vector."""
         parts = [] if features is None else [features]
         if self.id_embedding is not None:
-            if new_nodes is None:
+            if nodes is not None:
+                parts.append(self.id_embedding(nodes) * self.id_mask[nodes])
+            elif new_nodes is None:
                 parts.append(self.id_embedding.weight * self.id_mask)
             else:
                 parts.append(features.new_zeros(new_nodes, self.id_embedding.embedding_dim))
@@ -133,7 +137,7 @@ class _BPRGraphModel(Recommender):
     def _loss_fn(self, n_users: int):
         return None  # the default: BPR with an L2 penalty on the output vectors
 
-    def _train(self, dataset, embed, device: str) -> None:
+    def _train(self, dataset, embed, device: str, embed_triples=None) -> None:
         config = self.train_config
         rng = np.random.default_rng(self.seed)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=config.lr)
@@ -147,7 +151,7 @@ class _BPRGraphModel(Recommender):
                 loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
                                  config.weight_decay, rng, device,
                                  f"{self.name} epoch {epoch}/{config.epochs}",
-                                 self._loss_fn(dataset.n_users))
+                                 self._loss_fn(dataset.n_users), embed_triples)
             return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
         def score() -> float:
@@ -179,20 +183,24 @@ class _BPRGraphModel(Recommender):
 
 @register
 class GraphSAGE(_BPRGraphModel):
-    """GraphSAGE (full batch) trained on link prediction with BPR. Input features: text
-    embeddings (pass a fitted text model to `fit`) and/or learned id embeddings."""
+    """GraphSAGE trained on link prediction with BPR, full batch or (`fanout` > 0) in
+    mini-batches: each BPR batch runs over its nodes' sampled neighbourhoods (`fanout`
+    neighbours per node and layer), so a step's memory does not grow with the graph.
+    Input features: text embeddings (pass a fitted text model to `fit`) and/or learned id
+    embeddings."""
 
     _name = "graphsage"
 
     def __init__(self, dim: int = 64, layers: int = 2, id_dim: int = 64,
                  train: TrainConfig | dict | None = None, seed: int = 2023,
-                 device: str = "auto") -> None:
+                 device: str = "auto", fanout: int = 0) -> None:
         super().__init__(dim, train, seed, device)
-        self.layers, self.id_dim = layers, id_dim
+        self.layers, self.id_dim, self.fanout = layers, id_dim, fanout
         self.feature_dim = 0
 
     def params(self) -> dict:
-        return {**super().params(), "layers": self.layers, "id_dim": self.id_dim}
+        return {**super().params(), "layers": self.layers, "id_dim": self.id_dim,
+                "fanout": self.fanout}
 
     def fit(self, dataset, text: Recommender | tuple[np.ndarray, np.ndarray] | None = None
             ) -> "GraphSAGE":
@@ -208,7 +216,8 @@ class GraphSAGE(_BPRGraphModel):
         self.feature_dim = 0 if features is None else features.shape[1]
         n_users, n_nodes = dataset.n_users, dataset.n_users + dataset.n_items
         self.net = SAGENet(n_nodes, self.feature_dim, self.id_dim, self.dim, self.layers)
-        degree = np.diff(bipartite_graph(dataset.train).indptr)
+        graph, rng = bipartite_graph(dataset.train), np.random.default_rng(self.seed + 1)
+        degree = np.diff(graph.indptr)
         self.net.id_mask.copy_(torch.as_tensor(degree > 0, dtype=torch.float32).unsqueeze(1))
         self.net.to(device)
 
@@ -216,7 +225,18 @@ class GraphSAGE(_BPRGraphModel):
             out = self.net(features, adjacency)
             return out[:n_users], out[n_users:]
 
-        self._train(dataset, embed, device)
+        def embed_triples(users, positives, negatives):  # over sampled neighbourhoods
+            seeds = torch.cat([users, positives + n_users, negatives + n_users]).cpu().numpy()
+            distinct, inverse = np.unique(seeds, return_inverse=True)
+            nodes, edges = sample_neighbours(graph, distinct, [self.fanout] * self.layers, rng)
+            nodes = torch.as_tensor(nodes, device=device)
+            local = torch.sparse_coo_tensor(torch.as_tensor(edges, device=device),
+                                            torch.ones(edges.shape[1], device=device),
+                                            (len(nodes), len(nodes))).to_sparse_csr()
+            out = self.net(None if features is None else features[nodes], local, nodes=nodes)
+            return out[torch.as_tensor(inverse, device=device)].split(len(users))
+
+        self._train(dataset, embed, device, embed_triples if self.fanout else None)
         self._fitted_on(dataset)
         return self
 

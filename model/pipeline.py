@@ -215,7 +215,8 @@ class RecallModels:
             if text is None and not g.sage_id_dim:
                 raise Unavailable("no text features and --sage-id-dim 0")
             return GraphSAGE(g.dim, g.sage_layers, g.sage_id_dim, g.training(),
-                             self.config.run.seed, self.device).fit(self.dataset, text)
+                             self.config.run.seed, self.device, g.sage_fanout
+                             ).fit(self.dataset, text)
         return self._once("graphsage", fit)
 
     def lightgcn(self) -> LightGCN:

@@ -4,8 +4,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import binomtest
 
-from coreMethod import (bipartite_graph, random_walks, sample_bpr_triples, weighted_concat)
+from coreMethod import bipartite_graph, random_walks, sample_bpr_triples, sample_neighbours
 from dataHandler import Dataset
+from model.fusion import search_fusion_weights, weighted_concat
 
 
 def tiny_dataset(train: np.ndarray, val: np.ndarray | None = None) -> Dataset:
@@ -109,7 +110,6 @@ def test_weighted_concat_shapes_and_geometry():
 
 
 def test_fusion_search_is_never_worse_than_the_best_part():
-    from coreMethod import search_fusion_weights, weighted_concat
     from evaluation import Evaluator
 
     rng = np.random.default_rng(2)
@@ -163,3 +163,41 @@ def test_graphsage_reruns_give_identical_vectors():
     runs = [GraphSAGE(dim=16, id_dim=8, train=training, seed=0, device="cpu").fit(dataset, text)
             for _ in range(2)]
     assert np.array_equal(runs[0].embeddings()[0], runs[1].embeddings()[0])
+
+
+def test_sampled_neighbourhoods_are_graph_edges_within_the_fanout():
+    train = sp.random(60, 40, density=0.15, format="csr", random_state=3)
+    graph = bipartite_graph(train)
+    seeds = np.array([5, 70, 2])
+    nodes, edges = sample_neighbours(graph, seeds, [3, 2], np.random.default_rng(0))
+    assert list(nodes[:3]) == [5, 70, 2] and len(set(nodes)) == len(nodes)
+    assert all(graph[nodes[a], nodes[b]] > 0 for a, b in edges.T)
+    drawers, counts = np.unique(edges[0], return_counts=True)
+    assert counts.max() <= 3
+    for seed_position in range(3):  # a seed with few neighbours takes them all
+        degree = graph.indptr[seeds[seed_position] + 1] - graph.indptr[seeds[seed_position]]
+        if degree <= 3:
+            assert (edges[0] == seed_position).sum() == degree
+
+
+def test_graphsage_on_whole_sampled_neighbourhoods_equals_the_full_graph_pass():
+    """With a fanout above every degree, a batch's sampled neighbourhoods hold every edge
+    its seeds' outputs depend on, so the mini-batch pass gives the full-batch vectors."""
+    import torch
+
+    from model.graph import SAGENet, graph_adjacency
+
+    train = sp.random(50, 30, density=0.1, format="csr", random_state=4)
+    graph = bipartite_graph(train)
+    torch.manual_seed(0)
+    net = SAGENet(80, 6, 4, 8, 2).eval()
+    features = torch.randn(80, 6)
+    with torch.no_grad():
+        full = net(features, graph_adjacency(train, normalize=False))
+        seeds = np.array([1, 7, 55, 63])
+        nodes, edges = sample_neighbours(graph, seeds, [100, 100], np.random.default_rng(0))
+        nodes = torch.as_tensor(nodes)
+        local = torch.sparse_coo_tensor(torch.as_tensor(edges), torch.ones(edges.shape[1]),
+                                        (len(nodes), len(nodes))).to_sparse_csr()
+        sampled = net(features[nodes], local, nodes=nodes)[:len(seeds)]
+    torch.testing.assert_close(sampled, full[seeds], atol=1e-5, rtol=1e-5)
