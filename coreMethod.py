@@ -176,25 +176,30 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
     """One pass of BPR steps over about `train.nnz` sampled triples; `embed()` returns the
     (user, item) vectors of all nodes (full batch), or `embed_triples(users, positives,
     negatives)` only theirs (mini-batch: sampled neighbourhoods). `loss_fn(user, positive,
-    negative vectors, user, positive, negative ids)` replaces BPR with an L2 penalty on the output
-    vectors (LightGCN penalises its layer-0 embeddings instead). Returns the mean loss."""
+    negative vectors, user, positive, negative ids)` replaces BPR with an L2 penalty on the
+    output vectors (LightGCN penalises its layer-0 embeddings instead); both are means over
+    the batch. In a process group every rank draws the same global batch and takes its
+    share; gradients are averaged (the global batch's gradient). Returns the mean loss."""
     module.train()
+    rank, world = data_parallel()
     steps = max(1, train.nnz // batch)
     total, coo_rows = 0.0, pair_rows(train)
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
-        users, positives, negatives = (torch.as_tensor(a, device=device)
+        share = np.array_split(np.arange(batch), world)[rank]
+        users, positives, negatives = (torch.as_tensor(a[share], device=device)
                                        for a in sample_bpr_triples(train, batch, rng, coo_rows))
         if embed_triples is not None:
             vectors = embed_triples(users, positives, negatives)
         else:
             user_vectors, item_vectors = embed()
             vectors = (user_vectors[users], item_vectors[positives], item_vectors[negatives])
-        loss = loss_fn(*vectors, users, positives, negatives) if loss_fn is not None \
-            else bpr_loss(*vectors, weight_decay)
+        loss = (loss_fn(*vectors, users, positives, negatives) if loss_fn is not None
+                else bpr_loss(*vectors, weight_decay)) * (len(share) * world / batch)
         optimiser.zero_grad()
         loss.backward()
+        average_gradients(module.parameters())
         optimiser.step()
-        total += loss.item()
+        total += mean_over_ranks(loss.item())
     return total / steps
 
 

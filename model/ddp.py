@@ -1,5 +1,6 @@
 """Data-parallel training on Ray Train's `TorchTrainer` (gloo on CPU, NCCL on GPUs): the
-pipeline's encoder fine-tuning (`finetune`) and Wide&Deep ranker (`ranker_train_loop`) when
+pipeline's encoder fine-tuning (`finetune`), Wide&Deep ranker (`ranker_train_loop`) and
+GraphSAGE (`graphsage_train_loop`) when
 the run has `--engine ray --workers N`, and `main.py ddp-check` (also under
 `torchrun --nproc_per_node=N`), DistributedDataParallel over gloo on the CPU (the check
 compares with one CPU process, GPU or not).
@@ -183,6 +184,36 @@ def _ranker_worker(job: dict) -> None:
         torch.save({k: v.cpu() for k, v in ranker.net.state_dict().items()},
                    Path(job["out"]) / "state.pt")
         (Path(job["out"]) / "log.json").write_text(json.dumps(log_))
+
+
+def graphsage_train_loop(engine):
+    """GraphSAGE's training for `engine` (`GraphSAGE.fit(..., train_loop=)`): on Ray Train
+    with several workers (each rank takes its share of every global BPR batch, over its own
+    sampled neighbourhoods with --sage-fanout), else None (this process)."""
+    workers = ray_workers(engine)
+    if workers < 2:
+        return None
+
+    def on_ray(model, dataset, text):
+        with tempfile.TemporaryDirectory() as folder:
+            job = {"model": model, "dataset": dataset, "text": text, "out": folder,
+                   "use_gpu": str(model.device).startswith("cuda")}
+            _on_ray_train(_graphsage_worker, job, workers, folder)
+            fitted = torch.load(Path(folder) / "fitted.pt", weights_only=False)
+        model.adopt(fitted, dataset)
+        model.training_log["workers"] = workers
+        return model
+    return on_ray
+
+
+def _graphsage_worker(job: dict) -> None:
+    from ray.train.torch import get_device
+
+    model = job["model"]
+    model.device = str(get_device())
+    model.fit(job["dataset"], job["text"])
+    if dist.get_rank() == 0:
+        torch.save(model.fitted_state(), Path(job["out"]) / "fitted.pt")
 
 
 def finetune(encoder, dataset, method: str, config, seed: int, engine=None):

@@ -16,8 +16,8 @@ from torch_geometric.nn import LightGCN as PygLightGCN
 from torch_geometric.nn import SAGEConv
 from tqdm import tqdm
 
-from coreMethod import (BestState, bipartite_graph, bpr_epoch, random_walks,
-                        sample_neighbours, train_until_no_improvement)
+from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, random_walks,
+                        rank0_value, sample_neighbours, train_until_no_improvement)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
@@ -154,11 +154,13 @@ class _BPRGraphModel(Recommender):
                                  self._loss_fn(dataset.n_users), embed_triples)
             return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
-        def score() -> float:
+        def score() -> float:  # rank 0's, in a process group
+            if data_parallel()[0] != 0:
+                return rank0_value(0.0)
             self.net.eval()
             with torch.no_grad():
                 users, items = (t.float().cpu().numpy() for t in embed())
-            return validation.vector_recall(users, items)
+            return rank0_value(validation.vector_recall(users, items))
 
         rounds = -(-config.epochs // config.eval_every)
         with deterministic_torch():
@@ -202,9 +204,14 @@ class GraphSAGE(_BPRGraphModel):
         return {**super().params(), "layers": self.layers, "id_dim": self.id_dim,
                 "fanout": self.fanout}
 
-    def fit(self, dataset, text: Recommender | tuple[np.ndarray, np.ndarray] | None = None
-            ) -> "GraphSAGE":
-        """`text`: a fitted text model, or its (user, item) vectors, as input features."""
+    def fit(self, dataset, text: Recommender | tuple[np.ndarray, np.ndarray] | None = None,
+            train_loop=None) -> "GraphSAGE":
+        """`text`: a fitted text model, or its (user, item) vectors, as input features;
+        `train_loop(model, dataset, text vectors)`: fits elsewhere (`model.ddp`)."""
+        if train_loop is not None:
+            vectors = None if text is None else \
+                (text if isinstance(text, tuple) else text.embeddings())
+            return train_loop(self, dataset, vectors)
         device = pick_device(self.device)
         torch.manual_seed(self.seed)
         adjacency = graph_adjacency(dataset.train, normalize=False).to(device)
@@ -251,6 +258,23 @@ class GraphSAGE(_BPRGraphModel):
             tensor = torch.as_tensor(features, dtype=torch.float32, device=device)
             empty = torch.empty((2, 0), dtype=torch.long, device=device)
             return self.net(tensor, empty, new_nodes=len(tensor)).cpu().numpy()
+
+    def fitted_state(self) -> dict:
+        """What `adopt` needs to take this fit over (handed back by a Ray Train worker)."""
+        return {"net": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "feature_dim": self.feature_dim, "training_log": self.training_log,
+                "vectors": (self.user_vectors, self.item_vectors)}
+
+    def adopt(self, fitted: dict, dataset) -> "GraphSAGE":
+        self.feature_dim = fitted["feature_dim"]
+        self.net = SAGENet(dataset.n_users + dataset.n_items, self.feature_dim, self.id_dim,
+                           self.dim, self.layers)
+        self.net.load_state_dict(fitted["net"])
+        self.net.to(pick_device(self.device)).eval()
+        self.user_vectors, self.item_vectors = fitted["vectors"]
+        self.training_log = fitted["training_log"]
+        self._fitted_on(dataset)
+        return self
 
     def _state(self) -> dict:
         return {"feature_dim": self.feature_dim}

@@ -21,7 +21,7 @@ from model.classic import Popularity
 from model.content import TfidfRecall
 from model.config import (BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig,
                           RunConfig)
-from model.ddp import finetune, ranker_train_loop
+from model.ddp import finetune, graphsage_train_loop, ranker_train_loop
 from model.distill import distill_encoder, distillation_texts
 from model.engine import LocalEngine, make_engine
 from model.fusion import Fusion
@@ -216,7 +216,7 @@ class RecallModels:
                 raise Unavailable("no text features and --sage-id-dim 0")
             return GraphSAGE(g.dim, g.sage_layers, g.sage_id_dim, g.training(),
                              self.config.run.seed, self.device, g.sage_fanout
-                             ).fit(self.dataset, text)
+                             ).fit(self.dataset, text, graphsage_train_loop(self.engine))
         return self._once("graphsage", fit)
 
     def lightgcn(self) -> LightGCN:

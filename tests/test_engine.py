@@ -208,6 +208,34 @@ def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
                           alone.recommend(users, data.train, 10)[0])
 
 
+def test_graphsage_on_ray_train_equals_one_process(ray_engine, tmp_path):
+    """GraphSAGE in mini-batches on Ray Train, each rank taking half of every global BPR
+    batch over its own neighbourhoods: with a fanout above every degree (whole
+    neighbourhoods, so no sampling noise) the same validation history and vectors as one
+    process."""
+    from dataHandler import open_dataset
+    from model.ddp import graphsage_train_loop
+    from model.graph import GraphSAGE
+
+    data = open_dataset("demo", tmp_path)
+    text = (np.random.default_rng(0).normal(size=(data.n_users, 8)).astype(np.float32),
+            np.random.default_rng(1).normal(size=(data.n_items, 8)).astype(np.float32))
+    settings = {"epochs": 4, "eval_every": 2, "batch": 512, "patience": 3}
+
+    def model() -> GraphSAGE:
+        return GraphSAGE(16, 2, 8, settings, seed=0, device="cpu", fanout=1000)
+    alone = model().fit(data, text)
+    shared = model().fit(data, text, graphsage_train_loop(ray_engine))
+    assert shared.training_log["workers"] == 2
+    for one, two in zip(alone.training_log["history"], shared.training_log["history"],
+                        strict=True):
+        assert abs(one["val_recall@20"] - two["val_recall@20"]) < 1e-4
+    np.testing.assert_allclose(shared.item_vectors, alone.item_vectors, atol=1e-4)
+    np.testing.assert_allclose(shared.user_vectors, alone.user_vectors, atol=1e-4)
+    assert np.array_equal(shared.recommend(np.arange(0, data.n_users, 5), 10)[0],
+                          alone.recommend(np.arange(0, data.n_users, 5), 10)[0])
+
+
 def test_training_goes_to_ray_train_only_on_one_node_with_several_workers(monkeypatch):
     """Ray Train workers hand their result back through the driver's disk: a cluster of
     several nodes trains in the driver instead of failing after the training."""
