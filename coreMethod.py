@@ -105,7 +105,7 @@ def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
 def sample_neighbours(graph: sp.csr_matrix, seeds: np.ndarray, fanouts: list[int],
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """GraphSAGE's neighbour sampling over a CSR adjacency: (nodes, edges). `nodes`: the
-    distinct `seeds`, then the nodes each hop reached first; at hop h every node reached at
+    `seeds` (distinct node ids), then the nodes each hop reached first; at hop h every node reached at
     hop h - 1 takes all its neighbours when it has at most fanouts[h], else draws fanouts[h]
     (with replacement; repeats kept once). `edges`: (2, E) positions in `nodes`, row 0 the
     node that drew, row 1 the neighbour it drew."""
@@ -188,15 +188,18 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
         share = np.array_split(np.arange(batch), world)[rank]
         users, positives, negatives = (torch.as_tensor(a[share], device=device)
                                        for a in sample_bpr_triples(train, batch, rng, coo_rows))
-        if embed_triples is not None:
-            vectors = embed_triples(users, positives, negatives)
-        else:
-            user_vectors, item_vectors = embed()
-            vectors = (user_vectors[users], item_vectors[positives], item_vectors[negatives])
-        loss = (loss_fn(*vectors, users, positives, negatives) if loss_fn is not None
-                else bpr_loss(*vectors, weight_decay)) * (len(share) * world / batch)
         optimiser.zero_grad()
-        loss.backward()
+        loss = torch.zeros(())
+        if len(share):  # (a rank without rows still joins the gradient average)
+            if embed_triples is not None:
+                vectors = embed_triples(users, positives, negatives)
+            else:
+                user_vectors, item_vectors = embed()
+                vectors = (user_vectors[users], item_vectors[positives],
+                           item_vectors[negatives])
+            loss = (loss_fn(*vectors, users, positives, negatives) if loss_fn is not None
+                    else bpr_loss(*vectors, weight_decay)) * (len(share) * world / batch)
+            loss.backward()
         average_gradients(module.parameters())
         optimiser.step()
         total += mean_over_ranks(loss.item())

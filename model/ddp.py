@@ -24,7 +24,7 @@ import torch.distributed as dist
 from model.contrastive import finetune_encoder
 from model.ranking import RankingFeatures, WideDeep
 from model.text import TextEncoder
-from utils import log
+from utils import log, pick_device
 
 USERS, ITEMS, DIM = 300, 200, 16
 
@@ -197,7 +197,7 @@ def graphsage_train_loop(engine):
     def on_ray(model, dataset, text):
         with tempfile.TemporaryDirectory() as folder:
             job = {"model": model, "dataset": dataset, "text": text, "out": folder,
-                   "use_gpu": str(model.device).startswith("cuda")}
+                   "use_gpu": pick_device(model.device).startswith("cuda")}
             _on_ray_train(_graphsage_worker, job, workers, folder)
             fitted = torch.load(Path(folder) / "fitted.pt", weights_only=False)
         model.adopt(fitted, dataset)

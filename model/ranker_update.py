@@ -9,7 +9,7 @@ whose centre (the mean of its trained members) is nearest; item-item weights kno
 item (zero weight, as for an item no one had co-visited).
 
 The epoch: each network of the ensemble takes one pass, from its trained weights, over the
-day's new pairs that its candidates held (positives) against the users' other candidates
+day's new pairs of users known the day before that its candidates held (positives) against the users' other candidates
 and random items (negatives), with the features of the day before (so a pair's own
 interaction is not already in its history), the training loss and learning rate. With
 validation pairs the networks' ranked NDCG@20 on them decides between the trained and the
@@ -45,10 +45,10 @@ def grown_features(features: RankingFeatures, seen: sp.csr_matrix,
     grown.activity = np.log1p(np.diff(grown.history.indptr)).astype(np.float32)
     grown.popularity = np.log1p(np.bincount(grown.history.indices, minlength=n_items)
                                 ).astype(np.float32)
-    grown.activity_bucket, grown.popularity_bucket = (_buckets_like(features.activity,
-                                                                    grown.activity),
-                                                      _buckets_like(features.popularity,
-                                                                    grown.popularity))
+    grown.activity_bucket = _buckets_like(features.activity, features.activity_bucket,
+                                          grown.activity)
+    grown.popularity_bucket = _buckets_like(features.popularity, features.popularity_bucket,
+                                            grown.popularity)
     channels = features.channels()
     first = next(iter(channels))
     raw = {name: primary if name == first and primary is not None else
@@ -66,37 +66,60 @@ def grown_features(features: RankingFeatures, seen: sp.csr_matrix,
     return grown
 
 
-def _buckets_like(trained: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The trained buckets' edges (quantiles of the trained values) applied to `values`."""
-    edges = np.quantile(trained, np.linspace(0, 1, N_BUCKETS + 1)[1:-1])
+def _buckets_like(known: np.ndarray, buckets: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`values` in the buckets that `known` values were put in: edge k is the least known
+    value above bucket k (the trained edges, whatever updates came in between)."""
+    edges = [known[buckets > k].min() if (buckets > k).any() else np.inf
+             for k in range(N_BUCKETS - 1)]
     return np.searchsorted(edges, values, side="right").astype(np.int64)
 
 
 def _grown_segments(segments: np.ndarray, trained: np.ndarray, vectors: np.ndarray,
                     n_segments: int) -> np.ndarray:
+    """Trained rows keep their segment; a new row joins the one whose centre (the mean of
+    its members) is nearest."""
     centres = np.zeros((n_segments, trained.shape[1]), np.float32)
     np.add.at(centres, segments, trained)
+    centres /= np.maximum(np.bincount(segments, minlength=n_segments), 1)[:, None]
     new = vectors[len(segments):]
-    return np.concatenate([segments, np.argmax(new @ centres.T, axis=1) if len(new)
-                           else np.empty(0, np.int64)]).astype(np.int64)
+    nearest = np.argmax(new @ centres.T - 0.5 * (centres ** 2).sum(1), axis=1)
+    return np.concatenate([segments, nearest]).astype(np.int64)
+
+
+def served_primary(ranker: WideDeepRanker, parent: tuple[np.ndarray, np.ndarray],
+                   version: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The primary channel over the version's rows: the version's vectors where the update
+    moved them or added the row, else the ranker's own trained ones (exact float32, where
+    a bundle may store them quantised)."""
+    trained = next(iter(ranker.features.channels().values()))
+    out = []
+    for own, before, now in zip(trained, parent, version):
+        merged, rows = now.astype(np.float32).copy(), len(own)
+        same = np.all(now[:rows] == before[:rows], axis=1)
+        merged[:rows][same] = own[same]
+        out.append(merged)
+    return out[0], out[1]
 
 
 def warm_epoch(ranker: WideDeepRanker, before: sp.csr_matrix, added: sp.csr_matrix,
                primary: tuple[np.ndarray, np.ndarray],
                check: tuple[np.ndarray, sp.csr_matrix] | None,
+               removed: np.ndarray = np.empty(0, np.int64),
                seed: int = 0) -> tuple[WideDeepRanker, dict]:
     """(the updated ranker, what it did). `before`/`added`: the parent's interactions and the
-    day's, both in the new version's row space; `primary`: the version's own vectors;
-    `check`: (validation users, their held-out items) or None."""
+    day's, both in the new version's row space; `primary`: the primary channel's vectors
+    (`served_primary`); `check`: (validation users, their held-out items) or None;
+    `removed`: item rows taken out of the catalogue."""
     served = copy.copy(ranker)  # the trained networks over the version's features
     served.features = grown_features(ranker.features, before + added, primary)
     served._retrievers = None
     served.nets = [_on_features(net, served.features) for net in ranker.nets]
-    users = np.flatnonzero(np.diff(added.indptr) > 0)
+    served.net = served.nets[0]
+    users = np.flatnonzero((np.diff(added.indptr) > 0) & (np.diff(before.indptr) > 0))
     report = {"users": int(len(users)), "positives": 0}
     if ranker.kept_recall_order or not len(users):
         return served, {**report, "epoch": "none (the ranker keeps the recall order)"
-                        if ranker.kept_recall_order else "none (no new pairs)"}
+                        if ranker.kept_recall_order else "none (no new pairs of known users)"}
     day_before = copy.copy(ranker)
     day_before.features = grown_features(ranker.features, before, None)
     day_before._retrievers = None
@@ -110,15 +133,20 @@ def warm_epoch(ranker: WideDeepRanker, before: sp.csr_matrix, added: sp.csr_matr
     served.nets = [_on_features(_one_epoch(ranker, day_before.features, net, pairs, rng),
                                 served.features) for net in ranker.nets]
     report["positives"] = int(labels.sum())
+    served.net = served.nets[0]
     if check is None:
         return served, {**report, "epoch": "kept (no validation pairs to check it)"}
     rows, truth = check
     exclude = before + added
+    if len(removed):  # taken out of the catalogue: never in an answer
+        exclude = exclude + sp.csr_matrix(
+            (np.ones(len(rows) * len(removed), np.float32),
+             (np.repeat(rows, len(removed)), np.tile(removed, len(rows)))), shape=exclude.shape)
     scores = [_ranked_ndcg(served, nets, rows, exclude, truth)
               for nets in (trained_nets, served.nets)]
     report.update(val_ndcg_trained=round(scores[0], 5), val_ndcg_updated=round(scores[1], 5))
     if scores[1] < scores[0]:
-        served.nets = trained_nets
+        served.nets, served.net = trained_nets, trained_nets[0]
         return served, {**report, "epoch": "dropped (validation NDCG@20 fell)"}
     return served, {**report, "epoch": "kept"}
 
@@ -128,8 +156,14 @@ def _one_epoch(ranker: WideDeepRanker, features: RankingFeatures, trained: torch
     """A copy of `trained` after one pass over `pairs` (the training loop's loss, batches
     and learning rate; the input scaling and frozen biases stay as trained)."""
     users, items, ranks, labels = pairs
-    order = np.argsort(users, kind="stable")
-    users, items, ranks, labels = users[order], items[order], ranks[order], labels[order]
+    if ranker.loss == "softmax":  # batches of whole users, as in training
+        order = np.argsort(users, kind="stable")
+        users, items, ranks, labels = users[order], items[order], ranks[order], labels[order]
+        batches = user_batches(users, ranker.batch, rng)
+    else:
+        order = rng.permutation(len(labels))
+        batches = [order[start:start + ranker.batch] for start in range(0, len(order),
+                                                                          ranker.batch)]
     net = _on_features(trained, features)
     device = next(net.parameters()).device
     frozen = {id(p) for p in net.shift_parameters()} if ranker.loss == "softmax" else set()
@@ -137,7 +171,7 @@ def _one_epoch(ranker: WideDeepRanker, features: RankingFeatures, trained: torch
                                  lr=ranker.lr)
     net.train()
     with deterministic_torch():
-        for rows in user_batches(users, ranker.batch, rng):
+        for rows in batches:
             logits = net(on_device(features.build(users[rows], items[rows], ranks[rows]),
                                    device))
             target = torch.as_tensor(labels[rows], device=device)

@@ -48,7 +48,7 @@ from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, RANKER_DIR, Bundl
 from model.foldin import FoldIn, choose_fold_in, grown_by_neighbours
 from model.graph import LightGCN
 from model.hygiene import scrub_pii
-from model.ranker_update import warm_epoch
+from model.ranker_update import served_primary, warm_epoch
 from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
                              calibration_users)
 from model.versions import BundleStore, is_store
@@ -440,15 +440,25 @@ class _Update:
 
     def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
         """A ranked bundle: the ranker's features grown to this version's rows and one
-        warm-started epoch on the day's new pairs (`model/ranker_update.py`)."""
+        warm-started epoch on the day's new pairs (`model/ranker_update.py`). A ranker this
+        code cannot read is carried over as it is (its rows stay the parent's)."""
         self.ranker, self.ranker_report = None, None
         if self.parent.manifest.get("ranker") is None:
             return
         started = time.perf_counter()
+        try:
+            ranker = self.parent.ranker
+        except BundleError as error:
+            self.ranker_report = {"epoch": f"none: kept as it was ({error})"}
+            return
         before = self.parent.seen.copy().tocsr()
         before.resize(self.seen.shape)
-        self.ranker, self.ranker_report = warm_epoch(self.parent.ranker, before, self.added,
-                                                     (self.users, self.items), check)
+        removed = np.array([*self.parent.manifest.get("removed_rows", []), *self.removed],
+                           dtype=np.int64)
+        primary = served_primary(ranker, (self.parent.users, self.parent.items),
+                                 (self.users, self.items))
+        self.ranker, self.ranker_report = warm_epoch(ranker, before, self.added, primary,
+                                                     check, removed)
         self.log("ranker epoch", started, **self.ranker_report)
 
     def _index(self) -> None:
@@ -472,8 +482,9 @@ class _Update:
         started = time.perf_counter()
         parent = self.parent
         folder.mkdir(parents=True)
-        if (parent.folder / "encoder").is_dir():  # unchanged: hard links, no extra space
-            shutil.copytree(parent.folder / "encoder", folder / "encoder", copy_function=_link)
+        for name in ("encoder", RANKER_DIR):  # unchanged: hard links, no extra space
+            if (parent.folder / name).is_dir() and (name != RANKER_DIR or self.ranker is None):
+                shutil.copytree(parent.folder / name, folder / name, copy_function=_link)
         if self.ranker is not None:
             self.ranker.save(folder / RANKER_DIR)
         recipe = parent.manifest.get("text_encoder") or {}
@@ -507,7 +518,10 @@ class _Update:
             "scales": {"users": 1.0, "items": 1.0},
             "removed_rows": sorted(set(parent.manifest.get("removed_rows", []))
                                    | {int(r) for r in self.removed}),
-            "ranker_rows": {"users": len(self.user_ids), "items": len(self.item_ids)},
+            "ranker_rows": {"users": len(self.user_ids), "items": len(self.item_ids)}
+            if self.ranker is not None or parent.manifest.get("ranker") is None else
+            parent.manifest.get("ranker_rows") or {"users": parent.manifest["users"],
+                                                   "items": parent.manifest["items"]},
             "data_cutoff": {"training_interactions": int(self.seen.nnz),
                             "interactions_file": self.increment.source,
                             "interactions_sha256": sha256_file(self.increment.source),

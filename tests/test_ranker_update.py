@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from main import cli
 from model.bundle import Bundle
 from model.ranker_update import grown_features, warm_epoch
-from model.ranking import RankingFeatures
+from model.ranking import RankingFeatures, WideDeepRanker
 
 
 def _features(n_users: int = 120, n_items: int = 90, seed: int = 0):
@@ -64,12 +64,17 @@ def ranked_bundle(tmp_path_factory) -> Bundle:
 
 
 def _day(bundle: Bundle, seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(the parent's interactions, a day of new pairs of known users) in one row space."""
+    """(the parent's interactions, a day of new pairs: known users', two new users' and two
+    new items') in the day's row space (two more user rows and two more item rows)."""
     rng = np.random.default_rng(seed)
-    before = bundle.seen.tocsr()
-    users = rng.integers(0, before.shape[0], 400)
-    items = rng.integers(0, before.shape[1], 400)
-    added = sp.csr_matrix((np.ones(400, np.float32), (users, items)), shape=before.shape)
+    before = bundle.seen.tocsr().copy()
+    n_users, n_items = before.shape
+    before.resize((n_users + 2, n_items + 2))
+    users = np.concatenate([rng.integers(0, n_users, 400), [n_users] * 3, [n_users + 1] * 2,
+                            rng.integers(0, n_users, 10)])
+    items = np.concatenate([rng.integers(0, n_items, 400), [1, 2, n_items], [3, n_items + 1],
+                            rng.choice([n_items, n_items + 1], 10)])
+    added = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=before.shape)
     added = ((added > 0).astype(np.float32) - before.multiply(added > 0)).tocsr()
     added.eliminate_zeros()
     return before, added
@@ -79,24 +84,40 @@ def _weights(net: torch.nn.Module) -> dict:
     return {k: v for k, v in net.state_dict().items() if not k.endswith("_vectors")}
 
 
-def test_the_epoch_moves_the_networks_and_validation_decides(ranked_bundle):
+def _same(one: list, two: list) -> list[bool]:
+    return [all(torch.equal(a, b) for a, b in zip(_weights(x).values(), _weights(y).values()))
+            for x, y in zip(one, two, strict=True)]
+
+
+def test_the_epoch_moves_the_networks_and_validation_decides(ranked_bundle, tmp_path):
     ranker = ranked_bundle.ranker
     ranker.kept_recall_order = False  # the demo's one-epoch ranker kept the recall order
     before, added = _day(ranked_bundle)
-    primary = (ranked_bundle.users, ranked_bundle.items)
+    primary = grown_features(ranker.features, before + added, None).channels()["als"]
     updated, report = warm_epoch(ranker, before, added, primary, check=None)
     assert report["positives"] > 0 and report["epoch"].startswith("kept")
-    moved = [not all(torch.equal(a, b) for a, b in zip(_weights(new).values(),
-                                                        _weights(old).values()))
-             for new, old in zip(updated.nets, ranker.nets)]
-    assert all(moved)
-    picked = (np.arange(before.shape[0]) % 3 == 0).astype(np.float32)
-    truth = (sp.diags(picked) @ added).tocsr()  # a third of the users' new pairs
-    rows = np.flatnonzero(np.diff(truth.indptr) > 0)
-    checked, verdict = warm_epoch(ranker, before, added, primary, check=(rows, truth))
+    assert not any(_same(updated.nets, ranker.nets))
+    assert updated.nets[0].user_vectors.shape[0] == before.shape[0]  # grown rows
+    new_users = np.array([before.shape[0] - 2, before.shape[0] - 1])
+    lists = updated.recommend(new_users, before + added, 10)[0]
+    assert (lists >= 0).all() and not (before + added)[new_users].multiply(
+        sp.csr_matrix((np.ones(20), (np.repeat([0, 1], 10), lists.ravel())),
+                      shape=(2, before.shape[1]))).nnz  # ranked, seen items excluded
+    loaded = WideDeepRanker.load(updated.save(tmp_path / "ranker"), device="cpu")
+    users = np.concatenate([np.arange(0, 50, 7), new_users])
+    assert np.array_equal(loaded.recommend(users, before + added, 10)[0],
+                          updated.recommend(users, before + added, 10)[0])
+
+    rng = np.random.default_rng(1)  # held-out pairs of a sample of known users
+    rows = np.sort(rng.choice(before.shape[0] - 2, 150, replace=False))
+    held_out = sp.csr_matrix((np.ones(300, np.float32), (np.repeat(rows, 2),
+                                                         rng.integers(0, before.shape[1] - 2,
+                                                                      300))),
+                             shape=before.shape)
+    held_out = (held_out - held_out.multiply(before + added)).tocsr()
+    held_out.eliminate_zeros()
+    rows = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    checked, verdict = warm_epoch(ranker, before, added, primary, check=(rows, held_out))
     kept = verdict["val_ndcg_updated"] >= verdict["val_ndcg_trained"]
     assert verdict["epoch"] == ("kept" if kept else "dropped (validation NDCG@20 fell)")
-    same = [all(torch.equal(a, b) for a, b in zip(_weights(new).values(),
-                                                  _weights(old).values()))
-            for new, old in zip(checked.nets, ranker.nets)]
-    assert all(same) != kept
+    assert all(_same(checked.nets, ranker.nets)) != kept
