@@ -119,6 +119,23 @@ class SAGENet(torch.nn.Module):
         return hidden
 
 
+    def sampled(self, features: torch.Tensor | None, graph: sp.csr_matrix,
+                seeds: torch.Tensor, fanout: int, rng: np.random.Generator) -> torch.Tensor:
+        """The outputs of `seeds` (node ids, repeats allowed) over their sampled
+        neighbourhoods in `graph` (`sample_neighbours`, `fanout` per node and layer)."""
+        distinct, inverse = np.unique(seeds.cpu().numpy(), return_inverse=True)
+        nodes, edges = sample_neighbours(graph, distinct, [fanout] * len(self.convs), rng)
+        device = self.project.weight.device
+        nodes = torch.as_tensor(nodes, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            local = torch.sparse_coo_tensor(torch.as_tensor(edges, device=device),
+                                            torch.ones(edges.shape[1], device=device),
+                                            (len(nodes), len(nodes))).to_sparse_csr()
+        out = self(None if features is None else features[nodes], local, nodes=nodes)
+        return out[torch.as_tensor(inverse, device=device)]
+
+
 class _BPRGraphModel(Recommender):
     """Shared by GraphSAGE and LightGCN: a torch network over the training graph, trained
     with BPR full batch, early-stopped on validation Recall@20, saved as a state dict."""
@@ -233,15 +250,8 @@ class GraphSAGE(_BPRGraphModel):
             return out[:n_users], out[n_users:]
 
         def embed_triples(users, positives, negatives):  # over sampled neighbourhoods
-            seeds = torch.cat([users, positives + n_users, negatives + n_users]).cpu().numpy()
-            distinct, inverse = np.unique(seeds, return_inverse=True)
-            nodes, edges = sample_neighbours(graph, distinct, [self.fanout] * self.layers, rng)
-            nodes = torch.as_tensor(nodes, device=device)
-            local = torch.sparse_coo_tensor(torch.as_tensor(edges, device=device),
-                                            torch.ones(edges.shape[1], device=device),
-                                            (len(nodes), len(nodes))).to_sparse_csr()
-            out = self.net(None if features is None else features[nodes], local, nodes=nodes)
-            return out[torch.as_tensor(inverse, device=device)].split(len(users))
+            seeds = torch.cat([users, positives + n_users, negatives + n_users])
+            return self.net.sampled(features, graph, seeds, self.fanout, rng).split(len(users))
 
         self._train(dataset, embed, device, embed_triples if self.fanout else None)
         self._fitted_on(dataset)
