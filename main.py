@@ -255,9 +255,8 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
 @click.option("--remove-items", default=None, type=click.Path(dir_okay=False),
               help="Item ids (one per line) to take out of the index.")
 @click.option("--validation", default=None, type=click.Path(dir_okay=False),
-              help="Held-out 'user,item' CSV: the update is not made current when its "
-                   "Recall@20 falls more than --max-drop below the parent's (and a ranker's "
-                   "epoch is kept only if its NDCG@20 holds).")
+              help="Held-out 'user,item' CSV: not made current if Recall@20 falls more than "
+                   "--max-drop below the parent's; a ranker's epoch is kept if NDCG@20 holds.")
 @click.option("--max-drop", default=0.02, show_default=True, type=click.FloatRange(0, 1))
 @clear_errors()
 def update(bundle_dir: str, interactions: str, user_profiles: str | None,
