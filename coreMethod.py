@@ -105,10 +105,10 @@ def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
 def sample_neighbours(graph: sp.csr_matrix, seeds: np.ndarray, fanouts: list[int],
                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """GraphSAGE's neighbour sampling over a CSR adjacency: (nodes, edges). `nodes`: the
-    `seeds` (distinct node ids), then the nodes each hop reached first; at hop h every node reached at
-    hop h - 1 takes all its neighbours when it has at most fanouts[h], else draws fanouts[h]
-    (with replacement; repeats kept once). `edges`: (2, E) positions in `nodes`, row 0 the
-    node that drew, row 1 the neighbour it drew."""
+    `seeds` (distinct node ids), then the nodes each hop reached first; at hop h every node
+    reached at hop h - 1 takes all its neighbours when it has at most fanouts[h], else draws
+    fanouts[h] (with replacement; repeats kept once). `edges`: (2, E) positions in `nodes`,
+    row 0 the node that drew, row 1 the neighbour it drew."""
     nodes = frontier = np.asarray(seeds, dtype=np.int64)
     position = {"nodes": np.sort(nodes), "order": np.argsort(nodes)}
     drawers, drawn_all = [], []

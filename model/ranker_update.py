@@ -1,19 +1,20 @@
 """The ranker's part of a daily update: its features grown to the new version's rows, and
 one warm-started epoch on the day's new positives, kept only if validation agrees.
 
-Features: history, activity and popularity come from the version's interactions; the
-primary channel is the version's own vectors (what its recall serves); every other channel
-keeps its trained rows and places a new item at the mean of its users' vectors, then a new
-user at the mean of its items' (a fold-in with no training); a new row joins the segment
-whose centre (the mean of its trained members) is nearest; item-item weights know no new
-item (zero weight, as for an item no one had co-visited).
+Features: history, activity and popularity come from the version's interactions (activity
+and popularity buckets keep their trained edges); the primary channel is the version's own
+vectors (what its recall serves) where the update moved or added a row, the trained ones
+elsewhere; every other channel keeps its trained rows and places a new item at the mean of
+its users' vectors, then a new user at the mean of its items' (a fold-in with no training);
+a new row joins the segment whose centre (the mean of its trained members) is nearest;
+item-item weights know no new item (zero weight, as for an item no one had co-visited).
 
 The epoch: each network of the ensemble takes one pass, from its trained weights, over the
-day's new pairs of users known the day before that its candidates held (positives) against the users' other candidates
-and random items (negatives), with the features of the day before (so a pair's own
-interaction is not already in its history), the training loss and learning rate. With
-validation pairs the networks' ranked NDCG@20 on them decides between the trained and the
-updated weights.
+day's new pairs of users known the day before that its candidates held (positives) against
+the users' other candidates and random items (negatives), with the features of the day
+before (so a pair's own interaction is not already in its history), the training loss,
+batches and learning rate. With validation pairs the networks' ranked NDCG@20 on them
+decides between the trained and the updated weights.
 """
 from __future__ import annotations
 
