@@ -110,7 +110,6 @@ def sample_neighbours(graph: sp.csr_matrix, seeds: np.ndarray, fanouts: list[int
     fanouts[h] (with replacement; repeats kept once). `edges`: (2, E) positions in `nodes`,
     row 0 the node that drew, row 1 the neighbour it drew."""
     nodes = frontier = np.asarray(seeds, dtype=np.int64)
-    position = {"nodes": np.sort(nodes), "order": np.argsort(nodes)}
     drawers, drawn_all = [], []
     for fanout in fanouts:
         frontier = frontier[graph.indptr[frontier + 1] > graph.indptr[frontier]]
@@ -121,16 +120,14 @@ def sample_neighbours(graph: sp.csr_matrix, seeds: np.ndarray, fanouts: list[int
         drawn = graph.indices[(graph.indptr[frontier][:, None] + offsets)[inside]]
         pairs = np.unique(np.stack([np.repeat(frontier, inside.sum(1)),
                                     drawn.astype(np.int64)]), axis=1)
-        known = np.searchsorted(position["nodes"], pairs[1]).clip(max=len(nodes) - 1)
-        frontier = np.unique(pairs[1][position["nodes"][known] != pairs[1]])
+        frontier = np.setdiff1d(pairs[1], nodes)  # reached first at this hop
         nodes = np.concatenate([nodes, frontier])
-        position = {"nodes": np.sort(nodes), "order": np.argsort(nodes)}
         drawers.append(pairs[0])
         drawn_all.append(pairs[1])
     ends = [np.concatenate(part) if part else np.empty(0, np.int64)
             for part in (drawers, drawn_all)]
-    edges = np.stack([position["order"][np.searchsorted(position["nodes"], end)]
-                      for end in ends])
+    order = np.argsort(nodes)
+    edges = np.stack([order[np.searchsorted(nodes[order], end)] for end in ends])
     return nodes, edges
 
 
@@ -184,13 +181,14 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
     rank, world = data_parallel()
     steps = max(1, train.nnz // batch)
     total, coo_rows = 0.0, pair_rows(train)
+    share = slice(rank * batch // world, (rank + 1) * batch // world)  # all of it alone
+    share_size = share.stop - share.start
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
-        share = np.array_split(np.arange(batch), world)[rank]
         users, positives, negatives = (torch.as_tensor(a[share], device=device)
                                        for a in sample_bpr_triples(train, batch, rng, coo_rows))
         optimiser.zero_grad()
         loss = torch.zeros(())
-        if len(share):  # (a rank without rows still joins the gradient average)
+        if share_size:  # (a rank without rows still joins the gradient average)
             if embed_triples is not None:
                 vectors = embed_triples(users, positives, negatives)
             else:
@@ -198,7 +196,7 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
                 vectors = (user_vectors[users], item_vectors[positives],
                            item_vectors[negatives])
             loss = (loss_fn(*vectors, users, positives, negatives) if loss_fn is not None
-                    else bpr_loss(*vectors, weight_decay)) * (len(share) * world / batch)
+                    else bpr_loss(*vectors, weight_decay)) * (share_size * world / batch)
             loss.backward()
         average_gradients(module.parameters())
         optimiser.step()

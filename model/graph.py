@@ -276,11 +276,8 @@ class GraphSAGE(_BPRGraphModel):
                 "vectors": (self.user_vectors, self.item_vectors)}
 
     def adopt(self, fitted: dict, dataset) -> "GraphSAGE":
-        self.feature_dim = fitted["feature_dim"]
-        self.net = SAGENet(dataset.n_users + dataset.n_items, self.feature_dim, self.id_dim,
-                           self.dim, self.layers)
-        self.net.load_state_dict(fitted["net"])
-        self.net.to(pick_device(self.device)).eval()
+        self._load_net(dataset.n_users + dataset.n_items, fitted["feature_dim"], fitted["net"])
+        self.net.to(pick_device(self.device))
         self.user_vectors, self.item_vectors = fitted["vectors"]
         self.training_log = fitted["training_log"]
         self._fitted_on(dataset)
@@ -290,10 +287,13 @@ class GraphSAGE(_BPRGraphModel):
         return {"feature_dim": self.feature_dim}
 
     def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
-        self.feature_dim = state["feature_dim"]
-        self.net = SAGENet(self.n_users + self.n_items, self.feature_dim, self.id_dim, self.dim,
-                           self.layers)
-        self.net.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
+        self._load_net(self.n_users + self.n_items, state["feature_dim"],
+                       torch.load(folder / STATE_FILE, weights_only=True))
+
+    def _load_net(self, n_nodes: int, feature_dim: int, weights: dict) -> None:
+        self.feature_dim = feature_dim
+        self.net = SAGENet(n_nodes, feature_dim, self.id_dim, self.dim, self.layers)
+        self.net.load_state_dict(weights)
         self.net.eval()
 
 

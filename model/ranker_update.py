@@ -143,8 +143,8 @@ def warm_epoch(ranker: WideDeepRanker, before: sp.csr_matrix, added: sp.csr_matr
         exclude = exclude + sp.csr_matrix(
             (np.ones(len(rows) * len(removed), np.float32),
              (np.repeat(rows, len(removed)), np.tile(removed, len(rows)))), shape=exclude.shape)
-    scores = [_ranked_ndcg(served, nets, rows, exclude, truth)
-              for nets in (trained_nets, served.nets)]
+    channels = served.channel_candidates_of(rows, exclude, 20)  # one search for both
+    scores = [_ranked_ndcg(served, channels, nets, truth) for nets in (trained_nets, served.nets)]
     report.update(val_ndcg_trained=round(scores[0], 5), val_ndcg_updated=round(scores[1], 5))
     if scores[1] < scores[0]:
         served.nets, served.net = trained_nets, trained_nets[0]
@@ -198,12 +198,9 @@ def _on_features(net: torch.nn.Module, features: RankingFeatures) -> torch.nn.Mo
     return copied
 
 
-def _ranked_ndcg(ranker: WideDeepRanker, nets: list, users: np.ndarray,
-                 exclude: sp.csr_matrix, truth: sp.csr_matrix) -> float:
-    kept = ranker.nets
-    ranker.nets = nets
-    try:
-        top = ranker.recommend(users, exclude, 20)[0]
-    finally:
-        ranker.nets = kept
-    return float(per_user_metrics(top, users, truth, (20,))["ndcg@20"].mean())
+def _ranked_ndcg(ranker: WideDeepRanker, channels, nets: list, truth: sp.csr_matrix) -> float:
+    """NDCG@20 of `nets`' order of the candidates `channels` against `truth`."""
+    order = ranker._order(channels, nets)[0][:, :20]
+    top = np.full((len(order), 20), -1, dtype=np.int64)
+    top[:, :order.shape[1]] = order
+    return float(per_user_metrics(top, channels.users, truth, (20,))["ndcg@20"].mean())

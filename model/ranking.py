@@ -164,13 +164,14 @@ def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, users: np.ndarray,
     (history @ weights, a sparse product) at most `block_floats` floats at a time."""
     out = np.zeros(len(users), dtype=np.float32)
     distinct, row = np.unique(users, return_inverse=True)
-    inside = (items >= 0) & (items < weights.shape[1])
+    inside = np.flatnonzero((items >= 0) & (items < weights.shape[1]))
+    by_row = inside[np.argsort(row[inside], kind="stable")]  # pairs grouped by user block
     step = max(1, block_floats // max(weights.shape[1], 1))
-    for start in range(0, len(distinct), step):
-        block = distinct[start:start + step]
-        picked = np.flatnonzero(inside & (row >= start) & (row < start + len(block)))
-        scores = (history[block] @ weights).toarray()
-        out[picked] = scores[row[picked] - start, items[picked]]
+    bounds = np.searchsorted(row[by_row], np.arange(0, len(distinct) + step, step))
+    for block_start, (lo, hi) in zip(range(0, len(distinct), step), zip(bounds, bounds[1:])):
+        picked = by_row[lo:hi]
+        scores = (history[distinct[block_start:block_start + step]] @ weights).toarray()
+        out[picked] = scores[row[picked] - block_start, items[picked]]
     return out
 
 

@@ -442,7 +442,6 @@ class _Update:
         """A ranked bundle: the ranker's features grown to this version's rows and one
         warm-started epoch on the day's new pairs (`model/ranker_update.py`). A ranker this
         code cannot read is carried over as it is (its rows stay the parent's)."""
-        self.ranker, self.ranker_report = None, None
         if self.parent.manifest.get("ranker") is None:
             return
         started = time.perf_counter()
