@@ -8,6 +8,7 @@ import os
 import random
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -186,3 +187,12 @@ def rows_contain(matrix, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
         return np.zeros(items.shape, dtype=bool)
     found = keys[np.minimum(np.searchsorted(keys, asked), len(keys) - 1)] == asked
     return found & (items >= 0) & (items < n_cols)
+
+
+def code_version() -> str:
+    """The git commit of this code, or "unknown" outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,12 +20,14 @@ from coreMethod import apply_content_map, unit_rows
 from model.base import Recommender
 from model.config import ExperimentConfig
 from model.foldin import choose_fold_in
+from model.graph import GraphSAGE
+from model.graph_update import sage_cold_start
 from model.ranking import WideDeepRanker
 from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
                              calibration_users, top_overlap)
 from model.text import ENCODER_DIR, TextEncoder, load_encoder
 from model.versions import CURRENT, BundleStore, VersionError, is_store
-from utils import atomic_path, sha256_file, write_json_atomic
+from utils import atomic_path, code_version, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"  # guards against edits and corruption; not a signature
@@ -40,14 +41,6 @@ FILTER_ATTRIBUTES = ("city", "state", "categories")
 
 class BundleError(ValueError):
     """A bundle that is missing, corrupted or does not fit what is asked of it."""
-
-
-def _code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _quantise(vectors: np.ndarray, storage: str) -> tuple[np.ndarray, float]:
@@ -146,7 +139,7 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
     manifest = {
         "format_version": FORMAT_VERSION, "variant": variant, "model_class": type(model).__name__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": _code_version(), "source_run": str(run_dir),
+        "code_version": code_version(), "source_run": str(run_dir),
         "dataset": metrics["dataset"],
         "data": {**_absolute_data_paths(data),
                  "seed": config.get("run", {}).get("seed", 2023)},  # draws a cold split
@@ -156,7 +149,7 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         "metric": "inner_product", "index": {"file": "items.faiss", **index_report},
         "metrics_at_export": exported_metrics,
         "text_encoder": text, "ranker": ranker, "model_params": _json_params(model),
-        "graph": model.save_layer0(tmp) if hasattr(model, "save_layer0") else None,
+        "graph": model.save_graph(tmp) if hasattr(model, "save_graph") else None,
         "fold_in": choose_fold_in(served_users, served_items, model.seen, retriever,
                                   model.params()).describe(),
         **lineage}
@@ -255,6 +248,8 @@ def _copy_encoder(run_dir: Path, variant: str, model: Recommender, folder: Path)
     if not source.exists():
         return None
     shutil.copytree(source, folder / ENCODER_DIR)
+    if isinstance(model, GraphSAGE):  # text features in, the network places the node
+        return {"folder": ENCODER_DIR, "block": None, "inductive": True}
     block = getattr(model, "text_block", None)
     projections = {side: f"text_projection_{side}.npy"
                    for side, matrix in getattr(model, "text_projections", {}).items()
@@ -574,6 +569,8 @@ class Bundle:
         the fused model's cold-start projection where it has one, else in the text block
         with the other blocks zero."""
         recipe = self.manifest["text_encoder"]
+        if recipe.get("inductive"):
+            return sage_cold_start(self.folder, self.manifest["graph"], encoded)
         projection = (recipe.get("projection") or {}).get(side)
         if projection:
             if not hasattr(self, "_projections"):

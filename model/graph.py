@@ -3,6 +3,7 @@ skip-gram), GraphSAGE (PyG SAGEConv over text features and id embeddings, induct
 new nodes) and LightGCN (PyG). Trained models stop early on validation Recall@20."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,10 +22,13 @@ from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, ra
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
+from model.text import ENCODER_DIR, save_encoder
 from utils import deterministic_torch, log, pick_device
 
 STATE_FILE = "state.pt"
 LAYER0_FILE = "graph_layer0.npy"  # a LightGCN bundle's layer-0 embeddings
+SAGE_FILE = "graph_sage.pt"  # a GraphSAGE bundle's network (id rows: the bundle's)
+FEATURES_FILE = "graph_features.npy"  # ... and its nodes' input features, users first
 
 
 @register
@@ -216,6 +220,8 @@ class GraphSAGE(_BPRGraphModel):
         super().__init__(dim, train, seed, device)
         self.layers, self.id_dim, self.fanout = layers, id_dim, fanout
         self.feature_dim = 0
+        self.features: tuple[np.ndarray, np.ndarray] | None = None  # (users, items) inputs
+        self.text_encoder = None  # embeds a new node's profile (a Path once loaded)
 
     def params(self) -> dict:
         return {**super().params(), "layers": self.layers, "id_dim": self.id_dim,
@@ -225,17 +231,17 @@ class GraphSAGE(_BPRGraphModel):
             train_loop=None) -> "GraphSAGE":
         """`text`: a fitted text model, or its (user, item) vectors, as input features;
         `train_loop(model, dataset, text vectors)`: fits elsewhere (`model.ddp`)."""
+        self.features = None if text is None else \
+            (text if isinstance(text, tuple) else text.embeddings())  # held, not copied
+        self.text_encoder = getattr(text, "encoder", None)
         if train_loop is not None:
-            vectors = None if text is None else \
-                (text if isinstance(text, tuple) else text.embeddings())
-            return train_loop(self, dataset, vectors)
+            return train_loop(self, dataset, self.features)
         device = pick_device(self.device)
         torch.manual_seed(self.seed)
         adjacency = graph_adjacency(dataset.train, normalize=False).to(device)
         features = None
-        if text is not None:
-            vectors = text if isinstance(text, tuple) else text.embeddings()
-            features = torch.as_tensor(np.vstack(vectors), dtype=torch.float32,
+        if self.features is not None:
+            features = torch.as_tensor(np.vstack(self.features), dtype=torch.float32,
                                        device=device)
         self.feature_dim = 0 if features is None else features.shape[1]
         n_users, n_nodes = dataset.n_users, dataset.n_users + dataset.n_items
@@ -283,12 +289,58 @@ class GraphSAGE(_BPRGraphModel):
         self._fitted_on(dataset)
         return self
 
+    def save_graph(self, folder: Path, users: np.ndarray | None = None,
+                   items: np.ndarray | None = None) -> dict:
+        """Write what an update's inductive pass needs for rows `users` and `items` (all by
+        default) to `folder`: the network with those rows' id embeddings (SAGE_FILE) and
+        their input features (FEATURES_FILE); returns the settings a manifest records."""
+        n_users, n_items = self.n_users, self.n_items
+        users = np.arange(n_users) if users is None else np.asarray(users)
+        items = np.arange(n_items) if items is None else np.asarray(items)
+        rows = torch.as_tensor(np.concatenate([users, n_users + items]))
+        state = {k: v.cpu() for k, v in self.net.state_dict().items()}
+        for key in ("id_embedding.weight", "id_mask"):
+            if key in state:
+                state[key] = state[key][rows].clone()
+        torch.save(state, folder / SAGE_FILE)
+        if self.features is not None:
+            np.save(folder / FEATURES_FILE, np.vstack([
+                self.features[0][users], self.features[1][items]]).astype(np.float32))
+        return {"model": "graphsage", "file": SAGE_FILE,
+                "features": FEATURES_FILE if self.features is not None else None,
+                "dim": self.dim, "layers": self.layers, "id_dim": self.id_dim,
+                "feature_dim": self.feature_dim}
+
+    @classmethod
+    def network(cls, state: dict, settings: dict) -> SAGENet:
+        """The network of a bundle's SAGE_FILE state (as many id rows as it holds)."""
+        rows = len(state["id_mask"])
+        net = SAGENet(rows, settings["feature_dim"], settings["id_dim"], settings["dim"],
+                      settings["layers"])
+        net.load_state_dict(state)
+        return net.eval()
+
     def _state(self) -> dict:
         return {"feature_dim": self.feature_dim}
+
+    def _save_extra(self, folder: Path) -> None:
+        super()._save_extra(folder)
+        if self.features is not None:  # what an export needs for updates of new nodes
+            np.save(folder / "user_features.npy", self.features[0])
+            np.save(folder / "item_features.npy", self.features[1])
+        if isinstance(self.text_encoder, Path):  # loaded, never used here: copied as it is
+            shutil.copytree(self.text_encoder, folder / ENCODER_DIR)
+        elif self.text_encoder is not None:
+            save_encoder(self.text_encoder, folder / ENCODER_DIR)
 
     def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
         self._load_net(self.n_users + self.n_items, state["feature_dim"],
                        torch.load(folder / STATE_FILE, weights_only=True))
+        if (folder / "user_features.npy").exists():
+            self.features = (np.load(folder / "user_features.npy", mmap_mode="r"),
+                             np.load(folder / "item_features.npy", mmap_mode="r"))
+        if (folder / ENCODER_DIR).is_dir():
+            self.text_encoder = folder / ENCODER_DIR
 
     def _load_net(self, n_nodes: int, feature_dim: int, weights: dict) -> None:
         self.feature_dim = feature_dim
@@ -347,7 +399,7 @@ class LightGCN(_BPRGraphModel):
         self.net.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
         self.net.eval()
 
-    def save_layer0(self, folder: Path, users: np.ndarray | None = None,
+    def save_graph(self, folder: Path, users: np.ndarray | None = None,
                     items: np.ndarray | None = None) -> dict:
         """Write the layer-0 embeddings of rows `users` and `items` (all by default), users
         first, to `folder`/LAYER0_FILE, what an update warm-starts from; returns the

@@ -28,13 +28,13 @@ from evaluation import Evaluator, paired_bootstrap_ci
 from model.bundle import (FORMAT_VERSION, Bundle, original_ids, seal_manifest,
                           write_version_files)
 from model.foldin import choose_fold_in
-from model.graph import LightGCN
+from model.graph import GraphSAGE
 from model.retrieval import FaissRetriever
 from model.update import parse_timestamps, update_bundle
 from model.versions import BundleStore
 from utils import atomic_path, log, write_json_atomic, write_text_atomic
 
-STREAM_MODELS = ("als", "lightgcn")
+STREAM_MODELS = ("als", "lightgcn", "graphsage")
 NEW_USERS, NEW_ITEMS, LATE_PAIRS = 0.10, 0.05, 0.10
 LATEST_BY_TIME = 0.20  # with timestamps: the newest fifth of the training pairs streams in
 
@@ -145,8 +145,8 @@ class Stream:
                     "metrics_at_export": {}, "text_encoder": None, "ranker": None,
                     "text_encoder_unavailable": f"stream of '{self.variant}'",
                     "model_params": model.params(), "fold_in": fold_in.describe(),
-                    "graph": model.save_layer0(folder, known_users, known_items)
-                    if isinstance(model, LightGCN) else None,
+                    "graph": model.save_graph(folder, known_users, known_items)
+                    if hasattr(model, "save_graph") else None,
                     "version": version, "parent": None,
                     "data_cutoff": {"training_interactions": int(base.train.nnz)},
                     "changes": {"kind": "full", "stream_step": 0}})
@@ -180,11 +180,18 @@ class Stream:
         self.held_back = [] if result.made_current else [*self.held_back, step]
         train = self.train_until(step)
         started = time.perf_counter()
-        retrained = type(model)(**params).fit(dataclasses.replace(self.dataset, train=train))
+        retrained = self._retrained(model, params, dataclasses.replace(self.dataset, train=train))
         retrain_seconds = time.perf_counter() - started
         bundle = Bundle(store)  # the served version: the update, or its parent if held back
         return self._row(step, train, bundle, retrained, update_seconds, retrain_seconds,
                          result.made_current, result.report["validation"])
+
+    def _retrained(self, model, params: dict, data):
+        """The same model with the same hyperparameters fitted from scratch on `data`;
+        GraphSAGE with its text features fitted on `data` too (as `run` would)."""
+        if isinstance(model, GraphSAGE):
+            return self.models(data).get(self.variant)
+        return type(model)(**params).fit(data)
 
     def _row(self, step: int, train: sp.csr_matrix, bundle: Bundle, full, update_seconds: float,
              retrain_seconds: float, made_current: bool, verdict: str) -> dict:

@@ -17,9 +17,9 @@ unless its validation figures fall too far below the parent's.
   conjugate-gradient steps per row than training takes, `sweep_cg_steps`): solving
   only the touched rows leaves the others fitted to yesterday's vectors, and that drift adds
   up.
-- A LightGCN bundle keeps its layer-0 embeddings: new rows start as their neighbours' mean,
-  a few BPR passes run over the new pairs and replayed old ones, and every vector is
-  propagated again over the updated graph.
+- A LightGCN bundle is warm-started from its layer-0 embeddings and a GraphSAGE bundle's
+  network runs over the updated graph, new nodes through its inductive path
+  (`model/graph_update.py`): every vector is computed again.
 - A ranked bundle's Wide&Deep ranker gets its features grown to the new rows and one
   warm-started epoch on the day's new pairs, kept if validation agrees
   (`model/ranker_update.py`): users and items that joined are ranked too.
@@ -45,8 +45,8 @@ from dataHandler import DataError, iter_json_lines
 from evaluation import per_user_metrics
 from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, RANKER_DIR, Bundle,
                           BundleError, seal_manifest, write_version_files)
-from model.foldin import FoldIn, choose_fold_in, grown_by_neighbours
-from model.graph import LightGCN
+from model.foldin import FoldIn, choose_fold_in
+from model.graph_update import lightgcn_warm_start, sage_pass, save_graph_files
 from model.hygiene import scrub_pii
 from model.ranker_update import served_primary, warm_epoch
 from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
@@ -57,8 +57,6 @@ from utils import sha256_file
 GATE_USERS = 1000  # validation users the no-regression check looks at (a fixed sample)
 ALS_SWEEPS = 2  # warm-started ALS iterations over all rows in an update of an ALS bundle
 SWEEP_SHARE = 0.08  # the sweeps' row solves: at most this share of a full refit's (see below)
-GRAPH_EPOCHS = 5  # LightGCN bundle: BPR passes over the new pairs and replayed old ones
-GRAPH_REPLAY = 4  # ... old pairs replayed per new pair (more: less forgetting)
 
 
 @dataclass
@@ -274,14 +272,14 @@ class _Update:
             self.parent.manifest.get("model_params"))
         self.log("choose fold-in", started, **self.fold_in.describe())
         self.als = self._als_settings()  # an ALS bundle: sweeps re-solve every row
-        self.graph = self.parent.manifest.get("graph")  # a LightGCN bundle: a warm start
+        self.graph = self.parent.manifest.get("graph")  # LightGCN's or GraphSAGE's state
         self.whole_pass = self.als is not None or self.graph is not None
-        self.layer0: np.ndarray | None = None
+        self.graph_files: dict = {}  # a graph bundle's state, as this version has it
         self._item_vectors()
         self._user_vectors()
         self._changed_items()
         self._als_sweep()
-        self._lightgcn_pass()
+        self._graph_pass()
         self._index()
 
     def _encoded(self, texts: list[str]) -> np.ndarray | None:
@@ -341,6 +339,7 @@ class _Update:
                           if self.added.indptr[r + 1] == self.added.indptr[r]
                           and self.user_ids[r] in self.users_text], dtype=np.int64)
         encoded = self._encoded([self.users_text[self.user_ids[r]] for r in quiet])
+        self.user_text = dict(zip(quiet.tolist(), encoded)) if encoded is not None else {}
         if encoded is not None:
             users[quiet] = self.parent.place_text(encoded, "users")
         self.users = users
@@ -411,32 +410,22 @@ class _Update:
         self.log("ALS sweep", started, iterations=ALS_SWEEPS, cg_steps=als.cg_steps,
                  users=int(solved_users.sum()), items=int(solved_items.sum()))
 
-    def _lightgcn_pass(self) -> None:
-        """A LightGCN bundle: new users' and items' layer-0 embeddings start as the mean of
-        their neighbours' (items from known users, then users from items), then GRAPH_EPOCHS
-        BPR passes over the new pairs and GRAPH_REPLAY times as many replayed old ones,
-        propagating over the whole updated graph, so every vector is propagated again."""
+    def _graph_pass(self) -> None:
+        """A graph bundle: LightGCN's warm start or GraphSAGE's inductive pass over the
+        updated graph (`model/graph_update.py`); every vector is computed again."""
         if self.graph is None:
             return
         started = time.perf_counter()
-        layer0 = np.load(self.parent.folder / self.graph["file"])
-        grown = np.vstack(grown_by_neighbours(*np.split(layer0, [self.n_old_users]), self.seen))
-        model = LightGCN.from_layer0(grown, self.graph)
-        edges, replayed = self._with_replay(self.added, self.parent.seen)
-        self.users, self.items, self.layer0 = model.continue_training(
-            (self.seen > 0).astype(np.float32).tocsr(), edges, GRAPH_EPOCHS)
-        self.log("LightGCN warm start", started, epochs=GRAPH_EPOCHS,
-                 new_pairs=int(self.added.nnz), replayed_pairs=replayed)
-
-    def _with_replay(self, added: sp.csr_matrix, old: sp.csr_matrix) -> tuple[sp.csr_matrix, int]:
-        """(`added` and GRAPH_REPLAY times as many pairs drawn from `old` (seeded), as one
-        binary matrix; how many were drawn)."""
-        old = old.tocoo()
-        picks = np.random.default_rng(len(self.user_ids)).choice(
-            old.nnz, min(old.nnz, GRAPH_REPLAY * added.nnz), replace=False)
-        replay = sp.csr_matrix((np.ones(len(picks), np.float32), (old.row[picks], old.col[picks])),
-                               shape=added.shape)
-        return ((added + replay) > 0).astype(np.float32).tocsr(), len(picks)
+        if self.graph["model"] == "graphsage":
+            self.users, self.items, self.graph_files, touched = sage_pass(
+                self.parent.folder, self.graph, self.seen, self.n_old_users, self.n_old_items,
+                {"users": self.user_text, "items": self.item_text})
+            self.log("GraphSAGE inductive pass", started, **touched)
+            return
+        self.users, self.items, self.graph_files, touched = lightgcn_warm_start(
+            self.parent.folder, self.graph, self.seen, self.added, self.parent.seen,
+            self.n_old_users)
+        self.log("LightGCN warm start", started, **touched)
 
     def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
         """A ranked bundle: the ranker's features grown to this version's rows and one
@@ -503,8 +492,7 @@ class _Update:
                 self.n_old_items
             table[column] = old + [self.attributes.get(i, {}).get(name, "")
                                    for i in self.item_ids[self.n_old_items:]]
-        if self.layer0 is not None:
-            np.save(folder / self.graph["file"], self.layer0)
+        save_graph_files(folder, self.graph_files)
         write_version_files(folder, self.users.astype(np.float32), self.items.astype(np.float32),
                             {"row": np.arange(len(self.user_ids)), "id": self.user_ids}, table,
                             self.retriever, self.seen, compressed=False)  # daily: speed

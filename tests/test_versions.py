@@ -136,6 +136,69 @@ def test_a_lightgcn_update_warm_starts_from_the_bundles_layer0(tmp_path):
     assert (top == bundle.item_row("NEW-ITEM")).any()  # recommended to someone
 
 
+def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_path):
+    """A GraphSAGE bundle keeps its network and its nodes' text features; an update runs the
+    network over the updated graph with no gradient step: a new item enters with its
+    profile's encoded text and no id embedding, and a user with only a profile gets what
+    the network makes of the text alone (the service's cold-start answer too)."""
+    import torch
+
+    from model.graph import GraphSAGE, graph_adjacency
+    from model.graph_update import sage_cold_start
+
+    output = _cli("run", "--dataset", "demo", "--model", "graphsage", "--epochs", "4",
+                  "--data-root", tmp_path / "data", "--runs-dir", tmp_path / "runs")
+    run_dir = [line for line in output.splitlines() if line.startswith("run written to ")][-1]
+    _cli("export", "--run", run_dir[15:], "--variant", "graphsage", "--out", tmp_path / "b")
+    parent = Bundle(tmp_path / "b")
+    entry = parent.manifest["graph"]
+    assert entry["model"] == "graphsage" and parent.manifest["text_encoder"]["inductive"]
+
+    def network_output(bundle: Bundle) -> np.ndarray:
+        state = torch.load(bundle.folder / entry["file"], weights_only=True)
+        features = torch.as_tensor(np.load(bundle.folder / entry["features"]))
+        with torch.no_grad():
+            return GraphSAGE.network(state, entry)(
+                features, graph_adjacency(bundle.seen, False)).numpy()
+
+    assert np.allclose(network_output(parent), np.vstack([parent.users, parent.items]),
+                       atol=1e-4)  # the exported state reproduces the exported vectors
+    rows = [(str(u), "NEW-ITEM") for u in range(0, 60, 2)] + [("new-user", "3"),
+                                                               ("new-user", "NEW-ITEM")]
+    item_text = "Cozy ramen bar with spicy miso broth and late-night hours."
+    (tmp_path / "items.json").write_text(json.dumps({"item_id": "NEW-ITEM",
+                                                     "profile": item_text}) + "\n")
+    (tmp_path / "users.json").write_text(json.dumps({"user_id": "quiet-user",
+                                                     "profile": "Loves sushi."}) + "\n")
+    _cli("update", "--bundle", tmp_path / "b", "--interactions",
+         _write_csv(tmp_path / "d.csv", rows), "--item-profiles", tmp_path / "items.json",
+         "--user-profiles", tmp_path / "users.json")
+    bundle = Bundle(tmp_path / "b")
+    steps = {s["step"]: s for s in bundle.manifest["changes"]["steps"]}
+    assert steps["GraphSAGE inductive pass"]["new_nodes"] == 3  # two users, one item
+    assert steps["GraphSAGE inductive pass"]["features_from_text"] == 2
+    assert np.allclose(network_output(bundle), np.vstack([bundle.users, bundle.items]),
+                       atol=1e-4)  # this version's vectors are its own state's
+    state = torch.load(bundle.folder / entry["file"], weights_only=True)
+    new_item_node = len(bundle.users) + bundle.item_row("NEW-ITEM")
+    assert state["id_mask"][new_item_node].item() == 0  # no id embedding: inductive
+    features = np.load(bundle.folder / entry["features"])
+    encoded = parent.encoder.encode([item_text], show_progress=False)[0]
+    assert np.allclose(features[new_item_node], encoded, atol=1e-5)
+    quiet = bundle.user_row("quiet-user")
+    alone = sage_cold_start(bundle.folder, entry, features[quiet][None, :])[0]
+    assert np.allclose(bundle.users[quiet], alone, atol=1e-4)
+    assert np.allclose(bundle.embed_profile("Loves sushi."), alone, atol=1e-4)
+    assert bundle.item_row("NEW-ITEM") in bundle.retriever.row_to_item
+    # two layers: a known user moves only through a neighbour whose neighbours changed
+    near = set(parent.seen[:, parent.item_row("3")].nonzero()[0])
+    touched = {parent.user_row(str(u)) for u in range(0, 60, 2)}
+    untouched = [r for r in range(len(parent.users)) if r not in near | touched]
+    assert np.allclose(bundle.users[untouched], parent.users[untouched], atol=1e-5)
+    assert not np.allclose(bundle.users[sorted(near - touched)],
+                           parent.users[sorted(near - touched)], atol=1e-5)
+
+
 def test_a_failed_update_leaves_the_current_version_untouched(store, tmp_path, monkeypatch):
     before = sorted(p.name for p in (store / "versions").iterdir())
     bad = tmp_path / "bad.csv"

@@ -1,0 +1,110 @@
+"""Graph bundles in a daily update (`model/update.py`), each from the state its bundle keeps
+(the manifest's "graph" entry):
+
+- LightGCN: the layer-0 embeddings grow by the new rows (their neighbours' mean), a few BPR
+  passes run over the new pairs and GRAPH_REPLAY times as many replayed old ones, and every
+  vector is propagated again over the updated graph.
+- GraphSAGE: the inductive path, no gradient step. The trained network runs over the
+  updated graph: a new node enters with its profile's text features (or, without a
+  profile, the mean of its neighbours' features) and no id embedding, as the network treats
+  every node it was not trained on; known nodes keep their id embeddings and see their new
+  neighbours.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from model.foldin import grown_by_neighbours
+from model.graph import GraphSAGE, LightGCN, graph_adjacency
+
+GRAPH_EPOCHS = 5  # LightGCN bundle: BPR passes over the new pairs and replayed old ones
+GRAPH_REPLAY = 4  # ... old pairs replayed per new pair (more: less forgetting)
+
+
+def lightgcn_warm_start(folder: Path, entry: dict, seen: sp.csr_matrix, added: sp.csr_matrix,
+                        old_seen: sp.csr_matrix, n_old_users: int
+                        ) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """(users, items, the version's files {name: array}, what was touched) of a LightGCN
+    bundle after the day's pairs `added` (`seen`: all of them, `old_seen`: the parent's)."""
+    layer0 = np.load(folder / entry["file"])
+    grown = np.vstack(grown_by_neighbours(*np.split(layer0, [n_old_users]), seen))
+    model = LightGCN.from_layer0(grown, entry)
+    edges, replayed = with_replay(added, old_seen, seed=seen.shape[0])
+    users, items, layer0 = model.continue_training((seen > 0).astype(np.float32).tocsr(),
+                                                   edges, GRAPH_EPOCHS)
+    return users, items, {entry["file"]: layer0}, {
+        "epochs": GRAPH_EPOCHS, "new_pairs": int(added.nnz), "replayed_pairs": replayed}
+
+
+def with_replay(added: sp.csr_matrix, old: sp.csr_matrix, seed: int
+                ) -> tuple[sp.csr_matrix, int]:
+    """(`added` and GRAPH_REPLAY times as many pairs drawn from `old` (seeded), as one
+    binary matrix; how many were drawn)."""
+    old = old.tocoo()
+    picks = np.random.default_rng(seed).choice(
+        old.nnz, min(old.nnz, GRAPH_REPLAY * added.nnz), replace=False)
+    replay = sp.csr_matrix((np.ones(len(picks), np.float32), (old.row[picks], old.col[picks])),
+                           shape=added.shape)
+    return ((added + replay) > 0).astype(np.float32).tocsr(), len(picks)
+
+
+def sage_pass(folder: Path, entry: dict, seen: sp.csr_matrix, n_old_users: int,
+              n_old_items: int, encoded: dict[str, dict[int, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """(users, items, the version's files {name: state or array}, what was touched) of a
+    GraphSAGE bundle over the updated graph `seen`; `encoded`: {"users"/"items": {row:
+    text features}} of new rows with a profile."""
+    state = torch.load(folder / entry["file"], weights_only=True)
+    n_users, n_items = seen.shape
+    new_rows = np.r_[n_old_users:n_users, n_users + n_old_items:n_users + n_items]
+    old_rows = np.r_[:n_old_users, n_users:n_users + n_old_items]
+    for key in ("id_embedding.weight", "id_mask"):  # new nodes: no id embedding
+        if key in state:
+            grown = state[key].new_zeros((n_users + n_items, state[key].shape[1]))
+            grown[torch.as_tensor(old_rows)] = state[key]
+            state[key] = grown
+    features, from_text = None, 0
+    if entry.get("features"):
+        old = np.load(folder / entry["features"])
+        users, items = grown_by_neighbours(old[:n_old_users], old[n_old_users:], seen)
+        for side, block in (("users", users), ("items", items)):
+            for row, vector in encoded.get(side, {}).items():
+                block[row], from_text = vector, from_text + 1
+        features = np.vstack([users, items])
+    net = GraphSAGE.network(state, entry)
+    with torch.no_grad():
+        out = net(None if features is None else torch.as_tensor(features),
+                  graph_adjacency(seen, normalize=False)).numpy()
+    files = {entry["file"]: state}
+    if features is not None:
+        files[entry["features"]] = features
+    return out[:n_users], out[n_users:], files, {
+        "nodes": n_users + n_items, "new_nodes": len(new_rows), "features_from_text": from_text}
+
+
+def save_graph_files(folder: Path, files: dict) -> None:
+    for name, content in files.items():
+        if isinstance(content, np.ndarray):
+            np.save(folder / name, content.astype(np.float32))
+        else:
+            torch.save(content, folder / name)
+
+
+def sage_cold_start(folder: Path, entry: dict, features: np.ndarray) -> np.ndarray:
+    """Vectors of nodes with no interactions from their text features alone: the network's
+    inductive path with no neighbours (a new user's profile, a new item's)."""
+    net = _network(str(folder / entry["file"]), tuple(sorted(entry.items())))
+    with torch.no_grad():
+        tensor = torch.as_tensor(features, dtype=torch.float32)
+        empty = torch.empty((2, 0), dtype=torch.long)
+        return net(tensor, empty, new_nodes=len(tensor)).numpy()
+
+
+@lru_cache(maxsize=4)  # a version's files never change; a service asks once per profile
+def _network(path: str, settings: tuple):
+    return GraphSAGE.network(torch.load(path, weights_only=True), dict(settings))
