@@ -101,6 +101,12 @@ class Evaluator:
         return Evaluator(self.truth, self.exclude, self.ks, np.asarray(users), self.items,
                          self.engine)
 
+    def compacted(self) -> "Evaluator":
+        """The same evaluation over user rows 0..n-1: user vectors are passed for this
+        evaluator's users only, in its order (no all-users matrix)."""
+        return Evaluator(self.truth[self.users], self.exclude[self.users], self.ks,
+                         np.arange(len(self.users)), self.items, self.engine)
+
     @property
     def k(self) -> int:
         return max(self.ks)

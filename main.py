@@ -27,8 +27,8 @@ from model.ddp import data_parallel_check, run_on_ray  # noqa: E402
 from model.llm_profiles import LLMConfig, describe_report, write_llm_profiles  # noqa: E402
 from model.pipeline import RecallModels, build_encoder, load_data, run_experiment  # noqa: E402
 from model.service import serve as serve_bundle  # noqa: E402
-from model.stream import (STREAM_MODELS, Stream, render_stream_report,  # noqa: E402
-                          write_stream_report)
+from model.stream import (STREAM_MODELS, STREAM_OPTIONS, Stream,  # noqa: E402
+                          render_stream_report, write_stream_report)
 from model.synth import write_synthetic  # noqa: E402
 from model.update import update_bundle  # noqa: E402
 from model.versions import BundleStore, VersionError  # noqa: E402
@@ -275,7 +275,7 @@ def update(bundle_dir: str, interactions: str, user_profiles: str | None,
 
 @cli.command()
 @config_options("data")
-@config_options("run", only=("seed", "runs_dir", "tune_baselines", "tune_budget", "threads"))
+@config_options("run", "graph", only=STREAM_OPTIONS)
 @click.option("--model", "variant", default="als", show_default=True,
               type=click.Choice(STREAM_MODELS), help="Recall model replayed.")
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(1, 100),

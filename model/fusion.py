@@ -79,10 +79,15 @@ class Fusion(Recommender):
                                                            item_parts)
         validation = Evaluator.on_validation(dataset)
         require_validation(validation)
+        # the search scores the validation users' rows only (never an all-users matrix),
+        # scaled by each part's mean row norm over all users
+        user_norms, item_norms = mean_row_norms(user_parts), mean_row_norms(item_parts)
+        user_rows = [part[validation.users] for part in user_parts]
+        compact = validation.compacted()
 
         def score(weights: list[float]) -> float:
-            return validation.vector_recall(weighted_concat(user_parts, weights),
-                                            weighted_concat(item_parts, weights))
+            return compact.vector_recall(weighted_concat(user_rows, weights, user_norms),
+                                         weighted_concat(item_parts, weights, item_norms))
 
         weights, val_recall = search_fusion_weights(len(names), score)
         self.weights = dict(zip(names, weights))
@@ -231,25 +236,33 @@ class Fusion(Recommender):
                              for p, name in enumerate(state.get("parts", []))}
 
 
-def concat_scales(parts: list[np.ndarray], weights: list[float]) -> list[float]:
-    """Per part, sqrt(weight) / its mean (non-zero) row norm: the factor `weighted_concat`
-    applies to it (and a bundle to a new row's block)."""
-    scales = []
-    for part, weight in zip(parts, weights):
+def mean_row_norms(parts: list[np.ndarray]) -> list[float]:
+    """Per part, the mean norm of its non-zero rows (1 when every row is zero)."""
+    means = []
+    for part in parts:
         norms = np.linalg.norm(part, axis=1)
-        mean_norm = norms[norms > 0].mean() if (norms > 0).any() else 1.0
-        scales.append(float(np.sqrt(weight) / mean_norm))
-    return scales
+        means.append(float(norms[norms > 0].mean()) if (norms > 0).any() else 1.0)
+    return means
 
 
-def weighted_concat(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def concat_scales(parts: list[np.ndarray], weights: list[float],
+                  norms: list[float] | None = None) -> list[float]:
+    """Per part, sqrt(weight) / its mean (non-zero) row norm (`norms`, when the parts are
+    some rows of the whole): the factor `weighted_concat` applies to it (and a bundle to a
+    new row's block)."""
+    norms = mean_row_norms(parts) if norms is None else norms
+    return [float(np.sqrt(weight) / norm) for weight, norm in zip(weights, norms)]
+
+
+def weighted_concat(parts: list[np.ndarray], weights: list[float],
+                    norms: list[float] | None = None) -> np.ndarray:
     """Concatenate parts, each divided by its mean row norm and scaled by sqrt(weight).
 
     A global scale (not a per-row one) keeps what each model learnt in its vector norms:
     LightGCN and GraphSAGE score by inner product, and their norms carry popularity. The
     inner product of a fused user and item is sum_p w_p <u_p, i_p> / (|u_p| |i_p|)_mean.
     """
-    scales = concat_scales(parts, weights)
+    scales = concat_scales(parts, weights, norms)
     return np.hstack([part * scale for part, scale in zip(parts, scales)]).astype(np.float32)
 
 

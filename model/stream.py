@@ -35,6 +35,7 @@ from model.versions import BundleStore
 from utils import atomic_path, log, write_json_atomic, write_text_atomic
 
 STREAM_MODELS = ("als", "lightgcn", "graphsage")
+STREAM_OPTIONS = ("seed", "runs_dir", "tune_baselines", "tune_budget", "threads", "sage_fanout")
 NEW_USERS, NEW_ITEMS, LATE_PAIRS = 0.10, 0.05, 0.10
 LATEST_BY_TIME = 0.20  # with timestamps: the newest fifth of the training pairs streams in
 

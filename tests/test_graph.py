@@ -1,6 +1,7 @@
 """Graph signals: walks follow training edges with the right odds, GraphSAGE is inductive,
 fusion vectors have the promised shape and geometry."""
 import numpy as np
+import pytest
 import scipy.sparse as sp
 from scipy.stats import binomtest
 
@@ -127,6 +128,27 @@ def test_fusion_search_is_never_worse_than_the_best_part():
     weights, best = search_fusion_weights(2, score)
     assert weights[1] == 1.0
     assert best >= validation.vector_recall(truth[0], truth[1]) - 1e-9
+
+
+def test_the_fusion_search_on_validation_rows_only_scores_as_on_every_row():
+    """The fusion search builds the validation users' rows only (no all-users matrix):
+    with each part scaled by its norm over every user, each score is the full one's."""
+    from evaluation import Evaluator
+    from model.fusion import mean_row_norms
+
+    rng = np.random.default_rng(3)
+    users, items = [rng.normal(size=(50, 4)), rng.normal(size=(50, 6)) * 3], \
+        [rng.normal(size=(25, 4)), rng.normal(size=(25, 6))]
+    val = sp.csr_matrix((rng.random((50, 25)) < 0.1).astype(np.float32))
+    train = sp.csr_matrix((rng.random((50, 25)) < 0.1).astype(np.float32))
+    validation = Evaluator(val, train, (20,), users=np.flatnonzero(np.diff(val.indptr))[::2])
+    compact, norms = validation.compacted(), mean_row_norms(users)
+    rows = [part[validation.users] for part in users]
+    for weights in ([1.0, 0.0], [1.0, 0.25], [0.5, 2.0]):
+        full = validation.vector_recall(weighted_concat(users, weights),
+                                        weighted_concat(items, weights))
+        assert compact.vector_recall(weighted_concat(rows, weights, norms),
+                                     weighted_concat(items, weights)) == pytest.approx(full)
 
 
 def test_lightgcn_learns_a_block_structure():
