@@ -116,6 +116,16 @@ class RecallModels:
     def get(self, name: str) -> Recommender:
         return getattr(self, name)()
 
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop the fitted models not named in `keep` (saved already; nothing later reads
+        them), so a run does not hold every variant's vectors to the end. Returns their
+        names; what could not be fitted stays recorded."""
+        dropped = [name for name, fitted in self._fitted.items()
+                   if name not in keep and not isinstance(fitted, Unavailable)]
+        for name in dropped:
+            del self._fitted[name]
+        return dropped
+
     def popularity(self) -> Popularity:
         return self._once("popularity", lambda: Popularity().fit(self.dataset))
 
@@ -327,9 +337,27 @@ class Experiment:
         print(f"\nrun written to {self.run_dir}")
         return self.run_dir
 
+    def _models_read(self, row: str) -> set[str]:
+        """The fitted models (RecallModels names) a row reads: its own and what it is built
+        from."""
+        rank, text = self.config.rank, {"text", "text_distilled"}
+        parts = set(self.config.graph.fuse_parts) | text | {"graphsage"}
+        if row in {f"{rank.rank_on} + {label}" for label in RANK_MODES.values()}:
+            return {*self._models_read(rank.rank_on), *rank.rank_item_models}
+        if row.startswith("fused"):  # the fused model and its ablations
+            return {"fused", *parts}
+        if row.startswith("text"):
+            return text
+        return {row, *(text if row == "graphsage" else ())}
+
     def _evaluate_rows(self, dataset: Dataset, staging: Path):
         results, per_user, top_lists = {}, {}, {}
-        for variant, produce in self.rows():
+        rows = self.rows()
+        for position, (variant, produce) in enumerate(rows):
+            dropped = self.models.release(set().union(
+                *(self._models_read(later) for later, _ in rows[position:])))
+            if dropped:
+                log(f"released (no later row reads them): {', '.join(dropped)}")
             log(f"== {variant}")
             try:
                 with timed() as clock:

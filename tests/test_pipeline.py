@@ -108,3 +108,30 @@ def test_users_are_banded_by_training_interactions():
     counts = [0, 1, 3, 4, 10, 11]
     train = sp.csr_matrix(np.array([[1] * c + [0] * (12 - c) for c in counts]))
     assert activity_bands(train).tolist() == ["0", "1-3", "1-3", "4-10", "4-10", ">10"]
+
+
+def test_a_run_releases_each_model_once_no_later_row_reads_it(tmp_path, monkeypatch):
+    """Variants are not held to the end of a run: a model is dropped before the first row
+    that no longer reads it, and nothing a later row reads is dropped (each is fitted once)."""
+    from model.pipeline import Experiment, RecallModels
+
+    fitted = []
+    original = RecallModels._once
+
+    def counting(self, name, fit):
+        def recorded():
+            fitted.append(name)
+            return fit()
+        return original(self, name, recorded)
+    monkeypatch.setattr(RecallModels, "_once", counting)
+    config = ExperimentConfig.from_dict({
+        "data": {"dataset": "demo", "data_root": str(tmp_path / "data")},
+        "run": {"variants": "popularity,ease,als,lightgcn,fused",
+                "runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")},
+        "graph": {"fuse_parts": ["als", "lightgcn"], "epochs": 2},
+        "rank": {"rank": "widedeep", "rank_on": "fused", "rank_epochs": 1,
+                 "rank_item_models": ["itemknn"]}})
+    experiment = Experiment(config)
+    experiment.run()
+    assert sorted(fitted) == sorted(set(fitted))  # nothing dropped that a later row read
+    assert set(experiment.models._fitted) == {"fused", "als", "lightgcn", "itemknn"}
