@@ -269,6 +269,7 @@ def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 
 
 RANKER_FILE = "ranker.json"
+PAIR_USERS = 50_000  # users whose candidates are held at once while training pairs are drawn
 MEMBER_LOG = ("seed", "best_epoch", "best_val_ndcg@20", "kept_recall_order", "training_pairs")
 RANKER_FORMAT = 3  # 2: multi-channel candidates, per-channel score and rank features;
 # 3: item-item model scores, the training history
@@ -378,17 +379,32 @@ class WideDeepRanker:
             fit_users, positives = np.sort(val_users[len(check_users):]), dataset.val
         else:
             fit_users, positives = np.flatnonzero(np.diff(dataset.train.indptr) > 0), dataset.train
-        fit_channels = self.channel_candidates_of(fit_users, dataset.train)
-        users, items, _, labels = ranking_pairs(
-            positives, fit_users, fit_channels.candidates, self.hard_negatives,
-            self.random_negatives, rng, within_candidates=self.positives == "val")
-        ranks = self._visible(fit_channels.ranks(users, items))
+        users, items, ranks, labels = self._training_pairs(positives, fit_users,
+                                                           dataset.train, rng)
         torch.manual_seed(seed)
         self.net, self.member_seed = WideDeep(self.features, self.mode).to(device), seed
         check = self.channel_candidates_of(check_users, dataset.train)
         log_ = train_loop(self, (users, items, ranks, labels), check, validation, device)
         return {**log_, "seed": seed, "training_pairs": int(len(labels)),
                 "mean_union_size": round(float((check.candidates >= 0).sum(1).mean()), 1)}
+
+    def _training_pairs(self, positives: sp.csr_matrix, fit_users: np.ndarray,
+                        train: sp.csr_matrix, rng: np.random.Generator) -> tuple:
+        """(users, items, channel ranks, labels) of the training pairs (`ranking_pairs`),
+        built PAIR_USERS users at a time: only the sampled pairs are kept, never every
+        user's candidates at once; shuffled together when there is more than one block."""
+        blocks = []
+        for start in range(0, len(fit_users), PAIR_USERS):
+            block = fit_users[start:start + PAIR_USERS]
+            channels = self.channel_candidates_of(block, train)
+            users, items, _, labels = ranking_pairs(
+                positives, block, channels.candidates, self.hard_negatives,
+                self.random_negatives, rng, within_candidates=self.positives == "val")
+            blocks.append((users, items, self._visible(channels.ranks(users, items)), labels))
+        if len(blocks) == 1:
+            return blocks[0]
+        order = rng.permutation(sum(len(block[0]) for block in blocks))
+        return tuple(np.concatenate(column)[order] for column in zip(*blocks))
 
     def channel_candidates_of(self, users: np.ndarray, exclude: sp.csr_matrix | None,
                               k: int = 0) -> ChannelCandidates:

@@ -213,3 +213,32 @@ def test_batches_hold_whole_users():
         for user in np.unique(users[rows]):
             assert (users[rows] == user).sum() == (users == user).sum()
     assert max(len(rows) for rows in batches) < 64 + np.bincount(users).max()
+
+
+def test_training_pairs_drawn_in_blocks_of_users_keep_every_positive_and_its_ranks(
+        tmp_path, monkeypatch):
+    """The ranker draws its training pairs a block of users at a time (never every user's
+    candidates at once): the positives and their channel ranks do not depend on the block
+    size, and negatives are never positives."""
+    from dataHandler import open_dataset
+    from model import ranking
+    from model.tuning import tuned
+
+    data = open_dataset("demo", tmp_path)
+    als = tuned("als", data, {"seed": 0}, tune=False)
+    ranker = ranking.WideDeepRanker(candidates=10, epochs=1, device="cpu").fit(data, als)
+    users = np.flatnonzero(np.diff(data.val.indptr) > 0)
+
+    def pairs(block: int) -> tuple:
+        monkeypatch.setattr(ranking, "PAIR_USERS", block)
+        return ranker._training_pairs(data.val, users, data.train, np.random.default_rng(0))
+
+    whole, blocked = pairs(10 ** 6), pairs(7)
+    for drawn in (whole, blocked):
+        u, i, r, label = drawn
+        assert (data.val[u[label == 0], i[label == 0]] == 0).all()
+    positive = [{(u, i, tuple(r)) for u, i, r in zip(*(column[drawn[3] == 1]
+                                                       for column in drawn[:3]))}
+                for drawn in (whole, blocked)]  # ranks: one per channel
+    assert positive[0] == positive[1] and len(positive[0]) > 0
+    assert abs(len(whole[0]) - len(blocked[0])) < 0.1 * len(whole[0])
