@@ -309,7 +309,8 @@ class GraphSAGE(_BPRGraphModel):
         return {"model": "graphsage", "file": SAGE_FILE,
                 "features": FEATURES_FILE if self.features is not None else None,
                 "dim": self.dim, "layers": self.layers, "id_dim": self.id_dim,
-                "feature_dim": self.feature_dim}
+                "feature_dim": self.feature_dim, "fanout": self.fanout,
+                "train": vars(self.train_config), "seed": self.seed}
 
     @classmethod
     def network(cls, state: dict, settings: dict) -> SAGENet:

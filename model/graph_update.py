@@ -4,11 +4,12 @@
 - LightGCN: the layer-0 embeddings grow by the new rows (their neighbours' mean), a few BPR
   passes run over the new pairs and GRAPH_REPLAY times as many replayed old ones, and every
   vector is propagated again over the updated graph.
-- GraphSAGE: the inductive path, no gradient step. The trained network runs over the
-  updated graph: a new node enters with its profile's text features (or, without a
-  profile, the mean of its neighbours' features) and no id embedding, as the network treats
-  every node it was not trained on; known nodes keep their id embeddings and see their new
-  neighbours.
+- GraphSAGE: the inductive path. A new node enters the updated graph with its profile's
+  text features (or, without a profile, the mean of its neighbours' features) and no id
+  embedding, as the network treats every node it was not trained on; known nodes keep their
+  id embeddings and see their new neighbours. The network then takes SAGE_EPOCHS passes of
+  its own training (BPR over every pair, sampled neighbourhoods when it was trained so)
+  from the trained weights, and runs over the updated graph.
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from coreMethod import bipartite_graph, bpr_epoch
+from model.config import TrainConfig
 from model.foldin import grown_by_neighbours
 from model.graph import GraphSAGE, LightGCN, graph_adjacency
+from utils import deterministic_torch
 
 GRAPH_EPOCHS = 5  # LightGCN bundle: BPR passes over the new pairs and replayed old ones
 GRAPH_REPLAY = 4  # ... old pairs replayed per new pair (more: less forgetting)
+SAGE_EPOCHS = 2  # GraphSAGE bundle: training passes over every pair after new nodes join
 
 
 def lightgcn_warm_start(folder: Path, entry: dict, seen: sp.csr_matrix, added: sp.csr_matrix,
@@ -77,14 +82,47 @@ def sage_pass(folder: Path, entry: dict, seen: sp.csr_matrix, n_old_users: int,
                 block[row], from_text = vector, from_text + 1
         features = np.vstack([users, items])
     net = GraphSAGE.network(state, entry)
+    tensor = None if features is None else torch.as_tensor(features)
+    epochs = SAGE_EPOCHS if "train" in entry else 0  # (a bundle without its settings)
+    if epochs:
+        continue_sage(net, tensor, seen, entry, epochs)
+        state = {key: value.detach().clone() for key, value in net.state_dict().items()}
     with torch.no_grad():
-        out = net(None if features is None else torch.as_tensor(features),
-                  graph_adjacency(seen, normalize=False)).numpy()
+        out = net(tensor, graph_adjacency(seen, normalize=False)).numpy()
     files = {entry["file"]: state}
     if features is not None:
         files[entry["features"]] = features
     return out[:n_users], out[n_users:], files, {
-        "nodes": n_users + n_items, "new_nodes": len(new_rows), "features_from_text": from_text}
+        "nodes": n_users + n_items, "new_nodes": len(new_rows), "features_from_text": from_text,
+        "epochs": epochs}
+
+
+def continue_sage(net: torch.nn.Module, features: torch.Tensor | None, seen: sp.csr_matrix,
+                  entry: dict, epochs: int) -> None:
+    """`epochs` passes of the network's own training (`entry`'s settings: BPR over every
+    pair of `seen`, over sampled neighbourhoods when it was trained in mini-batches) from
+    its current weights; new nodes stay without id embeddings."""
+    settings, n_users = TrainConfig.coerce(entry["train"]), seen.shape[0]
+    binary = (seen > 0).astype(np.float32).tocsr()
+    rng = np.random.default_rng(entry.get("seed", 0))
+    torch.manual_seed(entry.get("seed", 0))
+    optimiser = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    graph = bipartite_graph(binary) if entry.get("fanout") else None
+    adjacency = graph_adjacency(binary, normalize=False) if graph is None else None
+
+    def embed():  # full batch
+        out = net(features, adjacency)
+        return out[:n_users], out[n_users:]
+
+    def embed_triples(users, positives, negatives):  # over sampled neighbourhoods
+        seeds = torch.cat([users, positives + n_users, negatives + n_users])
+        return net.sampled(features, graph, seeds, entry["fanout"], rng).split(len(users))
+    with deterministic_torch():
+        for epoch in range(1, epochs + 1):
+            bpr_epoch(net, embed, optimiser, binary, settings.batch, settings.weight_decay,
+                      rng, "cpu", f"graphsage update {epoch}/{epochs}", None,
+                      embed_triples if graph is not None else None)
+    net.eval()
 
 
 def save_graph_files(folder: Path, files: dict) -> None:
@@ -98,7 +136,8 @@ def save_graph_files(folder: Path, files: dict) -> None:
 def sage_cold_start(folder: Path, entry: dict, features: np.ndarray) -> np.ndarray:
     """Vectors of nodes with no interactions from their text features alone: the network's
     inductive path with no neighbours (a new user's profile, a new item's)."""
-    net = _network(str(folder / entry["file"]), tuple(sorted(entry.items())))
+    net = _network(str(folder / entry["file"]),
+                   tuple(entry[key] for key in ("feature_dim", "id_dim", "dim", "layers")))
     with torch.no_grad():
         tensor = torch.as_tensor(features, dtype=torch.float32)
         empty = torch.empty((2, 0), dtype=torch.long)
@@ -107,4 +146,5 @@ def sage_cold_start(folder: Path, entry: dict, features: np.ndarray) -> np.ndarr
 
 @lru_cache(maxsize=4)  # a version's files never change; a service asks once per profile
 def _network(path: str, settings: tuple):
-    return GraphSAGE.network(torch.load(path, weights_only=True), dict(settings))
+    return GraphSAGE.network(torch.load(path, weights_only=True), dict(zip(
+        ("feature_dim", "id_dim", "dim", "layers"), settings)))

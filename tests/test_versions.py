@@ -136,13 +136,15 @@ def test_a_lightgcn_update_warm_starts_from_the_bundles_layer0(tmp_path):
     assert (top == bundle.item_row("NEW-ITEM")).any()  # recommended to someone
 
 
-def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_path):
+def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_path,
+                                                                         monkeypatch):
     """A GraphSAGE bundle keeps its network and its nodes' text features; an update runs the
-    network over the updated graph with no gradient step: a new item enters with its
-    profile's encoded text and no id embedding, and a user with only a profile gets what
-    the network makes of the text alone (the service's cold-start answer too)."""
+    network over the updated graph: a new item enters with its profile's encoded text and
+    no id embedding, and a user with only a profile gets what the network makes of the text
+    alone (the service's cold-start answer too). Then the network trains a little more."""
     import torch
 
+    from model import graph_update
     from model.graph import GraphSAGE, graph_adjacency
     from model.graph_update import sage_cold_start
 
@@ -170,6 +172,7 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
                                                      "profile": item_text}) + "\n")
     (tmp_path / "users.json").write_text(json.dumps({"user_id": "quiet-user",
                                                      "profile": "Loves sushi."}) + "\n")
+    monkeypatch.setattr(graph_update, "SAGE_EPOCHS", 0)  # the inductive pass alone first
     _cli("update", "--bundle", tmp_path / "b", "--interactions",
          _write_csv(tmp_path / "d.csv", rows), "--item-profiles", tmp_path / "items.json",
          "--user-profiles", tmp_path / "users.json")
@@ -197,6 +200,17 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
     assert np.allclose(bundle.users[untouched], parent.users[untouched], atol=1e-5)
     assert not np.allclose(bundle.users[sorted(near - touched)],
                            parent.users[sorted(near - touched)], atol=1e-5)
+    monkeypatch.undo()  # the default: a few passes of training after the nodes join
+    _cli("update", "--bundle", tmp_path / "b", "--interactions",
+         _write_csv(tmp_path / "e.csv", [("1", "OTHER-ITEM"), ("5", "OTHER-ITEM")]))
+    trained = Bundle(tmp_path / "b")
+    steps = {s["step"]: s for s in trained.manifest["changes"]["steps"]}
+    assert steps["GraphSAGE inductive pass"]["epochs"] == graph_update.SAGE_EPOCHS > 0
+    after = torch.load(trained.folder / entry["file"], weights_only=True)
+    assert not torch.allclose(after["project.weight"], state["project.weight"])
+    assert after["id_mask"][len(trained.users) + trained.item_row("OTHER-ITEM")].item() == 0
+    assert np.allclose(network_output(trained), np.vstack([trained.users, trained.items]),
+                       atol=1e-4)
 
 
 def test_a_failed_update_leaves_the_current_version_untouched(store, tmp_path, monkeypatch):
