@@ -9,10 +9,11 @@
   embedding, as the network treats every node it was not trained on; known nodes keep their
   id embeddings and see their new neighbours. The network then takes SAGE_EPOCHS passes of
   its own training (BPR over every pair, sampled neighbourhoods when it was trained so)
-  from the trained weights, and runs over the updated graph.
+  from the trained weights, kept if validation agrees, and runs over the updated graph.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,11 +60,13 @@ def with_replay(added: sp.csr_matrix, old: sp.csr_matrix, seed: int
 
 
 def sage_pass(folder: Path, entry: dict, seen: sp.csr_matrix, n_old_users: int,
-              n_old_items: int, encoded: dict[str, dict[int, np.ndarray]]
+              n_old_items: int, encoded: dict[str, dict[int, np.ndarray]],
+              score: Callable[[np.ndarray, np.ndarray], float] | None = None
               ) -> tuple[np.ndarray, np.ndarray, dict, dict]:
     """(users, items, the version's files {name: state or array}, what was touched) of a
     GraphSAGE bundle over the updated graph `seen`; `encoded`: {"users"/"items": {row:
-    text features}} of new rows with a profile."""
+    text features}} of new rows with a profile; `score(users, items)`: a validation figure
+    that decides whether the training passes are kept."""
     state = torch.load(folder / entry["file"], weights_only=True)
     n_users, n_items = seen.shape
     new_rows = np.r_[n_old_users:n_users, n_users + n_old_items:n_users + n_items]
@@ -83,18 +86,30 @@ def sage_pass(folder: Path, entry: dict, seen: sp.csr_matrix, n_old_users: int,
         features = np.vstack([users, items])
     net = GraphSAGE.network(state, entry)
     tensor = None if features is None else torch.as_tensor(features)
+    adjacency = graph_adjacency(seen, normalize=False)
+    with torch.no_grad():
+        out = net(tensor, adjacency).numpy()  # the inductive pass alone
+    touched = {"nodes": n_users + n_items, "new_nodes": len(new_rows),
+               "features_from_text": from_text}
     epochs = SAGE_EPOCHS if "train" in entry else 0  # (a bundle without its settings)
     if epochs:
         continue_sage(net, tensor, seen, entry, epochs)
-        state = {key: value.detach().clone() for key, value in net.state_dict().items()}
-    with torch.no_grad():
-        out = net(tensor, graph_adjacency(seen, normalize=False)).numpy()
+        with torch.no_grad():
+            trained = net(tensor, adjacency).numpy()
+        touched["epochs"] = f"{epochs}: kept (no validation pairs to check them)"
+        if score is not None:  # GraphSAGE's training is noisy: validation decides
+            before, after = (score(vectors[:n_users], vectors[n_users:])
+                             for vectors in (out, trained))
+            kept = after >= before
+            touched["epochs"] = f"{epochs}: {'kept' if kept else 'dropped'} (validation " \
+                f"Recall@20 {after:.4f} trained vs {before:.4f} without)"
+        if score is None or kept:
+            out = trained
+            state = {key: value.detach().clone() for key, value in net.state_dict().items()}
     files = {entry["file"]: state}
     if features is not None:
         files[entry["features"]] = features
-    return out[:n_users], out[n_users:], files, {
-        "nodes": n_users + n_items, "new_nodes": len(new_rows), "features_from_text": from_text,
-        "epochs": epochs}
+    return out[:n_users], out[n_users:], files, touched
 
 
 def continue_sage(net: torch.nn.Module, features: torch.Tensor | None, seen: sp.csr_matrix,

@@ -199,13 +199,13 @@ def _update_locked(store: BundleStore, interactions: Path, user_profiles: Path |
     if item_profiles:
         state.attributes = read_attributes_by_id(Path(item_profiles))
     state.log("load parent and read", started, interactions=len(increment.pairs))
-    state.run()
-    made_current, verdict = True, "no validation file given: made current without a check"
     started = time.perf_counter()
     check = _validation_pairs(parent, state, Path(validation)) if validation else None
     if check is not None:
         state.log("validation pairs", started, users=0 if isinstance(check, str)
                   else len(check[0]))
+    state.run(check if isinstance(check, tuple) else None)
+    made_current, verdict = True, "no validation file given: made current without a check"
     state.ranker_epoch(check if isinstance(check, tuple) else None)
     if check is not None:
         started = time.perf_counter()
@@ -253,8 +253,10 @@ class _Update:
         self.steps.append({"step": name, "seconds": round(time.perf_counter() - started, 3),
                            **touched})
 
-    def run(self) -> None:
+    def run(self, check: tuple[np.ndarray, sp.csr_matrix] | None = None) -> None:
+        """`check`: validation (users, held-out items), for the choices validation decides."""
         started = time.perf_counter()
+        self.check = check
         user_row = {u: r for r, u in enumerate(self.user_ids)}
         item_row = {i: r for r, i in enumerate(self.item_ids)}
         pairs = self.increment.pairs
@@ -419,13 +421,21 @@ class _Update:
         if self.graph["model"] == "graphsage":
             self.users, self.items, self.graph_files, touched = sage_pass(
                 self.parent.folder, self.graph, self.seen, self.n_old_users, self.n_old_items,
-                {"users": self.user_text, "items": self.item_text})
+                {"users": self.user_text, "items": self.item_text},
+                self._validation_recall if self.check is not None else None)
             self.log("GraphSAGE inductive pass", started, **touched)
             return
         self.users, self.items, self.graph_files, touched = lightgcn_warm_start(
             self.parent.folder, self.graph, self.seen, self.added, self.parent.seen,
             self.n_old_users)
         self.log("LightGCN warm start", started, **touched)
+
+    def _validation_recall(self, users: np.ndarray, items: np.ndarray) -> float:
+        """Recall@20 on the validation pairs of `self.check` with these vectors (exact)."""
+        rows, truth = self.check
+        top = FaissRetriever("flat", use_gpu=False).fit(items).search(users, 20, self.seen,
+                                                                      rows)[0]
+        return float(per_user_metrics(top, rows, truth, (20,))["recall@20"].mean())
 
     def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
         """A ranked bundle: the ranker's features grown to this version's rows and one

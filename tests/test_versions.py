@@ -205,11 +205,22 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
          _write_csv(tmp_path / "e.csv", [("1", "OTHER-ITEM"), ("5", "OTHER-ITEM")]))
     trained = Bundle(tmp_path / "b")
     steps = {s["step"]: s for s in trained.manifest["changes"]["steps"]}
-    assert steps["GraphSAGE inductive pass"]["epochs"] == graph_update.SAGE_EPOCHS > 0
+    assert steps["GraphSAGE inductive pass"]["epochs"].startswith(
+        f"{graph_update.SAGE_EPOCHS}: kept (no validation pairs")
     after = torch.load(trained.folder / entry["file"], weights_only=True)
     assert not torch.allclose(after["project.weight"], state["project.weight"])
     assert after["id_mask"][len(trained.users) + trained.item_row("OTHER-ITEM")].item() == 0
     assert np.allclose(network_output(trained), np.vstack([trained.users, trained.items]),
+                       atol=1e-4)
+    held_out = [(parent.user_ids[u], parent.item_ids[(u * 7) % len(parent.item_ids)])
+                for u in range(40) if not parent.seen[u, (u * 7) % len(parent.item_ids)]]
+    _cli("update", "--bundle", tmp_path / "b", "--interactions",
+         _write_csv(tmp_path / "f.csv", [("2", "THIRD-ITEM")]),
+         "--validation", _write_csv(tmp_path / "v.csv", held_out), "--max-drop", "1")
+    checked = Bundle(tmp_path / "b")  # validation chose the trained or the untrained state
+    steps = {s["step"]: s for s in checked.manifest["changes"]["steps"]}
+    assert "validation Recall@20" in steps["GraphSAGE inductive pass"]["epochs"]
+    assert np.allclose(network_output(checked), np.vstack([checked.users, checked.items]),
                        atol=1e-4)
 
 
