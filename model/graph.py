@@ -401,7 +401,7 @@ class LightGCN(_BPRGraphModel):
         self.net.eval()
 
     def save_graph(self, folder: Path, users: np.ndarray | None = None,
-                    items: np.ndarray | None = None) -> dict:
+                   items: np.ndarray | None = None) -> dict:
         """Write the layer-0 embeddings of rows `users` and `items` (all by default), users
         first, to `folder`/LAYER0_FILE, what an update warm-starts from; returns the
         settings a bundle's manifest records for that."""

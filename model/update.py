@@ -433,8 +433,10 @@ class _Update:
     def _validation_recall(self, users: np.ndarray, items: np.ndarray) -> float:
         """Recall@20 on the validation pairs of `self.check` with these vectors (exact)."""
         rows, truth = self.check
-        top = FaissRetriever("flat", use_gpu=False).fit(items).search(users, 20, self.seen,
-                                                                      rows)[0]
+        kept = np.setdiff1d(np.arange(len(items)),
+                            [*self.parent.manifest.get("removed_rows", []), *self.removed])
+        top = FaissRetriever("flat", use_gpu=False).fit(items, kept).search(
+            users, 20, self.seen, rows)[0]
         return float(per_user_metrics(top, rows, truth, (20,))["recall@20"].mean())
 
     def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
