@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from utils import log, pair_values, rows_contain
+
+WALK_BLOCK = 1 << 20  # random walks generated (and held) at once
 
 
 def mean_of_items(train: sp.csr_matrix, item_vectors: np.ndarray,
@@ -79,9 +81,16 @@ def bipartite_graph(train: sp.csr_matrix) -> sp.csr_matrix:
 
 def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
                  seed: int = 0) -> np.ndarray:
-    """Weighted random walks, all advanced together one step at a time.
+    """Weighted random walks (`walk_blocks`) as one (walks, walk_length) array of node ids."""
+    return np.vstack(list(walk_blocks(graph, walks_per_node, walk_length, seed)))
 
-    Returns (walks, walk_length) node ids. A step from v picks neighbour u with probability
+
+def walk_blocks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int, seed: int = 0,
+                block: int = WALK_BLOCK) -> Iterator[np.ndarray]:
+    """Weighted random walks, `block` walks at a time, all of a block advanced together one
+    step at a time (so the walks of a large graph are never all in memory).
+
+    Yields (walks, walk_length) node ids. A step from v picks neighbour u with probability
     w(v, u) / sum_u' w(v, u'), by inverse-CDF search over the graph's cumulative weights.
     Walks start from every node that has an edge; they never leave `graph`'s edges.
     """
@@ -92,14 +101,15 @@ def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
     cumulative = np.cumsum(graph.data)
     before_row = np.concatenate([[0.0], cumulative])[graph.indptr[:-1]]
     row_weight = np.asarray(graph.sum(axis=1)).ravel()
-    walks = np.empty((len(starts), walk_length), dtype=np.int64)
-    walks[:, 0] = current = starts
-    for step in range(1, walk_length):
-        target = before_row[current] + rng.random(len(current)) * row_weight[current]
-        position = np.searchsorted(cumulative, target, side="right")
-        position = np.clip(position, graph.indptr[current], graph.indptr[current + 1] - 1)
-        walks[:, step] = current = graph.indices[position]
-    return walks
+    for first in range(0, len(starts), block):
+        walks = np.empty((min(block, len(starts) - first), walk_length), dtype=np.int64)
+        walks[:, 0] = current = starts[first:first + block]
+        for step in range(1, walk_length):
+            target = before_row[current] + rng.random(len(current)) * row_weight[current]
+            position = np.searchsorted(cumulative, target, side="right")
+            position = np.clip(position, graph.indptr[current], graph.indptr[current + 1] - 1)
+            walks[:, step] = current = graph.indices[position]
+        yield walks
 
 
 def sample_neighbours(graph: sp.csr_matrix, seeds: np.ndarray, fanouts: list[int],

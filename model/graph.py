@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from gensim.models import Word2Vec
@@ -17,8 +18,8 @@ from torch_geometric.nn import LightGCN as PygLightGCN
 from torch_geometric.nn import SAGEConv
 from tqdm import tqdm
 
-from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, random_walks,
-                        rank0_value, sample_neighbours, train_until_no_improvement)
+from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, rank0_value,
+                        sample_neighbours, train_until_no_improvement, walk_blocks)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.config import TrainConfig
@@ -51,11 +52,11 @@ class DeepWalk(Recommender):
 
     def fit(self, dataset) -> "DeepWalk":
         graph = bipartite_graph(dataset.train)
-        walks = random_walks(graph, self.walks_per_node, self.walk_length, self.seed)
-        log(f"deepwalk: {len(walks):,} walks x {self.walk_length} steps")
         with tempfile.TemporaryDirectory() as tmp:
             corpus = Path(tmp) / "walks.txt"
-            np.savetxt(corpus, walks, fmt="%d")
+            count = write_walks(corpus, walk_blocks(graph, self.walks_per_node,
+                                                    self.walk_length, self.seed))
+            log(f"deepwalk: {count:,} walks x {self.walk_length} steps")
             skipgram = Word2Vec(corpus_file=str(corpus), vector_size=self.dim, window=self.window,
                                 sg=1, negative=5, min_count=1, workers=self.workers,
                                 epochs=self.epochs, seed=self.seed,
@@ -66,6 +67,17 @@ class DeepWalk(Recommender):
         self.user_vectors, self.item_vectors = vectors[:dataset.n_users], vectors[dataset.n_users:]
         self._fitted_on(dataset)
         return self
+
+
+def write_walks(path: Path, blocks) -> int:
+    """Walks, block by block (never all in memory), one per line of space-separated node
+    ids: gensim's `corpus_file` format. Returns how many were written."""
+    count = 0
+    with path.open("w") as out:
+        for walks in blocks:
+            pd.DataFrame(walks).to_csv(out, sep=" ", header=False, index=False)
+            count += len(walks)
+    return count
 
 
 class _EpochBar(CallbackAny2Vec):

@@ -43,6 +43,29 @@ def test_walks_only_follow_training_edges():
     assert set(walks[:, 0]) == set(np.flatnonzero(degree > 0))
 
 
+def test_walks_in_blocks_start_from_the_same_nodes_and_follow_edges(tmp_path):
+    """DeepWalk's walks come a block at a time (never all in memory): one block is the
+    whole set exactly, smaller blocks keep the same starts and only follow edges, and the
+    corpus file holds one walk per line as skip-gram reads it."""
+    from coreMethod import walk_blocks
+    from model.graph import write_walks
+
+    rng = np.random.default_rng(0)
+    graph = bipartite_graph(sp.csr_matrix((rng.random((30, 20)) < 0.15).astype(np.float32)))
+    whole = random_walks(graph, walks_per_node=5, walk_length=12, seed=1)
+    assert np.array_equal(np.vstack(list(walk_blocks(graph, 5, 12, 1, block=len(whole)))),
+                          whole)
+    blocks = list(walk_blocks(graph, 5, 12, 1, block=7))
+    assert len(blocks) == -(-len(whole) // 7)
+    blocked = np.vstack(blocks)
+    assert np.array_equal(blocked[:, 0], whole[:, 0])
+    steps = np.stack([blocked[:, :-1].ravel(), blocked[:, 1:].ravel()], axis=1)
+    assert np.all(np.asarray(graph[steps[:, 0], steps[:, 1]]).ravel() > 0)
+    assert write_walks(tmp_path / "walks.txt", iter(blocks)) == len(blocked)
+    np.savetxt(tmp_path / "expected.txt", blocked, fmt="%d")
+    assert (tmp_path / "walks.txt").read_text() == (tmp_path / "expected.txt").read_text()
+
+
 def test_walk_steps_follow_edge_weights():
     # user 0 visited item 0 three times and item 1 once
     graph = bipartite_graph(sp.csr_matrix(np.array([[3, 1]], dtype=np.float32)))
