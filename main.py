@@ -256,7 +256,7 @@ def recommend(bundle_dir: str, user: str | None, profile: str | None, item: str 
               help="Item ids (one per line) to take out of the index.")
 @click.option("--validation", default=None, type=click.Path(dir_okay=False),
               help="Held-out 'user,item' CSV: not made current if Recall@20 falls more than "
-                   "--max-drop below the parent's; a ranker's epoch is kept if NDCG@20 holds.")
+                   "--max-drop below; decides if ranker/GraphSAGE training is kept.")
 @click.option("--max-drop", default=0.02, show_default=True, type=click.FloatRange(0, 1))
 @clear_errors()
 def update(bundle_dir: str, interactions: str, user_profiles: str | None,
