@@ -82,7 +82,8 @@ def bipartite_graph(train: sp.csr_matrix) -> sp.csr_matrix:
 def random_walks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int,
                  seed: int = 0) -> np.ndarray:
     """Weighted random walks (`walk_blocks`) as one (walks, walk_length) array of node ids."""
-    return np.vstack(list(walk_blocks(graph, walks_per_node, walk_length, seed)))
+    return np.vstack([np.empty((0, walk_length), np.int64),
+                      *walk_blocks(graph, walks_per_node, walk_length, seed)])
 
 
 def walk_blocks(graph: sp.csr_matrix, walks_per_node: int, walk_length: int, seed: int = 0,

@@ -21,7 +21,7 @@ from model.base import Recommender
 from model.config import ExperimentConfig
 from model.foldin import choose_fold_in
 from model.graph import GraphSAGE
-from model.graph_update import sage_cold_start
+from model.graph_update import sage_cold_start, sage_cold_start_network
 from model.ranking import WideDeepRanker
 from model.retrieval import (FaissRetriever, active_users, calibrated_retriever,
                              calibration_users, top_overlap)
@@ -570,7 +570,9 @@ class Bundle:
         with the other blocks zero."""
         recipe = self.manifest["text_encoder"]
         if recipe.get("inductive"):
-            return sage_cold_start(self.folder, self.manifest["graph"], encoded)
+            if not hasattr(self, "_sage"):  # this version's network, shared weights only
+                self._sage = sage_cold_start_network(self.folder, self.manifest["graph"])
+            return sage_cold_start(self._sage, encoded)
         projection = (recipe.get("projection") or {}).get(side)
         if projection:
             if not hasattr(self, "_projections"):

@@ -305,7 +305,11 @@ class GraphSAGE(_BPRGraphModel):
                    items: np.ndarray | None = None) -> dict:
         """Write what an update's inductive pass needs for rows `users` and `items` (all by
         default) to `folder`: the network with those rows' id embeddings (SAGE_FILE) and
-        their input features (FEATURES_FILE); returns the settings a manifest records."""
+        their input features (FEATURES_FILE); returns the settings a manifest records, or
+        None when the features are not at hand (a model saved before they were kept: its
+        updates fall back to the fold-in rule)."""
+        if self.feature_dim and self.features is None:
+            return None
         n_users, n_items = self.n_users, self.n_items
         users = np.arange(n_users) if users is None else np.asarray(users)
         items = np.arange(n_items) if items is None else np.asarray(items)

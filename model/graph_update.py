@@ -5,16 +5,18 @@
   passes run over the new pairs and GRAPH_REPLAY times as many replayed old ones, and every
   vector is propagated again over the updated graph.
 - GraphSAGE: the inductive path. A new node enters the updated graph with its profile's
-  text features (or, without a profile, the mean of its neighbours' features) and no id
-  embedding, as the network treats every node it was not trained on; known nodes keep their
-  id embeddings and see their new neighbours. The network then takes SAGE_EPOCHS passes of
-  its own training (BPR over every pair, sampled neighbourhoods when it was trained so)
-  from the trained weights, kept if validation agrees, and runs over the updated graph.
+  encoded text as features when the update brings one (else the plain mean of its
+  neighbours' features, which a refit would compute differently: the text model's normalised
+  item mean for a user, zero for an item without text) and no id embedding, as the network
+  treats every node it was not trained on; known nodes keep their id embeddings and see
+  their new neighbours. The network then takes SAGE_EPOCHS passes of its own training (BPR
+  over every pair, sampled neighbourhoods when it was trained so) from the trained weights,
+  kept if validation Recall@20 does not fall (the same pairs then gate the version, which
+  favours passing), and runs over the updated graph.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +150,20 @@ def save_graph_files(folder: Path, files: dict) -> None:
             torch.save(content, folder / name)
 
 
-def sage_cold_start(folder: Path, entry: dict, features: np.ndarray) -> np.ndarray:
+def sage_cold_start_network(folder: Path, entry: dict) -> torch.nn.Module:
+    """A bundle's network for nodes outside its graph: the shared weights only (one empty
+    id row instead of the id table, which such a node never reads)."""
+    state = torch.load(folder / entry["file"], weights_only=True)
+    for key in ("id_embedding.weight", "id_mask"):
+        if key in state:
+            state[key] = state[key].new_zeros((1, state[key].shape[1]))
+    return GraphSAGE.network(state, entry)
+
+
+def sage_cold_start(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     """Vectors of nodes with no interactions from their text features alone: the network's
     inductive path with no neighbours (a new user's profile, a new item's)."""
-    net = _network(str(folder / entry["file"]),
-                   tuple(entry[key] for key in ("feature_dim", "id_dim", "dim", "layers")))
     with torch.no_grad():
         tensor = torch.as_tensor(features, dtype=torch.float32)
         empty = torch.empty((2, 0), dtype=torch.long)
         return net(tensor, empty, new_nodes=len(tensor)).numpy()
-
-
-@lru_cache(maxsize=4)  # a version's files never change; a service asks once per profile
-def _network(path: str, settings: tuple):
-    return GraphSAGE.network(torch.load(path, weights_only=True), dict(zip(
-        ("feature_dim", "id_dim", "dim", "layers"), settings)))

@@ -354,6 +354,7 @@ class Experiment:
         results, per_user, top_lists = {}, {}, {}
         rows = self.rows()
         for position, (variant, produce) in enumerate(rows):
+            fitted = top = None  # (the previous row's: release below must free them)
             dropped = self.models.release(set().union(
                 *(self._models_read(later) for later, _ in rows[position:])))
             if dropped:

@@ -254,8 +254,7 @@ class _Update:
                            **touched})
 
     def run(self, check: tuple[np.ndarray, sp.csr_matrix] | None = None) -> None:
-        """`check`: validation (users, held-out items), for the choices validation decides."""
-        started = time.perf_counter()
+        started = time.perf_counter()  # `check`: validation (users, their held-out items)
         self.check = check
         user_row = {u: r for r, u in enumerate(self.user_ids)}
         item_row = {i: r for r, i in enumerate(self.item_ids)}
@@ -337,13 +336,15 @@ class _Update:
                                          self.items, users[old])
         if not self.whole_pass:
             users[new] = self.fold_in.vectors(self.seen[new], self.items)
-        quiet = np.array([r for r in range(self.n_old_users, len(self.user_ids))
-                          if self.added.indptr[r + 1] == self.added.indptr[r]
-                          and self.user_ids[r] in self.users_text], dtype=np.int64)
-        encoded = self._encoded([self.users_text[self.user_ids[r]] for r in quiet])
-        self.user_text = dict(zip(quiet.tolist(), encoded)) if encoded is not None else {}
-        if encoded is not None:
-            users[quiet] = self.parent.place_text(encoded, "users")
+        inductive = (self.graph or {}).get("model") == "graphsage"  # features: every profile
+        profiled = np.array([r for r in range(self.n_old_users, len(self.user_ids))
+                             if self.user_ids[r] in self.users_text and (inductive or self.added
+                             .indptr[r + 1] == self.added.indptr[r])], dtype=np.int64)
+        encoded = self._encoded([self.users_text[self.user_ids[r]] for r in profiled])
+        self.user_text = dict(zip(profiled.tolist(), encoded)) if encoded is not None else {}
+        quiet = profiled[np.diff(self.added.indptr)[profiled] == 0]  # no interactions yet
+        if encoded is not None and len(quiet):
+            users[quiet] = self.parent.place_text(encoded[np.isin(profiled, quiet)], "users")
         self.users = users
         self.log("users", started, changed_users=len(old), new_users=len(new),
                  new_users_from_profile=len(quiet) if encoded is not None else 0)
@@ -433,8 +434,8 @@ class _Update:
     def _validation_recall(self, users: np.ndarray, items: np.ndarray) -> float:
         """Recall@20 on the validation pairs of `self.check` with these vectors (exact)."""
         rows, truth = self.check
-        kept = np.setdiff1d(np.arange(len(items)),
-                            [*self.parent.manifest.get("removed_rows", []), *self.removed])
+        kept = np.setdiff1d(np.arange(len(items)), self.parent.manifest.get("removed_rows", [])
+                            + list(self.removed))
         top = FaissRetriever("flat", use_gpu=False).fit(items, kept).search(
             users, 20, self.seen, rows)[0]
         return float(per_user_metrics(top, rows, truth, (20,))["recall@20"].mean())

@@ -61,6 +61,7 @@ def test_walks_in_blocks_start_from_the_same_nodes_and_follow_edges(tmp_path):
     assert np.array_equal(blocked[:, 0], whole[:, 0])
     steps = np.stack([blocked[:, :-1].ravel(), blocked[:, 1:].ravel()], axis=1)
     assert np.all(np.asarray(graph[steps[:, 0], steps[:, 1]]).ravel() > 0)
+    assert random_walks(sp.csr_matrix((4, 4)), 5, 12).shape == (0, 12)  # no edges, no walks
     assert write_walks(tmp_path / "walks.txt", iter(blocks)) == len(blocked)
     np.savetxt(tmp_path / "expected.txt", blocked, fmt="%d")
     assert (tmp_path / "walks.txt").read_text() == (tmp_path / "expected.txt").read_text()

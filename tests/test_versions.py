@@ -146,7 +146,7 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
 
     from model import graph_update
     from model.graph import GraphSAGE, graph_adjacency
-    from model.graph_update import sage_cold_start
+    from model.graph_update import sage_cold_start, sage_cold_start_network
 
     output = _cli("run", "--dataset", "demo", "--model", "graphsage", "--epochs", "4",
                   "--data-root", tmp_path / "data", "--runs-dir", tmp_path / "runs")
@@ -170,8 +170,9 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
     item_text = "Cozy ramen bar with spicy miso broth and late-night hours."
     (tmp_path / "items.json").write_text(json.dumps({"item_id": "NEW-ITEM",
                                                      "profile": item_text}) + "\n")
-    (tmp_path / "users.json").write_text(json.dumps({"user_id": "quiet-user",
-                                                     "profile": "Loves sushi."}) + "\n")
+    (tmp_path / "users.json").write_text("".join(json.dumps(
+        {"user_id": user, "profile": text}) + "\n" for user, text in (
+        ("quiet-user", "Loves sushi."), ("new-user", "Late dinners, spicy food."))))
     monkeypatch.setattr(graph_update, "SAGE_EPOCHS", 0)  # the inductive pass alone first
     _cli("update", "--bundle", tmp_path / "b", "--interactions",
          _write_csv(tmp_path / "d.csv", rows), "--item-profiles", tmp_path / "items.json",
@@ -179,7 +180,7 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
     bundle = Bundle(tmp_path / "b")
     steps = {s["step"]: s for s in bundle.manifest["changes"]["steps"]}
     assert steps["GraphSAGE inductive pass"]["new_nodes"] == 3  # two users, one item
-    assert steps["GraphSAGE inductive pass"]["features_from_text"] == 2
+    assert steps["GraphSAGE inductive pass"]["features_from_text"] == 3
     assert np.allclose(network_output(bundle), np.vstack([bundle.users, bundle.items]),
                        atol=1e-4)  # this version's vectors are its own state's
     state = torch.load(bundle.folder / entry["file"], weights_only=True)
@@ -188,10 +189,16 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
     features = np.load(bundle.folder / entry["features"])
     encoded = parent.encoder.encode([item_text], show_progress=False)[0]
     assert np.allclose(features[new_item_node], encoded, atol=1e-5)
+    encoded = parent.encoder.encode(["Late dinners, spicy food.", "Loves sushi."],
+                                    show_progress=False)  # as the update batches them
+    assert np.allclose(features[bundle.user_row("new-user")], encoded[0], atol=1e-5)
     quiet = bundle.user_row("quiet-user")
-    alone = sage_cold_start(bundle.folder, entry, features[quiet][None, :])[0]
-    assert np.allclose(bundle.users[quiet], alone, atol=1e-4)
-    assert np.allclose(bundle.embed_profile("Loves sushi."), alone, atol=1e-4)
+    net = sage_cold_start_network(bundle.folder, entry)
+    assert np.allclose(bundle.users[quiet], sage_cold_start(net, features[quiet][None, :])[0],
+                       atol=1e-4)
+    alone = parent.encoder.encode(["Loves sushi."], show_progress=False)  # as a query
+    assert np.allclose(bundle.embed_profile("Loves sushi."), sage_cold_start(net, alone)[0],
+                       atol=1e-4)
     assert bundle.item_row("NEW-ITEM") in bundle.retriever.row_to_item
     # two layers: a known user moves only through a neighbour whose neighbours changed
     near = set(parent.seen[:, parent.item_row("3")].nonzero()[0])
@@ -222,6 +229,14 @@ def test_a_graphsage_update_runs_the_trained_network_over_the_grown_graph(tmp_pa
     assert "validation Recall@20" in steps["GraphSAGE inductive pass"]["epochs"]
     assert np.allclose(network_output(checked), np.vstack([checked.users, checked.items]),
                        atol=1e-4)
+    # a run saved before the features were kept: its bundle is updated by the fold-in rule
+    for name in ("user_features.npy", "item_features.npy"):
+        (Path(run_dir[15:]) / "models" / "graphsage" / name).unlink()
+    _cli("export", "--run", run_dir[15:], "--variant", "graphsage", "--out", tmp_path / "old")
+    assert Bundle(tmp_path / "old").manifest["graph"] is None
+    _cli("update", "--bundle", tmp_path / "old", "--interactions", tmp_path / "e.csv")
+    steps = [s["step"] for s in Bundle(tmp_path / "old").manifest["changes"]["steps"]]
+    assert "GraphSAGE inductive pass" not in steps and "users" in steps
 
 
 def test_a_failed_update_leaves_the_current_version_untouched(store, tmp_path, monkeypatch):
