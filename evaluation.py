@@ -142,6 +142,12 @@ class Evaluator:
         return self.mean(self.top_of_vectors(user_vectors, item_vectors, k), "recall", k)
 
 
+def retrieved_recall(retriever, users: np.ndarray, seen: sp.csr_matrix, rows: np.ndarray,
+                     truth: sp.csr_matrix, k: int = 20) -> float:
+    """Mean Recall@k of `rows` of `users` retrieved by `retriever`, `seen` items excluded."""
+    top = retriever.search(users, k, seen, rows)[0]
+    return float(per_user_metrics(top, rows, truth, (k,))[f"recall@{k}"].mean())
+
 def profile_or_item_mean(dataset, label: str, users: np.ndarray,
                          top_with_profiles: Callable[["Evaluator"], np.ndarray],
                          top_with_item_mean: Callable[["Evaluator"], np.ndarray]) -> dict | None:

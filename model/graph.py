@@ -135,6 +135,29 @@ class SAGENet(torch.nn.Module):
         return hidden
 
 
+    def bpr_views(self, features: torch.Tensor | None, adjacency: torch.Tensor | None,
+                  graph: sp.csr_matrix, n_users: int, fanout: int, rng: np.random.Generator):
+        """(embed, embed_triples) for `bpr_epoch`: every node's output over `adjacency` (full
+        batch), and (None without a `fanout`) a batch's users, positives and negatives over
+        their sampled neighbourhoods in `graph`."""
+        def embed():
+            out = self(features, adjacency)
+            return out[:n_users], out[n_users:]
+
+        def embed_triples(users, positives, negatives):
+            seeds = torch.cat([users, positives + n_users, negatives + n_users])
+            return self.sampled(features, graph, seeds, fanout, rng).split(len(users))
+        return embed, embed_triples if fanout else None
+
+    def alone(self, features: np.ndarray) -> np.ndarray:
+        """Outputs of nodes outside the graph (no id embedding, no neighbours) from their
+        features alone."""
+        device = self.project.weight.device
+        with torch.no_grad():
+            tensor = torch.as_tensor(features, dtype=torch.float32, device=device)
+            empty = torch.empty((2, 0), dtype=torch.long, device=device)
+            return self(tensor, empty, new_nodes=len(tensor)).cpu().numpy()
+
     def sampled(self, features: torch.Tensor | None, graph: sp.csr_matrix,
                 seeds: torch.Tensor, fanout: int, rng: np.random.Generator) -> torch.Tensor:
         """The outputs of `seeds` (node ids, repeats allowed) over their sampled
@@ -262,16 +285,9 @@ class GraphSAGE(_BPRGraphModel):
         degree = np.diff(graph.indptr)
         self.net.id_mask.copy_(torch.as_tensor(degree > 0, dtype=torch.float32).unsqueeze(1))
         self.net.to(device)
-
-        def embed():
-            out = self.net(features, adjacency)
-            return out[:n_users], out[n_users:]
-
-        def embed_triples(users, positives, negatives):  # over sampled neighbourhoods
-            seeds = torch.cat([users, positives + n_users, negatives + n_users])
-            return self.net.sampled(features, graph, seeds, self.fanout, rng).split(len(users))
-
-        self._train(dataset, embed, device, embed_triples if self.fanout else None)
+        embed, embed_triples = self.net.bpr_views(features, adjacency, graph, n_users,
+                                                  self.fanout, rng)
+        self._train(dataset, embed, device, embed_triples)
         self._fitted_on(dataset)
         return self
 
@@ -281,11 +297,7 @@ class GraphSAGE(_BPRGraphModel):
 
     def embed_new(self, features: np.ndarray) -> np.ndarray:
         """Vectors for users or items outside the training graph, from their text alone."""
-        device = next(self.net.parameters()).device
-        with torch.no_grad():
-            tensor = torch.as_tensor(features, dtype=torch.float32, device=device)
-            empty = torch.empty((2, 0), dtype=torch.long, device=device)
-            return self.net(tensor, empty, new_nodes=len(tensor)).cpu().numpy()
+        return self.net.alone(features)
 
     def fitted_state(self) -> dict:
         """What `adopt` needs to take this fit over (handed back by a Ray Train worker)."""

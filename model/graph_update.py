@@ -95,7 +95,7 @@ def sage_pass(folder: Path, entry: dict, seen: sp.csr_matrix, n_old_users: int,
                "features_from_text": from_text}
     epochs = SAGE_EPOCHS if "train" in entry else 0  # (a bundle without its settings)
     if epochs:
-        continue_sage(net, tensor, seen, entry, epochs)
+        continue_sage(net, tensor, seen, adjacency, entry, epochs)
         with torch.no_grad():
             trained = net(tensor, adjacency).numpy()
         touched["epochs"] = f"{epochs}: kept (no validation pairs to check them)"
@@ -115,30 +115,24 @@ def sage_pass(folder: Path, entry: dict, seen: sp.csr_matrix, n_old_users: int,
 
 
 def continue_sage(net: torch.nn.Module, features: torch.Tensor | None, seen: sp.csr_matrix,
-                  entry: dict, epochs: int) -> None:
+                  adjacency: torch.Tensor, entry: dict, epochs: int) -> None:
     """`epochs` passes of the network's own training (`entry`'s settings: BPR over every
-    pair of `seen`, over sampled neighbourhoods when it was trained in mini-batches) from
-    its current weights; new nodes stay without id embeddings."""
+    pair of `seen`, over sampled neighbourhoods when it was trained in mini-batches, else
+    over `adjacency`, the graph of `seen`) from its current weights; new nodes stay without
+    id embeddings."""
     settings, n_users = TrainConfig.coerce(entry["train"]), seen.shape[0]
     binary = (seen > 0).astype(np.float32).tocsr()
     rng = np.random.default_rng(entry.get("seed", 0))
     torch.manual_seed(entry.get("seed", 0))
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    graph = bipartite_graph(binary) if entry.get("fanout") else None
-    adjacency = graph_adjacency(binary, normalize=False) if graph is None else None
-
-    def embed():  # full batch
-        out = net(features, adjacency)
-        return out[:n_users], out[n_users:]
-
-    def embed_triples(users, positives, negatives):  # over sampled neighbourhoods
-        seeds = torch.cat([users, positives + n_users, negatives + n_users])
-        return net.sampled(features, graph, seeds, entry["fanout"], rng).split(len(users))
+    fanout = entry.get("fanout", 0)
+    embed, embed_triples = net.bpr_views(features, adjacency,
+                                         bipartite_graph(binary) if fanout else None,
+                                         n_users, fanout, rng)
     with deterministic_torch():
         for epoch in range(1, epochs + 1):
             bpr_epoch(net, embed, optimiser, binary, settings.batch, settings.weight_decay,
-                      rng, "cpu", f"graphsage update {epoch}/{epochs}", None,
-                      embed_triples if graph is not None else None)
+                      rng, "cpu", f"graphsage update {epoch}/{epochs}", None, embed_triples)
     net.eval()
 
 
@@ -163,7 +157,4 @@ def sage_cold_start_network(folder: Path, entry: dict) -> torch.nn.Module:
 def sage_cold_start(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
     """Vectors of nodes with no interactions from their text features alone: the network's
     inductive path with no neighbours (a new user's profile, a new item's)."""
-    with torch.no_grad():
-        tensor = torch.as_tensor(features, dtype=torch.float32)
-        empty = torch.empty((2, 0), dtype=torch.long)
-        return net(tensor, empty, new_nodes=len(tensor)).numpy()
+    return net.alone(features)

@@ -42,7 +42,7 @@ from implicit.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
 from dataHandler import DataError, iter_json_lines
-from evaluation import per_user_metrics
+from evaluation import retrieved_recall
 from model.bundle import (ATTRIBUTE_PREFIX, FILTER_ATTRIBUTES, RANKER_DIR, Bundle,
                           BundleError, seal_manifest, write_version_files)
 from model.foldin import FoldIn, choose_fold_in
@@ -436,9 +436,8 @@ class _Update:
         rows, truth = self.check
         kept = np.setdiff1d(np.arange(len(items)), self.parent.manifest.get("removed_rows", [])
                             + list(self.removed))
-        top = FaissRetriever("flat", use_gpu=False).fit(items, kept).search(
-            users, 20, self.seen, rows)[0]
-        return float(per_user_metrics(top, rows, truth, (20,))["recall@20"].mean())
+        return retrieved_recall(FaissRetriever("flat", use_gpu=False).fit(items, kept), users,
+                             self.seen, rows, truth)
 
     def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
         """A ranked bundle: the ranker's features grown to this version's rows and one
@@ -589,12 +588,10 @@ def _no_regression(parent: Bundle, candidate: _Update,
     if isinstance(check, str):
         return True, f"{check}: made current unchecked"
     rows, truth = check
-    figures = []
-    for bundle in (parent, candidate):  # the parent's rows are the candidate's first rows
-        top = bundle.retriever.search(bundle.users, 20, bundle.seen, rows)[0]
-        figures.append(float(per_user_metrics(top, rows, truth, (20,))["recall@20"].mean()))
-    before, after = figures
+    before, after = (retrieved_recall(bundle.retriever, bundle.users, bundle.seen, rows, truth)
+                     for bundle in (parent, candidate))  # the parent's rows come first
     if after < before * (1 - max_drop):
         return False, (f"not made current: validation Recall@20 {after:.4f} is more than "
                        f"{max_drop:.0%} below the parent's {before:.4f}")
     return True, f"validation Recall@20 {after:.4f} vs parent {before:.4f}: made current"
+
