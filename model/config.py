@@ -131,7 +131,14 @@ class RunConfig:
                           "CPUs).")
     ray_address: str | None = option(None, "With --engine ray: join this running cluster "
                                      "('auto', or host:port of `ray start --head`) instead of "
-                                     "starting a local one.")
+                                     "starting a local one; the project's code is shipped "
+                                     "to its nodes, which need the packages installed.")
+    ray_storage: str | None = option(None, "With --engine ray: where Ray Train workers "
+                                     "persist their results (a folder every node mounts, or "
+                                     "a URI such as s3://bucket/path; one folder per "
+                                     "training). Needed for data-parallel training on a "
+                                     "cluster of several nodes [default: a temporary folder "
+                                     "of this machine].")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
                          "(encoder, GraphSAGE, LightGCN, fusion, Wide&Deep) runs there.")
 

@@ -1,9 +1,10 @@
 """Data-parallel training on Ray Train's `TorchTrainer` (gloo on CPU, NCCL on GPUs): the
-pipeline's encoder fine-tuning (`finetune`), Wide&Deep ranker (`ranker_train_loop`) and
-GraphSAGE (`graphsage_train_loop`) when
-the run has `--engine ray --workers N`, and `main.py ddp-check` (also under
-`torchrun --nproc_per_node=N`), DistributedDataParallel over gloo on the CPU (the check
-compares with one CPU process, GPU or not).
+pipeline's encoder fine-tuning (`finetune`), Wide&Deep ranker (`ranker_train_loop`),
+GraphSAGE and LightGCN (`graph_train_loop`) when the run has `--engine ray --workers N`,
+and `main.py ddp-check` (also under `torchrun --nproc_per_node=N`), DistributedDataParallel
+over gloo on the CPU (the check compares with one CPU process, GPU or not). Rank 0 hands a
+result back as its Ray Train checkpoint, persisted to the engine's storage (`--ray-storage`
+on a cluster of several nodes).
 
 Each global batch is split into one share per rank (whole users under the ranker's softmax
 loss), each rank's loss scaled so that the averaged gradients are one process's gradient on
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +109,13 @@ def data_parallel_check(config: dict) -> dict:
     return report
 
 
-def _on_ray_train(worker, job: dict, workers: int, folder: str) -> None:
-    """`worker(job)` on `workers` Ray Train workers (TorchTrainer: gloo on CPU, NCCL when
-    the driver has a GPU); a local Ray instance is started for it if none runs."""
+@contextmanager
+def _trained_on_ray(worker, job: dict, workers: int, storage: str | None = None):
+    """Runs `worker(job)` on `workers` Ray Train workers (TorchTrainer: gloo on CPU, NCCL
+    when the cluster has a GPU per worker) and yields the folder rank 0 handed back with
+    `_hand_back`: its Ray Train checkpoint, persisted under `storage` (a folder every node
+    reaches, or a URI such as s3://...; a temporary folder of this machine without one) and
+    read here. A local Ray instance is started for it if none runs."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -120,34 +127,59 @@ def _on_ray_train(worker, job: dict, workers: int, folder: str) -> None:
     # trains its workers on the CPUs rather than waiting for GPUs that never come
     use_gpu = bool(job.get("use_gpu")) and ray.cluster_resources().get("GPU", 0) >= workers
     try:
-        TorchTrainer(worker, train_loop_config=job,
-                     scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-                     run_config=RunConfig(storage_path=folder)).fit()
+        with tempfile.TemporaryDirectory() as scratch:
+            name = f"{worker.__name__.strip('_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            result = TorchTrainer(
+                worker, train_loop_config=job,
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+                run_config=RunConfig(name=name, storage_path=storage or scratch)).fit()
+            if result.checkpoint is None:
+                raise RuntimeError(f"Ray Train run {name} handed no result back")
+            with result.checkpoint.as_directory() as folder:
+                yield Path(folder)
     finally:
         if started_here:
             ray.shutdown()
 
 
+def _hand_back(write) -> None:
+    """Ends a Ray Train worker: rank 0 writes its result with `write(folder)` and reports
+    the folder as a checkpoint (Ray Train persists it to the run's storage, where
+    `_trained_on_ray` reads it); every rank reports once, as Ray Train requires."""
+    import ray.train
+
+    if dist.get_rank() != 0:
+        ray.train.report({}, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        write(Path(folder))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _check_worker(config: dict) -> None:
+    report = data_parallel_check(config)
+    _hand_back(lambda folder: (folder / "report.json").write_text(json.dumps(report)))
+
+
 def run_on_ray(config: dict, workers: int) -> dict:
     """`data_parallel_check` on `workers` Ray Train workers (gloo on CPU); rank 0 hands its
-    report back through a file, so the workers share this machine."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "report.json"
-        _on_ray_train(data_parallel_check, {**config, "out": str(out)}, workers, folder)
-        return json.loads(out.read_text())
+    report back as its checkpoint."""
+    with _trained_on_ray(_check_worker, config, workers) as folder:
+        return json.loads((folder / "report.json").read_text())
 
 
 def ray_workers(engine) -> int:
     """How many Ray Train workers `engine` trains with (1: train in this process). The
-    workers hand their result back through this machine's disk, so a cluster of several
-    nodes trains in this process (and says so)."""
+    workers hand their result back through the engine's storage (`--ray-storage`): a
+    cluster of several nodes without one trains in this process (and says so)."""
     if engine is None or engine.name != "ray" or engine.workers < 2:
         return 1
     import ray
 
-    if sum(node.get("Alive", False) for node in ray.nodes()) > 1:
-        log("note: data-parallel training returns its result through this machine's disk; "
-            "on a cluster of several nodes the encoder and the ranker train in this process")
+    if sum(node.get("Alive", False) for node in ray.nodes()) > 1 and not engine.storage:
+        log("note: on a cluster of several nodes, data-parallel training needs storage "
+            "every node reaches for its result (--ray-storage: a shared folder or a URI "
+            "such as s3://bucket/path); without it, training runs in this process")
         return 1
     return engine.workers
 
@@ -161,13 +193,11 @@ def ranker_train_loop(engine):
 
     def on_ray(ranker, pairs, check, validation, device: str) -> dict:
         ranker.net.to("cpu")  # pickled for the workers: any of them can read it
-        with tempfile.TemporaryDirectory() as folder:
-            job = {"ranker": ranker, "pairs": pairs, "check": check, "validation": validation,
-                   "out": folder, "use_gpu": str(device).startswith("cuda")}
-            _on_ray_train(_ranker_worker, job, workers, folder)
-            ranker.net.load_state_dict(torch.load(Path(folder) / "state.pt",
-                                                  weights_only=True))
-            log_ = json.loads((Path(folder) / "log.json").read_text())
+        job = {"ranker": ranker, "pairs": pairs, "check": check, "validation": validation,
+               "use_gpu": str(device).startswith("cuda")}
+        with _trained_on_ray(_ranker_worker, job, workers, engine.storage) as folder:
+            ranker.net.load_state_dict(torch.load(folder / "state.pt", weights_only=True))
+            log_ = json.loads((folder / "log.json").read_text())
         ranker.net.to(device)
         ranker.kept_recall_order = log_["kept_recall_order"]
         return {**log_, "workers": workers}
@@ -180,40 +210,41 @@ def _ranker_worker(job: dict) -> None:
     ranker = job["ranker"]
     ranker.net.to(get_device())
     log_ = ranker.train_loop(job["pairs"], job["check"], job["validation"], str(get_device()))
-    if dist.get_rank() == 0:
+
+    def write(folder: Path) -> None:
         torch.save({k: v.cpu() for k, v in ranker.net.state_dict().items()},
-                   Path(job["out"]) / "state.pt")
-        (Path(job["out"]) / "log.json").write_text(json.dumps(log_))
+                   folder / "state.pt")
+        (folder / "log.json").write_text(json.dumps(log_))
+    _hand_back(write)
 
 
-def graphsage_train_loop(engine):
-    """GraphSAGE's training for `engine` (`GraphSAGE.fit(..., train_loop=)`): on Ray Train
-    with several workers (each rank takes its share of every global BPR batch, over its own
-    sampled neighbourhoods with --sage-fanout), else None (this process)."""
+def graph_train_loop(engine):
+    """GraphSAGE's or LightGCN's training for `engine` (their `fit(..., train_loop=)`): on
+    Ray Train with several workers (each rank takes its share of every global BPR batch;
+    GraphSAGE with --sage-fanout over its own sampled neighbourhoods), else None (this
+    process)."""
     workers = ray_workers(engine)
     if workers < 2:
         return None
 
-    def on_ray(model, dataset, text):
-        with tempfile.TemporaryDirectory() as folder:
-            job = {"model": model, "dataset": dataset, "text": text, "out": folder,
-                   "use_gpu": pick_device(model.device).startswith("cuda")}
-            _on_ray_train(_graphsage_worker, job, workers, folder)
-            fitted = torch.load(Path(folder) / "fitted.pt", weights_only=False)
+    def on_ray(model, dataset, *inputs):
+        job = {"model": model, "dataset": dataset, "inputs": inputs,
+               "use_gpu": pick_device(model.device).startswith("cuda")}
+        with _trained_on_ray(_graph_worker, job, workers, engine.storage) as folder:
+            fitted = torch.load(folder / "fitted.pt", weights_only=False)
         model.adopt(fitted, dataset)
         model.training_log["workers"] = workers
         return model
     return on_ray
 
 
-def _graphsage_worker(job: dict) -> None:
+def _graph_worker(job: dict) -> None:
     from ray.train.torch import get_device
 
     model = job["model"]
     model.device = str(get_device())
-    model.fit(job["dataset"], job["text"])
-    if dist.get_rank() == 0:
-        torch.save(model.fitted_state(), Path(job["out"]) / "fitted.pt")
+    model.fit(job["dataset"], *job["inputs"])
+    _hand_back(lambda folder: torch.save(model.fitted_state(), folder / "fitted.pt"))
 
 
 def finetune(encoder, dataset, method: str, config, seed: int, engine=None):
@@ -221,7 +252,8 @@ def finetune(encoder, dataset, method: str, config, seed: int, engine=None):
     engine with several workers, data-parallel on Ray Train (`finetune_on_ray`); else here."""
     workers = ray_workers(engine)
     if workers > 1:
-        return finetune_on_ray(encoder, dataset, method, config, seed, workers)
+        return finetune_on_ray(encoder, dataset, method, config, seed, workers,
+                               engine.storage)
     return finetune_encoder(encoder, dataset, method, config, seed)
 
 
@@ -235,25 +267,27 @@ def _finetune_worker(job: dict) -> None:
     encoder.device = str(get_device())
     tuned, log_ = finetune_encoder(encoder, job["dataset"], job["method"], job["config"],
                                    job["seed"])
-    if dist.get_rank() == 0:
-        tuned.save(Path(job["out"]) / "encoder")
-        (Path(job["out"]) / "log.json").write_text(json.dumps(log_))
+
+    def write(folder: Path) -> None:
+        tuned.save(folder / "encoder")
+        (folder / "log.json").write_text(json.dumps(log_))
+    _hand_back(write)
 
 
-def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: int):
+def finetune_on_ray(encoder, dataset, method: str, config, seed: int, workers: int,
+                    storage: str | None = None):
     """`finetune_encoder` data-parallel on `workers` Ray Train workers: each global batch is
     drawn as in one process and split over the ranks, negatives are gathered across them,
-    gradients averaged. Returns (encoder, log) as `finetune_encoder` does. The workers
-    write the result to a folder of this machine (a cluster needs it on shared storage)."""
+    gradients averaged. Returns (encoder, log) as `finetune_encoder` does; rank 0 hands the
+    result back as its checkpoint (under `storage`, see `_trained_on_ray`)."""
     device = encoder.device
     encoder.model.to("cpu")  # pickled for the workers: any of them can read it
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            job = {"encoder": encoder, "dataset": dataset, "method": method, "config": config,
-                   "seed": seed, "out": folder, "use_gpu": str(device).startswith("cuda")}
-            _on_ray_train(_finetune_worker, job, workers, folder)
-            tuned = TextEncoder.from_pretrained(str(Path(folder) / "encoder"), device=device)
-            log_ = json.loads((Path(folder) / "log.json").read_text())
+        job = {"encoder": encoder, "dataset": dataset, "method": method, "config": config,
+               "seed": seed, "use_gpu": str(device).startswith("cuda")}
+        with _trained_on_ray(_finetune_worker, job, workers, storage) as folder:
+            tuned = TextEncoder.from_pretrained(str(folder / "encoder"), device=device)
+            log_ = json.loads((folder / "log.json").read_text())
     finally:
         encoder.model.to(device)
     tuned.name, tuned.recipe = f"{encoder.name}+{method}", None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from model.retrieval import SEARCH_CHUNK, FaissRetriever, query_order, seen_coun
 from utils import log, peak_memory_mb
 
 ENGINES = ("local", "ray")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def process_memory() -> dict:
@@ -41,7 +43,7 @@ def _measured(function: Callable, *args) -> tuple:
 class LocalEngine:
     """Every shard in this process, one after the other."""
 
-    name, workers = "local", 1
+    name, workers, storage = "local", 1, None
 
     def encode(self, encoder, texts: list[str], desc: str = "encode") -> np.ndarray:
         return encoder.encode(texts, desc=desc)
@@ -56,20 +58,26 @@ class LocalEngine:
 class RayEngine:
     """Shards as Ray tasks (one CPU each); encoding as Ray Data `map_batches` over an actor
     pool whose actors receive the encoder once. Starts a local Ray instance with `workers`
-    CPUs unless `address` names a running cluster ('auto' or host:port)."""
+    CPUs unless `address` names a running cluster ('auto' or host:port), to which the
+    project's code is shipped (`code_runtime_env`). `storage`: where Ray Train workers
+    persist their results (`model.ddp`), a folder every node reaches or a URI."""
 
     name = "ray"
 
-    def __init__(self, workers: int = 2, address: str | None = None) -> None:
+    def __init__(self, workers: int = 2, address: str | None = None,
+                 storage: str | None = None) -> None:
         try:
             import ray
         except ImportError as error:  # pragma: no cover - ray is in requirements.txt
             raise RuntimeError("--engine ray needs ray[data,train] (pip install "
                                "'ray[data,train]==2.60.0')") from error
         self.ray, self.workers = ray, max(1, int(workers))
+        self.storage = storage if not storage or "://" in storage else \
+            str(Path(storage).resolve())  # Ray Train wants an absolute path
         self._started_here = not ray.is_initialized()
         if self._started_here:
             ray.init(address=address, num_cpus=None if address else self.workers,
+                     runtime_env=code_runtime_env() if address else None,
                      include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
         cpus = ray.cluster_resources().get("CPU", 0)
@@ -151,11 +159,19 @@ class _EncodeActor:
                 **{key: np.full(len(vectors), value) for key, value in memory.items()}}
 
 
-def make_engine(name: str = "local", workers: int = 2, address: str | None = None):
+def code_runtime_env() -> dict:
+    """The Ray job environment that lets a cluster's workers import this project: its
+    folder shipped to every node as the job's working directory (without .git and what
+    git ignores: runs/, .venv/, dataset/...). The nodes need the packages installed."""
+    return {"working_dir": str(PROJECT_ROOT), "excludes": [".git"]}
+
+
+def make_engine(name: str = "local", workers: int = 2, address: str | None = None,
+                storage: str | None = None):
     if name == "local":
         return LocalEngine()
     if name == "ray":
-        return RayEngine(workers, address)
+        return RayEngine(workers, address, storage)
     raise ValueError(f"unknown engine '{name}' ({', '.join(ENGINES)})")
 
 

@@ -235,8 +235,35 @@ class _BPRGraphModel(Recommender):
         with torch.no_grad():
             self.user_vectors, self.item_vectors = (t.cpu().numpy() for t in embed())
 
+    def _network(self, n_nodes: int, state: dict) -> torch.nn.Module:
+        """An untrained network over `n_nodes` nodes, as `_state()` describes it."""
+        raise NotImplementedError
+
     def _save_extra(self, folder: Path) -> None:
         torch.save({k: v.cpu() for k, v in self.net.state_dict().items()}, folder / STATE_FILE)
+
+    def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
+        self._load_net(self.n_users + self.n_items, state,
+                       torch.load(folder / STATE_FILE, weights_only=True))
+
+    def _load_net(self, n_nodes: int, state: dict, weights: dict) -> None:
+        self.net = self._network(n_nodes, state)
+        self.net.load_state_dict(weights)
+        self.net.eval()
+
+    def fitted_state(self) -> dict:
+        """What `adopt` needs to take this fit over (handed back by a Ray Train worker)."""
+        return {"net": {k: v.cpu() for k, v in self.net.state_dict().items()},
+                "state": self._state(), "training_log": self.training_log,
+                "vectors": (self.user_vectors, self.item_vectors)}
+
+    def adopt(self, fitted: dict, dataset) -> "_BPRGraphModel":
+        self._load_net(dataset.n_users + dataset.n_items, fitted["state"], fitted["net"])
+        self.net.to(pick_device(self.device))
+        self.user_vectors, self.item_vectors = fitted["vectors"]
+        self.training_log = fitted["training_log"]
+        self._fitted_on(dataset)
+        return self
 
 
 @register
@@ -299,20 +326,6 @@ class GraphSAGE(_BPRGraphModel):
         """Vectors for users or items outside the training graph, from their text alone."""
         return self.net.alone(features)
 
-    def fitted_state(self) -> dict:
-        """What `adopt` needs to take this fit over (handed back by a Ray Train worker)."""
-        return {"net": {k: v.cpu() for k, v in self.net.state_dict().items()},
-                "feature_dim": self.feature_dim, "training_log": self.training_log,
-                "vectors": (self.user_vectors, self.item_vectors)}
-
-    def adopt(self, fitted: dict, dataset) -> "GraphSAGE":
-        self._load_net(dataset.n_users + dataset.n_items, fitted["feature_dim"], fitted["net"])
-        self.net.to(pick_device(self.device))
-        self.user_vectors, self.item_vectors = fitted["vectors"]
-        self.training_log = fitted["training_log"]
-        self._fitted_on(dataset)
-        return self
-
     def save_graph(self, folder: Path, users: np.ndarray | None = None,
                    items: np.ndarray | None = None) -> dict:
         """Write what an update's inductive pass needs for rows `users` and `items` (all by
@@ -363,19 +376,16 @@ class GraphSAGE(_BPRGraphModel):
             save_encoder(self.text_encoder, folder / ENCODER_DIR)
 
     def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
-        self._load_net(self.n_users + self.n_items, state["feature_dim"],
-                       torch.load(folder / STATE_FILE, weights_only=True))
+        super()._restore(state, arrays, folder)
         if (folder / "user_features.npy").exists():
             self.features = (np.load(folder / "user_features.npy", mmap_mode="r"),
                              np.load(folder / "item_features.npy", mmap_mode="r"))
         if (folder / ENCODER_DIR).is_dir():
             self.text_encoder = folder / ENCODER_DIR
 
-    def _load_net(self, n_nodes: int, feature_dim: int, weights: dict) -> None:
-        self.feature_dim = feature_dim
-        self.net = SAGENet(n_nodes, feature_dim, self.id_dim, self.dim, self.layers)
-        self.net.load_state_dict(weights)
-        self.net.eval()
+    def _network(self, n_nodes: int, state: dict) -> SAGENet:
+        self.feature_dim = state["feature_dim"]
+        return SAGENet(n_nodes, self.feature_dim, self.id_dim, self.dim, self.layers)
 
 
 @register
@@ -392,7 +402,7 @@ class LightGCN(_BPRGraphModel):
     def params(self) -> dict:
         return {**super().params(), "layers": self.layers}
 
-    def _network(self, n_nodes: int) -> PygLightGCN:
+    def _network(self, n_nodes: int, state: dict | None = None) -> PygLightGCN:
         net = PygLightGCN(n_nodes, self.dim, self.layers)
         for conv in net.convs:
             conv.normalize = False  # the adjacency is normalised once, in graph_adjacency
@@ -408,7 +418,10 @@ class LightGCN(_BPRGraphModel):
                                                 lambda_reg=self.train_config.weight_decay)
         return loss
 
-    def fit(self, dataset) -> "LightGCN":
+    def fit(self, dataset, train_loop=None) -> "LightGCN":
+        """`train_loop(model, dataset)`: fits elsewhere (`model.ddp`)."""
+        if train_loop is not None:
+            return train_loop(self, dataset)
         device = pick_device(self.device)
         torch.manual_seed(self.seed)
         adjacency = graph_adjacency(dataset.train, normalize=True).to(device)
@@ -422,11 +435,6 @@ class LightGCN(_BPRGraphModel):
         self._train(dataset, embed, device)
         self._fitted_on(dataset)
         return self
-
-    def _restore(self, state: dict, arrays: dict, folder: Path) -> None:
-        self.net = self._network(self.n_users + self.n_items)
-        self.net.load_state_dict(torch.load(folder / STATE_FILE, weights_only=True))
-        self.net.eval()
 
     def save_graph(self, folder: Path, users: np.ndarray | None = None,
                    items: np.ndarray | None = None) -> dict:

@@ -21,7 +21,7 @@ from model.classic import Popularity
 from model.content import TfidfRecall
 from model.config import (BASELINES, RECALL_VARIANTS, ConfigError, ExperimentConfig,
                           RunConfig)
-from model.ddp import finetune, graphsage_train_loop, ranker_train_loop
+from model.ddp import finetune, graph_train_loop, ranker_train_loop
 from model.distill import distill_encoder, distillation_texts
 from model.engine import LocalEngine, make_engine
 from model.fusion import Fusion
@@ -226,14 +226,14 @@ class RecallModels:
                 raise Unavailable("no text features and --sage-id-dim 0")
             return GraphSAGE(g.dim, g.sage_layers, g.sage_id_dim, g.training(),
                              self.config.run.seed, self.device, g.sage_fanout
-                             ).fit(self.dataset, text, graphsage_train_loop(self.engine))
+                             ).fit(self.dataset, text, graph_train_loop(self.engine))
         return self._once("graphsage", fit)
 
     def lightgcn(self) -> LightGCN:
         g = self.config.graph
         return self._once("lightgcn", lambda: LightGCN(
             g.dim, g.lgn_layers, g.training(), self.config.run.seed,
-            self.device).fit(self.dataset))
+            self.device).fit(self.dataset, graph_train_loop(self.engine)))
 
     def fuse_parts(self) -> list[str]:
         """The parts the fused model combines (text only where the data has item text)."""
@@ -303,7 +303,8 @@ class Experiment:
         if config.run.engine == "local" and config.run.workers != RunConfig().workers:
             log("note: --workers applies to --engine ray (DeepWalk's gensim threads are "
                 "--dw-workers)")
-        engine = make_engine(config.run.engine, config.run.workers, config.run.ray_address)
+        engine = make_engine(config.run.engine, config.run.workers, config.run.ray_address,
+                             config.run.ray_storage)
         try:
             return self._run(dataset, summary, engine)
         finally:

@@ -208,13 +208,24 @@ def test_ranker_training_on_ray_train_equals_one_process(ray_engine, tmp_path):
                           alone.recommend(users, data.train, 10)[0])
 
 
+def _assert_same_graph_training(alone, shared) -> None:
+    assert shared.training_log["workers"] == 2
+    for one, two in zip(alone.training_log["history"], shared.training_log["history"],
+                        strict=True):
+        assert abs(one["val_recall@20"] - two["val_recall@20"]) < 1e-4
+    np.testing.assert_allclose(shared.item_vectors, alone.item_vectors, atol=1e-4)
+    np.testing.assert_allclose(shared.user_vectors, alone.user_vectors, atol=1e-4)
+    users = np.arange(0, alone.n_users, 5)
+    assert np.array_equal(shared.recommend(users, 10)[0], alone.recommend(users, 10)[0])
+
+
 def test_graphsage_on_ray_train_equals_one_process(ray_engine, tmp_path):
     """GraphSAGE in mini-batches on Ray Train, each rank taking half of every global BPR
     batch over its own neighbourhoods: with a fanout above every degree (whole
     neighbourhoods, so no sampling noise) the same validation history and vectors as one
     process."""
     from dataHandler import open_dataset
-    from model.ddp import graphsage_train_loop
+    from model.ddp import graph_train_loop
     from model.graph import GraphSAGE
 
     data = open_dataset("demo", tmp_path)
@@ -224,29 +235,69 @@ def test_graphsage_on_ray_train_equals_one_process(ray_engine, tmp_path):
 
     def model() -> GraphSAGE:
         return GraphSAGE(16, 2, 8, settings, seed=0, device="cpu", fanout=1000)
-    alone = model().fit(data, text)
-    shared = model().fit(data, text, graphsage_train_loop(ray_engine))
-    assert shared.training_log["workers"] == 2
-    for one, two in zip(alone.training_log["history"], shared.training_log["history"],
-                        strict=True):
-        assert abs(one["val_recall@20"] - two["val_recall@20"]) < 1e-4
-    np.testing.assert_allclose(shared.item_vectors, alone.item_vectors, atol=1e-4)
-    np.testing.assert_allclose(shared.user_vectors, alone.user_vectors, atol=1e-4)
-    assert np.array_equal(shared.recommend(np.arange(0, data.n_users, 5), 10)[0],
-                          alone.recommend(np.arange(0, data.n_users, 5), 10)[0])
+    _assert_same_graph_training(model().fit(data, text),
+                                model().fit(data, text, graph_train_loop(ray_engine)))
 
 
-def test_training_goes_to_ray_train_only_on_one_node_with_several_workers(monkeypatch):
-    """Ray Train workers hand their result back through the driver's disk: a cluster of
-    several nodes trains in the driver instead of failing after the training."""
+def test_lightgcn_on_ray_train_equals_one_process_through_the_given_storage(ray_engine,
+                                                                            tmp_path):
+    """LightGCN on Ray Train (full propagation on every rank, each taking half of every
+    global BPR batch): the same validation history and vectors as one process; rank 0's
+    result reaches the driver as a checkpoint persisted under the engine's storage (what
+    a cluster of several nodes shares), not through a folder of the driver's machine."""
+    from dataHandler import open_dataset
+    from model.ddp import graph_train_loop
+    from model.graph import LightGCN
+
+    data = open_dataset("demo", tmp_path)
+    settings = {"epochs": 4, "eval_every": 2, "batch": 512, "patience": 3}
+    storage = tmp_path / "shared-storage"
+    engine = type("Engine", (), {"name": "ray", "workers": 2, "storage": str(storage)})()
+
+    def model() -> LightGCN:
+        return LightGCN(16, 2, settings, seed=0, device="cpu")
+    shared = model().fit(data, graph_train_loop(engine))
+    _assert_same_graph_training(model().fit(data), shared)
+    persisted = list(storage.glob("graph_worker-*/checkpoint_*/fitted.pt"))
+    assert len(persisted) == 1, sorted(storage.rglob("*"))
+
+
+def test_training_goes_to_ray_train_on_several_nodes_only_with_shared_storage(monkeypatch):
+    """Ray Train workers persist their result to the engine's storage: a cluster of several
+    nodes without one (`--ray-storage`) trains in the driver instead of failing after the
+    training; one node needs none."""
     import ray
 
     from model.ddp import ray_workers
 
-    engine = type("Engine", (), {"name": "ray", "workers": 4})()
+    def engine(storage):
+        return type("Engine", (), {"name": "ray", "workers": 4, "storage": storage})()
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
-    assert ray_workers(engine) == 4
+    assert ray_workers(engine(None)) == 4
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
-    assert ray_workers(engine) == 1
+    assert ray_workers(engine(None)) == 1
+    assert ray_workers(engine("s3://bucket/runs")) == 4
     assert ray_workers(type("Local", (), {"name": "local", "workers": 1})()) == 1
     assert ray_workers(None) == 1
+
+
+SHIPPED = """
+import json, os
+from model.engine import RayEngine
+engine = RayEngine(workers=1, address="local")  # an address: as when joining a cluster
+print(json.dumps(engine.map(os.listdir, [(".",)]) + engine.map(os.getcwd, [()])))
+engine.close()
+"""
+
+
+def test_joining_a_cluster_ships_the_project_code_without_ignored_folders():
+    """With --ray-address, the workers run in a copy of the project's folder that Ray
+    ships to each node (they need not have the code at the driver's path); runs/, .venv/
+    and .git/ stay behind."""
+    done = subprocess.run([sys.executable, "-c", SHIPPED], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    listing, cwd = json.loads(done.stdout.strip().splitlines()[-1])
+    assert cwd != str(ROOT)
+    assert {"main.py", "model", "coreMethod.py", "requirements.txt"} <= set(listing)
+    assert not {".git", ".venv", "runs"} & set(listing)
