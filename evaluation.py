@@ -201,8 +201,7 @@ def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[s
     write_json_atomic(folder / "config.json", config)
     (folder / "per_user").mkdir(exist_ok=True)
     for variant, frame in per_user.items():
-        frame.to_csv(folder / "per_user" / f"{file_name(variant)}.csv", index=False,
-                     float_format="%.6g")
+        frame.to_parquet(folder / "per_user" / f"{file_name(variant)}.parquet", index=False)
     if comparison is not None:
         notes = [*notes, describe_comparison(comparison)]
     write_text_atomic(folder / "report.md",
@@ -332,7 +331,9 @@ def load_run_variant(run_dir: Path, variant: str | None) -> tuple[dict, str, pd.
     variant = variant or (ok[-1] if ok else None)
     if variant not in ok:
         raise ABError(f"{run_dir}: no successful variant {variant!r}; it has {ok}")
-    frame = pd.read_csv(run_dir / "per_user" / f"{file_name(variant)}.csv")
+    stored = run_dir / "per_user" / f"{file_name(variant)}.parquet"
+    frame = pd.read_parquet(stored) if stored.exists() else \
+        pd.read_csv(stored.with_suffix(".csv"))  # a run written before Parquet
     top_file = run_dir / "top" / f"{file_name(variant)}.npy"
     top = np.load(top_file) if top_file.exists() else None
     return metrics, variant, frame, top

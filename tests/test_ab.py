@@ -76,6 +76,23 @@ def test_ab_refuses_runs_on_different_splits(demo_run, tmp_path):
         load_run_variant(other, "nope")
 
 
+def test_a_run_written_before_parquet_still_compares(demo_run, tmp_path):
+    """Per-user metrics are Parquet (exact floats); a run folder from before, with CSV
+    files, still loads."""
+    import pandas as pd
+
+    from evaluation import load_run_variant
+
+    _, run = demo_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    stored = next((old / "per_user").glob("*.parquet"))
+    pd.read_parquet(stored).to_csv(stored.with_suffix(".csv"), index=False)
+    stored.unlink()
+    new_frame, old_frame = load_run_variant(run, None)[2], load_run_variant(old, None)[2]
+    pd.testing.assert_frame_equal(old_frame, new_frame)
+
+
 def test_recall_by_item_segment_counts_distinct_test_items():
     import scipy.sparse as sp
 

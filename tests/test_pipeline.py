@@ -36,7 +36,7 @@ def test_demo_run_writes_a_complete_run_folder(tmp_path):
     assert metrics["dataset"]["text_coverage"]["users"]["written"] > 0
     # on the demo data, users' tastes are in the text: text recall must beat popularity
     assert variants["text"]["metrics"]["recall@20"] > variants["popularity"]["metrics"]["recall@20"]
-    per_user = pd.read_csv(run_dir / "per_user" / "text.csv")
+    per_user = pd.read_parquet(run_dir / "per_user" / "text.parquet")
     assert len(per_user) == metrics["dataset"]["test_users"]
     assert np.isclose(per_user["ndcg@20"].mean(), variants["text"]["metrics"]["ndcg@20"], atol=1e-5)
     assert "| text |" in (run_dir / "report.md").read_text()
