@@ -1,12 +1,50 @@
 """Multi-channel candidate generation for the ranking stage: every recall channel (a fused
-model and each of its parts: ALS, LightGCN, text, ...) retrieves its own top list, the
-ranker sees their union, and each channel's rank of every candidate is a feature."""
+model and each of its parts: ALS, LightGCN, text, ...; the score-only item-item models:
+EASE, RP3beta, item-kNN) retrieves its own top list, the ranker sees their union, and each
+channel's rank of every candidate is a feature."""
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
 
+from coreMethod import top_k_rows
 from model.retrieval import FaissRetriever
+
+
+class VectorChannel:
+    """A channel scored by inner product: user vectors and a retriever over its items."""
+
+    def __init__(self, user_vectors: np.ndarray, retriever: FaissRetriever) -> None:
+        self.user_vectors, self.retriever = user_vectors, retriever
+
+    def top(self, users: np.ndarray, depth: int, exclude: sp.csr_matrix | None) -> np.ndarray:
+        """(len(users), depth) items, best first, -1 padded (a user without a vector: all)."""
+        top = self.retriever.search(self.user_vectors, depth, exclude, users)[0]
+        top[~self.user_vectors[users].any(axis=1)] = -1
+        return top
+
+
+class ItemItemChannel:
+    """A score-only model's channel: a user's scores are their training history times the
+    item x item weights (EASE, RP3beta, item-kNN), `block_floats` scores at a time. Items
+    scored 0 or less are not retrieved (no path from the user's history)."""
+
+    def __init__(self, history: sp.csr_matrix, weights: sp.csr_matrix,
+                 block_floats: int = 1 << 24) -> None:
+        self.history, self.weights, self.block_floats = history, weights, block_floats
+
+    def top(self, users: np.ndarray, depth: int, exclude: sp.csr_matrix | None) -> np.ndarray:
+        out = np.full((len(users), depth), -1, dtype=np.int64)
+        step = max(1, self.block_floats // max(self.weights.shape[1], 1))
+        for start in range(0, len(users), step):
+            block = users[start:start + step]
+            scores = (self.history[block] @ self.weights).toarray()
+            scores[scores <= 0] = -np.inf
+            if exclude is not None:
+                seen = exclude[block].tocoo()
+                scores[seen.row, seen.col] = -np.inf
+            out[start:start + len(block)] = top_k_rows(scores, depth)[0]
+        return out
 
 
 class ChannelCandidates:
@@ -14,20 +52,16 @@ class ChannelCandidates:
     union of the first `widths[c]` items of channel c (channel 0's order first), and a
     lookup of where each channel ranks any (user, item) pair (`depth` when not in its list).
 
-    channels: name -> (user vectors, a retriever over the channel's item vectors), scored by
-    inner product (`channel_retrievers` builds them once per model).
+    channels: name -> a `VectorChannel` (`channel_retrievers` builds them once per model) or
+    an `ItemItemChannel`.
     """
 
-    def __init__(self, channels: dict[str, tuple[np.ndarray, FaissRetriever]],
+    def __init__(self, channels: dict[str, VectorChannel | ItemItemChannel],
                  users: np.ndarray, exclude: sp.csr_matrix | None, depth: int,
                  widths: list[int], n_items: int) -> None:
         self.users, self.depth = np.asarray(users), depth
         self.names = list(channels)
-        lists = []
-        for user_vectors, retriever in channels.values():
-            top = retriever.search(user_vectors, depth, exclude, self.users)[0]
-            top[~user_vectors[self.users].any(axis=1)] = -1  # a user this channel cannot score
-            lists.append(top)
+        lists = [channel.top(self.users, depth, exclude) for channel in channels.values()]
         self.candidates = union_of_lists([top[:, :width] for top, width in zip(lists, widths)])
         self._row_of_user = np.full(int(self.users.max(initial=-1)) + 1, -1, dtype=np.int64)
         self._row_of_user[self.users] = np.arange(len(self.users))
@@ -60,14 +94,14 @@ class ChannelCandidates:
 
 
 def channel_retrievers(channels: dict[str, tuple[np.ndarray, np.ndarray]],
-                       kind: str = "flat", width: int = 128
-                       ) -> dict[str, tuple[np.ndarray, FaissRetriever]]:
-    """(user vectors, inner-product retriever over the item vectors) per channel: exact, or
-    `kind` 'hnsw' / 'ivf' searched at `width` (ef_search / nprobe); an item with a zero
+                       kind: str = "flat", width: int = 128) -> dict[str, VectorChannel]:
+    """A `VectorChannel` per (user vectors, item vectors): an inner-product retriever, exact
+    or `kind` 'hnsw' / 'ivf' searched at `width` (ef_search / nprobe); an item with a zero
     vector in a channel (e.g. no text) is not retrievable from it."""
-    return {name: (np.ascontiguousarray(users, dtype=np.float32),
-                   FaissRetriever(kind, nprobe=width, ef_search=width, use_gpu=False).fit(
-                       items, np.flatnonzero(items.any(axis=1))))
+    return {name: VectorChannel(np.ascontiguousarray(users, dtype=np.float32),
+                                FaissRetriever(kind, nprobe=width, ef_search=width,
+                                               use_gpu=False).fit(
+                                    items, np.flatnonzero(items.any(axis=1))))
             for name, (users, items) in channels.items()}
 
 
@@ -85,3 +119,21 @@ def union_of_lists(lists: list[np.ndarray]) -> np.ndarray:
     keep = np.argsort(dropped, axis=1, kind="stable")
     union = np.where(np.take_along_axis(dropped, keep, 1), -1, np.take_along_axis(merged, keep, 1))
     return union[:, :max(1, int((~dropped).sum(1).max(initial=0)))]
+
+
+def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, users: np.ndarray,
+              items: np.ndarray, block_floats: int = 1 << 24) -> np.ndarray:
+    """sum over j of history[users[r], j] * weights[j, items[r]] for every r (an item-item
+    model's score of each pair; 0 for padding): each block of distinct users' score rows
+    (history @ weights, a sparse product) at most `block_floats` floats at a time."""
+    out = np.zeros(len(users), dtype=np.float32)
+    distinct, row = np.unique(users, return_inverse=True)
+    inside = np.flatnonzero((items >= 0) & (items < weights.shape[1]))
+    by_row = inside[np.argsort(row[inside], kind="stable")]  # pairs grouped by user block
+    step = max(1, block_floats // max(weights.shape[1], 1))
+    bounds = np.searchsorted(row[by_row], np.arange(0, len(distinct) + step, step))
+    for block_start, (lo, hi) in zip(range(0, len(distinct), step), zip(bounds, bounds[1:])):
+        picked = by_row[lo:hi]
+        scores = (history[distinct[block_start:block_start + step]] @ weights).toarray()
+        out[picked] = scores[row[picked] - block_start, items[picked]]
+    return out

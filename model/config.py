@@ -202,6 +202,9 @@ class RankConfig:
         "whose score of each (user, candidate) pair is a ranker feature; EASE's dense weights "
         "are cut to each item's 200 largest; 'none' for none.",
         choices=("rp3beta", "ease", "itemknn"), kind="names", none_ok=True)
+    rank_item_channels: bool = option(True, "The --rank-item-models are candidate channels "
+                                      "too: each adds its top --channel-candidates to the "
+                                      "union, its rank a feature.")
     rank_loss: str = option("softmax", "Ranker loss: softmax of each positive against its "
                             "user's negatives (listwise, batches of whole users) or pointwise "
                             "binary cross-entropy.", choices=("softmax", "bce"))

@@ -463,7 +463,7 @@ class Experiment:
                                     rank.rank_lr, rank.rank_batch, self.config.run.seed,
                                     self.config.run.device, rank.channel_candidates,
                                     rank.rank_loss, rank.rank_patience,
-                                    rank.rank_members).fit(
+                                    rank.rank_members, rank.rank_item_channels).fit(
                 dataset, recall, ranker_train_loop(self.models.engine), item_item)
             users = self.evaluator.users
             with timed() as clock:

@@ -38,7 +38,7 @@ def grown_features(features: RankingFeatures, seen: sp.csr_matrix,
     n_items = seen.shape[1]
     grown = RankingFeatures(None, {}, "")
     grown.history = sp.csr_matrix(seen > 0, dtype=np.float32)
-    grown.item_item = {}
+    grown.item_item, grown.item_item_channels = {}, features.item_item_channels
     for name, weights in features.item_item.items():
         weights = weights.copy()
         weights.resize((n_items, n_items))

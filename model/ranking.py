@@ -15,7 +15,8 @@ from coreMethod import (BestState, average_gradients, data_parallel, grouped_sof
                         train_until_no_improvement, unit_rows, user_batches)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
-from model.candidates import ChannelCandidates, channel_retrievers
+from model.candidates import (ChannelCandidates, ItemItemChannel, channel_retrievers,
+                              pair_sums)
 from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
 
 HASH_SIZE = 1 << 18
@@ -38,14 +39,19 @@ class RankingFeatures:
     gets its cosine, its inner product (the channel's own score) and its rank in the
     channel's list. Segments are k-means clusters of the primary vectors.
     item_item: name -> sparse item x item weights of a score-only model (RP3beta, EASE, ...):
-    a pair gets that model's score, the sum of the weights from the user's training items.
+    a pair gets that model's score, the sum of the weights from the user's training items;
+    with `item_item_channels`, these models are candidate channels too (a rank each).
     """
+
+    item_item_channels = False  # rankers saved before item-item channels
 
     def __init__(self, train: sp.csr_matrix, signals: dict[str, tuple[np.ndarray, np.ndarray]],
                  primary: str, n_segments: int = 32, seed: int = 2023,
-                 item_item: dict[str, sp.csr_matrix] | None = None) -> None:
+                 item_item: dict[str, sp.csr_matrix] | None = None,
+                 item_item_channels: bool = False) -> None:
         if train is None:  # filled by `load`
             return
+        self.item_item_channels = item_item_channels
         binary = train > 0
         self.history = sp.csr_matrix(binary, dtype=np.float32)
         self.item_item = {name: _canonical(w) for name, w in (item_item or {}).items()}
@@ -88,7 +94,8 @@ class RankingFeatures:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], names: list[str], primary: str,
-                    n_segments: int, item_item: list[str] = ()) -> "RankingFeatures":
+                    n_segments: int, item_item: list[str] = (),
+                    item_item_channels: bool = False) -> "RankingFeatures":
         def matrix(key: str) -> sp.csr_matrix:
             return sp.csr_matrix((arrays[f"{key}_data"], arrays[f"{key}_indices"],
                                   arrays[f"{key}_indptr"]), shape=tuple(arrays[f"{key}_shape"]))
@@ -97,6 +104,7 @@ class RankingFeatures:
         features.history = matrix("history")
         features.item_item = {name: _canonical(matrix(f"item_item{p}"))
                               for p, name in enumerate(item_item)}
+        features.item_item_channels = item_item_channels
         for name in cls._ARRAYS:
             setattr(features, name, arrays[name])
         features.signals = {name: (arrays[f"signal{p}_users"], arrays[f"signal{p}_items"])
@@ -108,8 +116,13 @@ class RankingFeatures:
         return features
 
     @property
+    def rank_channels(self) -> list[str]:
+        """The channels whose rank of a pair is a feature, in candidate-channel order."""
+        return [*self.signals, *(self.item_item if self.item_item_channels else ())]
+
+    @property
     def n_dense(self) -> int:
-        return 3 * len(self.signals) + 2 + 2 * len(self.item_item)
+        return 2 * len(self.signals) + len(self.rank_channels) + 2 + 2 * len(self.item_item)
 
     def channels(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each channel's own vectors (inner product = its score), primary first."""
@@ -136,7 +149,8 @@ class RankingFeatures:
               ranks: np.ndarray) -> dict[str, torch.Tensor]:
         """Feature tensors for pairs (users[r], items[r]); ranks[r, c]: the pair's rank in
         channel c's list (one column: the same rank for every channel)."""
-        ranks = np.broadcast_to(ranks.reshape(len(users), -1), (len(users), len(self.signals)))
+        ranks = np.broadcast_to(ranks.reshape(len(users), -1),
+                                (len(users), len(self.rank_channels)))
         cosines = [np.einsum("ij,ij->i", u[users], i[items]) for u, i in self.signals.values()]
         products = [cosine * self.norms[name][0][users] * self.norms[name][1][items]
                     for cosine, name in zip(cosines, self.signals)]
@@ -155,24 +169,6 @@ class RankingFeatures:
                     [user_segment, item_segment, activity, popularity], axis=1)),
                 "users": torch.as_tensor(users, dtype=torch.long),
                 "items": torch.as_tensor(items, dtype=torch.long)}
-
-
-def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, users: np.ndarray,
-              items: np.ndarray, block_floats: int = 1 << 24) -> np.ndarray:
-    """sum over j of history[users[r], j] * weights[j, items[r]] for every r (an item-item
-    model's score of each pair; 0 for padding): each block of distinct users' score rows
-    (history @ weights, a sparse product) at most `block_floats` floats at a time."""
-    out = np.zeros(len(users), dtype=np.float32)
-    distinct, row = np.unique(users, return_inverse=True)
-    inside = np.flatnonzero((items >= 0) & (items < weights.shape[1]))
-    by_row = inside[np.argsort(row[inside], kind="stable")]  # pairs grouped by user block
-    step = max(1, block_floats // max(weights.shape[1], 1))
-    bounds = np.searchsorted(row[by_row], np.arange(0, len(distinct) + step, step))
-    for block_start, (lo, hi) in zip(range(0, len(distinct), step), zip(bounds, bounds[1:])):
-        picked = by_row[lo:hi]
-        scores = (history[distinct[block_start:block_start + step]] @ weights).toarray()
-        out[picked] = scores[row[picked] - block_start, items[picked]]
-    return out
 
 
 def _canonical(matrix) -> sp.csr_matrix:
@@ -284,7 +280,8 @@ class WideDeepRanker:
     features, so the ranker can trust each channel where it is strong.
 
     Score-only item-item models (RP3beta, EASE, item-kNN) given to `fit` add their score of
-    each pair as a feature.
+    each pair as a feature and, with `item_item_channels`, their own top
+    `channel_candidates` to the union (and their rank as a feature).
 
     Trained without leakage: features from training interactions only; positives are the
     validation items among the candidates of half of the validation users (or training pairs
@@ -298,7 +295,8 @@ class WideDeepRanker:
                  hard_negatives: int = 4, random_negatives: int = 2, epochs: int = 20,
                  lr: float = 3e-4, batch: int = 512, seed: int = 2023,
                  device: str = "auto", channel_candidates: int = 50,
-                 loss: str = "softmax", patience: int | None = 4, members: int = 3) -> None:
+                 loss: str = "softmax", patience: int | None = 4, members: int = 3,
+                 item_item_channels: bool = True) -> None:
         if positives not in ("val", "train"):
             raise ValueError(f"positives must be 'val' or 'train', got {positives!r}")
         if loss not in ("softmax", "bce"):
@@ -307,7 +305,7 @@ class WideDeepRanker:
             raise ValueError(f"members must be at least 1, got {members}")
         self.loss, self.patience, self.members = loss, patience, members
         self.mode, self.candidates, self.positives = mode, candidates, positives
-        self.channel_candidates = channel_candidates
+        self.channel_candidates, self.item_item_channels = channel_candidates, item_item_channels
         self.hard_negatives, self.random_negatives = hard_negatives, random_negatives
         self.epochs, self.lr, self.batch, self.seed, self.device = epochs, lr, batch, seed, device
         self.net: WideDeep | None = None  # the member being trained (the first, after fit)
@@ -324,7 +322,8 @@ class WideDeepRanker:
                 "hard_negatives": self.hard_negatives, "random_negatives": self.random_negatives,
                 "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed,
                 "device": self.device, "channel_candidates": self.channel_candidates,
-                "loss": self.loss, "patience": self.patience, "members": self.members}
+                "loss": self.loss, "patience": self.patience, "members": self.members,
+                "item_item_channels": self.item_item_channels}
 
     def __getstate__(self) -> dict:  # pickled for Ray Train workers: FAISS indexes rebuilt
         return {**self.__dict__, "_retrievers": None, "nets": []}  # workers train `net` only
@@ -342,7 +341,8 @@ class WideDeepRanker:
                 "count the pair itself)")
             item_item = None
         self.features = RankingFeatures(dataset.train, recall.signals(), recall.name,
-                                        seed=self.seed, item_item=item_item)
+                                        seed=self.seed, item_item=item_item,
+                                        item_item_channels=self.item_item_channels)
         self._retrievers = None
         val_users = users_with_test_items(dataset.val)
         if len(val_users) < 2:
@@ -361,7 +361,7 @@ class WideDeepRanker:
                              "members": [{key: member[key] for key in MEMBER_LOG}
                                          for member in logs]}
         self.training_log.update(
-            recall_model=recall.name, channels=list(self.features.signals), mode=self.mode,
+            recall_model=recall.name, channels=self.features.rank_channels, mode=self.mode,
             item_item_features=list(self.features.item_item), loss=self.loss,
             candidates=self.candidates, channel_candidates=self.channel_candidates,
             positives=self.positives, device=device)
@@ -410,12 +410,16 @@ class WideDeepRanker:
                               k: int = 0) -> ChannelCandidates:
         """The union of the channels' candidates for `users` (items of `exclude` removed);
         the primary channel gives at least `k`."""
-        n_other = len(self.features.signals) - 1
+        n_other = len(self.features.rank_channels) - 1
         widths = [max(self.candidates, k)] + [self.channel_candidates] * n_other
         if self._retrievers is None:  # built once: a served ranker answers one user at a time
             kind, width = self.channel_index
             self._retrievers = channel_retrievers(self.features.channels(), kind,
                                                   max(width, max(widths)))
+            if self.features.item_item_channels:
+                self._retrievers.update({
+                    name: ItemItemChannel(self.features.history, weights)
+                    for name, weights in self.features.item_item.items()})
         return ChannelCandidates(self._retrievers, users, exclude, max(widths), widths,
                                  len(self.features.popularity))
 
@@ -550,6 +554,7 @@ class WideDeepRanker:
                 "format_version": RANKER_FORMAT, "params": self.params(),
                 "recall_model": self.recall_name, "signals": list(self.features.signals),
                 "item_item": list(self.features.item_item),
+                "item_item_channels": self.features.item_item_channels,
                 "n_segments": self.features.n_segments,
                 "kept_recall_order": self.kept_recall_order, "training_log": self.training_log})
         return folder
@@ -564,14 +569,16 @@ class WideDeepRanker:
             raise ValueError(f"{folder}: a ranker of format {description.get('format_version', 1)}"
                              f"; this version reads format {RANKER_FORMAT} (train it again: "
                              "`run --rank widedeep`, then export a new bundle)")
-        ranker = cls(**{**description["params"], "device": device})
+        ranker = cls(**{"item_item_channels": False,  # saved before they were channels
+                        **description["params"], "device": device})
         with np.load(folder / "features.npz", allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
         ranker.recall_name = description["recall_model"]
         ranker.features = RankingFeatures.from_arrays(arrays, description["signals"],
                                                       ranker.recall_name,
                                                       description["n_segments"],
-                                                      description["item_item"])
+                                                      description["item_item"],
+                                                      ranker.item_item_channels)
         ranker.nets = []
         for state in torch.load(folder / "state.pt", weights_only=True)["members"]:
             ranker.nets.append(WideDeep(ranker.features, ranker.mode))

@@ -156,10 +156,37 @@ def test_a_channel_never_offers_items_or_users_it_has_no_vector_for():
     assert (channels.candidates[1] == -1).all()  # user 1 cannot be scored here
 
 
+def test_an_item_item_channel_offers_the_models_own_top_items(tmp_path):
+    """An item-item model as a channel: its list is the model's own top items (history x
+    weights, the user's training items left out; items with no path from the history
+    never offered, so a user without history offers none), block by block as at once."""
+    from model.candidates import ChannelCandidates, ItemItemChannel, channel_retrievers
+
+    history = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                                      [0, 1, 0, 0, 0, 1]], dtype=np.float32))
+    weights = sp.csr_matrix(np.array([[0, 3, 1, 0, 0, 0], [5, 0, 0, 2, 0, 4],
+                                      [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                                      [0, 0, 0, 0, 0, 0], [0, 0, 0, 6, 1, 0]],
+                                     dtype=np.float32))
+    users = np.arange(3)
+    channel = ItemItemChannel(history, weights)
+    top = channel.top(users, 4, history)
+    # user 0: item 1 (3) > item 2 (1); user 2: item 3 (2 + 6) > item 0 (5) > item 4 (1)
+    assert top.tolist() == [[1, 2, -1, -1], [-1, -1, -1, -1], [3, 0, 4, -1]]
+    assert np.array_equal(ItemItemChannel(history, weights, block_floats=1).top(users, 4,
+                                                                                history), top)
+    user_vectors = np.tile(np.array([2, 0, 9, 3, 4, 0], dtype=np.float32), (3, 1))
+    vectors = {"a": (user_vectors, np.eye(6, dtype=np.float32))}  # user 2: 2 > 4 > 3 > 0
+    channels = ChannelCandidates({**channel_retrievers(vectors), "ease": channel}, users,
+                                 history, depth=4, widths=[1, 2], n_items=6)
+    assert channels.candidates[2].tolist() == [2, 3, 0]  # a's top 1, then the model's top 2
+    assert channels.ranks(np.array([2, 2]), np.array([3, 2])).tolist() == [[2, 0], [0, 4]]
+
+
 def test_item_item_feature_is_the_models_own_score(tmp_path):
     """A pair's item-item feature is what the score-only model itself gives the pair."""
     from dataHandler import open_dataset
-    from model.ranking import pair_sums
+    from model.candidates import pair_sums
     from model.tuning import tuned
 
     data = open_dataset("demo", tmp_path)
@@ -179,6 +206,11 @@ def test_item_item_feature_is_the_models_own_score(tmp_path):
     dense = features.build(users, items, np.zeros(500, dtype=np.int64))["dense"].numpy()
     assert dense.shape[1] == features.n_dense == 3 + 2 + 2
     assert np.allclose(dense[:, 5], got) and np.allclose(dense[:, 6], np.log1p(got))
+    features.item_item_channels = True  # a rank column for the model's own channel too
+    ranks = np.stack([np.zeros(500), np.full(500, 7)], axis=1).astype(np.int64)
+    dense = features.build(users, items, ranks)["dense"].numpy()
+    assert dense.shape[1] == features.n_dense == 3 + 1 + 2 + 2
+    assert np.allclose(dense[:, 3], np.log1p(7)) and np.allclose(dense[:, 6], got)
     ease = tuned("ease", data, {}, tune=False)
     kept = ease.sparse_weights(k=7)  # a dense model keeps each item's 7 largest weights
     assert np.diff(kept.indptr).max() <= 7
