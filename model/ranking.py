@@ -441,7 +441,7 @@ class WideDeepRanker:
         shuffle = np.random.default_rng(self.member_seed)
         check_split = validation.restricted(check.users)
         log(f"ranker ({self.mode}, {self.loss}): {len(labels):,} pairs "
-            f"({int(labels.sum()):,} positive), {len(self.features.signals)} channels, "
+            f"({int(labels.sum()):,} positive), {len(self.features.rank_channels)} channels, "
             f"{len(self.features.item_item)} item-item features")
 
         def batches() -> list[np.ndarray]:
