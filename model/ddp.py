@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def _trained_on_ray(worker, job: dict, workers: int, storage: str | None = None)
     use_gpu = bool(job.get("use_gpu")) and ray.cluster_resources().get("GPU", 0) >= workers
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            name = f"{worker.__name__.strip('_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+            name = f"{worker.__name__.strip('_')}-{time.strftime('%Y%m%d-%H%M%S')}-" \
+                f"{uuid.uuid4().hex[:6]}"  # never an earlier run's folder in shared storage
             result = TorchTrainer(
                 worker, train_loop_config=job,
                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
