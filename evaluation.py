@@ -190,7 +190,7 @@ def write_run(folder: Path, config: dict, dataset_summary: dict, results: dict[s
               top_lists: dict[str, np.ndarray] | None = None,
               comparison: dict | None = None, extra: str = "") -> Path:
     """Write a run's results into `folder` (a staging folder the caller renames into place):
-    metrics.json, config.json, per_user/*.csv (rows in test-user order), top/*.npy (the
+    metrics.json, config.json, per_user/*.parquet (rows in test-user order), top/*.npy (the
     ranked lists of those users), report.md."""
     folder = Path(folder)
     (folder / "top").mkdir(parents=True, exist_ok=True)

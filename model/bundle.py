@@ -425,9 +425,7 @@ class Bundle:
         row = self.user_row(user)
         if not rank:
             return self._top_among(row, keep, k)
-        ranker = self.ranker
-        items, scores = self._ranked(np.array([row]), ranker.candidates + ranker.channel_candidates
-                                     * (len(ranker.features.signals) - 1))  # largest union
+        items, scores = self._ranked(np.array([row]), self.ranker.union_size)
         inside = np.isin(items[0], keep)
         return self._named(items[0][inside][:k], scores[0][inside][:k])
 

@@ -136,7 +136,7 @@ class RunConfig:
     ray_storage: str | None = option(None, "With --engine ray: where Ray Train workers "
                                      "persist their results (a folder every node mounts, or "
                                      "a URI such as s3://bucket/path; one folder per "
-                                     "training). Needed for data-parallel training on a "
+                                     "training, removed once read). Needed for data-parallel training on a "
                                      "cluster of several nodes [default: a temporary folder "
                                      "of this machine].")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
@@ -160,6 +160,10 @@ class GraphConfig:
                               "neighbourhoods, memory independent of the graph's size); 0: "
                               "full batch, every step over the whole graph.")
     lgn_layers: int = option(3, "LightGCN: propagation layers.")
+    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN trains "
+                           "data-parallel on Ray Train (each rank propagates over the whole "
+                           "graph and takes a share of each BPR batch: it frees the driver, "
+                           "it is not faster on CPUs); off: in the driver.")
     epochs: int = option(100, "Most training epochs (GraphSAGE, LightGCN, learned fusion); "
                          "early stopping on validation (--patience) usually ends sooner.")
     train_batch: int = option(8192, "BPR triples per step.")
@@ -190,9 +194,10 @@ class RankConfig:
                           choices=("als", "text", "deepwalk", "graphsage", "lightgcn", "fused"))
     candidates: int = option(200, "Candidates per user from the --rank-on model.")
     channel_candidates: int = option(50, "Candidates each other recall channel (the fused "
-                                     "model's parts: ALS, LightGCN, text, ...) adds to the "
-                                     "ranker's union; 0: the --rank-on model's only. Every "
-                                     "channel's score and rank are ranker features either way.")
+                                     "model's parts: ALS, LightGCN, text, ...; the "
+                                     "--rank-item-models) adds to the ranker's union; 0: the "
+                                     "--rank-on model's only. Every channel's rank is a "
+                                     "ranker feature either way.")
     rank_positives: str = option("val", "Ranker positives: validation pairs of half the "
                                  "validation users (the other half checks each epoch), or "
                                  "training pairs (their recall scores are inflated: the recall "

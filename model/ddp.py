@@ -127,6 +127,8 @@ def _trained_on_ray(worker, job: dict, workers: int, storage: str | None = None)
     # one GPU per worker, or none: a run on a GPU machine with fewer GPUs than workers
     # trains its workers on the CPUs rather than waiting for GPUs that never come
     use_gpu = bool(job.get("use_gpu")) and ray.cluster_resources().get("GPU", 0) >= workers
+    if job.get("use_gpu") and not use_gpu:
+        log(f"note: fewer GPUs than --workers {workers}: the Ray Train workers run on CPUs")
     try:
         with tempfile.TemporaryDirectory() as scratch:
             name = f"{worker.__name__.strip('_')}-{time.strftime('%Y%m%d-%H%M%S')}-" \
@@ -137,11 +139,20 @@ def _trained_on_ray(worker, job: dict, workers: int, storage: str | None = None)
                 run_config=RunConfig(name=name, storage_path=storage or scratch)).fit()
             if result.checkpoint is None:
                 raise RuntimeError(f"Ray Train run {name} handed no result back")
-            with result.checkpoint.as_directory() as folder:
-                yield Path(folder)
+            try:
+                with result.checkpoint.as_directory() as folder:
+                    yield Path(folder)
+            finally:
+                _remove_run(result)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _remove_run(result) -> None:
+    """Deletes a Ray Train run's folder from its storage once its result is read (the run
+    made it; a shared storage would otherwise keep a copy of every model ever trained)."""
+    result.filesystem.delete_dir(result.path)
 
 
 def _hand_back(write) -> None:
@@ -233,7 +244,9 @@ def graph_train_loop(engine):
         job = {"model": model, "dataset": dataset, "inputs": inputs,
                "use_gpu": pick_device(model.device).startswith("cuda")}
         with _trained_on_ray(_graph_worker, job, workers, engine.storage) as folder:
-            fitted = torch.load(folder / "fitted.pt", weights_only=False)
+            fitted = {**json.loads((folder / "fitted.json").read_text()),
+                      "net": torch.load(folder / "net.pt", weights_only=True),
+                      "vectors": (np.load(folder / "users.npy"), np.load(folder / "items.npy"))}
         model.adopt(fitted, dataset)
         model.training_log["workers"] = workers
         return model
@@ -246,7 +259,15 @@ def _graph_worker(job: dict) -> None:
     model = job["model"]
     model.device = str(get_device())
     model.fit(job["dataset"], *job["inputs"])
-    _hand_back(lambda folder: torch.save(model.fitted_state(), folder / "fitted.pt"))
+    fitted = model.fitted_state()
+
+    def write(folder: Path) -> None:  # no pickle: the storage may be shared
+        torch.save(fitted["net"], folder / "net.pt")
+        np.save(folder / "users.npy", fitted["vectors"][0])
+        np.save(folder / "items.npy", fitted["vectors"][1])
+        (folder / "fitted.json").write_text(json.dumps(
+            {"state": fitted["state"], "training_log": fitted["training_log"]}))
+    _hand_back(write)
 
 
 def finetune(encoder, dataset, method: str, config, seed: int, engine=None):

@@ -73,7 +73,7 @@ class RayEngine:
                                "'ray[data,train]==2.60.0')") from error
         self.ray, self.workers = ray, max(1, int(workers))
         self.storage = storage if not storage or "://" in storage else \
-            str(Path(storage).resolve())  # Ray Train wants an absolute path
+            os.path.abspath(os.path.expanduser(storage))  # Ray Train wants an absolute path
         self._started_here = not ray.is_initialized()
         if self._started_here:
             ray.init(address=address, num_cpus=None if address else self.workers,

@@ -233,7 +233,7 @@ class RecallModels:
         g = self.config.graph
         return self._once("lightgcn", lambda: LightGCN(
             g.dim, g.lgn_layers, g.training(), self.config.run.seed,
-            self.device).fit(self.dataset, graph_train_loop(self.engine)))
+            self.device).fit(self.dataset, graph_train_loop(self.engine) if g.lgn_ray else None))
 
     def fuse_parts(self) -> list[str]:
         """The parts the fused model combines (text only where the data has item text)."""

@@ -267,8 +267,8 @@ def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]
 RANKER_FILE = "ranker.json"
 PAIR_USERS = 50_000  # users whose candidates are held at once while training pairs are drawn
 MEMBER_LOG = ("seed", "best_epoch", "best_val_ndcg@20", "kept_recall_order", "training_pairs")
-RANKER_FORMAT = 3  # 2: multi-channel candidates, per-channel score and rank features;
-# 3: item-item model scores, the training history
+RANKER_FORMAT = 4  # 2: multi-channel candidates, per-channel score and rank features;
+# 3: item-item model scores, the training history; 4: item-item models as channels
 
 
 class WideDeepRanker:
@@ -406,6 +406,11 @@ class WideDeepRanker:
         order = rng.permutation(sum(len(block[0]) for block in blocks))
         return tuple(np.concatenate(column)[order] for column in zip(*blocks))
 
+    @property
+    def union_size(self) -> int:
+        """The most candidates a user's union holds (every channel's list, no overlap)."""
+        return self.candidates + self.channel_candidates * (len(self.features.rank_channels) - 1)
+
     def channel_candidates_of(self, users: np.ndarray, exclude: sp.csr_matrix | None,
                               k: int = 0) -> ChannelCandidates:
         """The union of the channels' candidates for `users` (items of `exclude` removed);
@@ -537,7 +542,8 @@ class WideDeepRanker:
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), chunk):
             rows = slice(start, start + chunk)
-            ordered, scores = self._order(self.channel_candidates_of(users[rows], exclude, k))
+            ordered, scores = self._order(self.channel_candidates_of(
+                users[rows], exclude, k if k > self.union_size else 0))
             width = min(k, ordered.shape[1])
             top_items[rows, :width], top_scores[rows, :width] = \
                 ordered[:, :width], scores[:, :width]
@@ -565,12 +571,12 @@ class WideDeepRanker:
         if not (folder / RANKER_FILE).exists():
             raise ValueError(f"{folder}: not a saved ranker (no {RANKER_FILE})")
         description = json.loads((folder / RANKER_FILE).read_text())
-        if description.get("format_version") != RANKER_FORMAT:
+        if description.get("format_version") not in (3, RANKER_FORMAT):
             raise ValueError(f"{folder}: a ranker of format {description.get('format_version', 1)}"
                              f"; this version reads format {RANKER_FORMAT} (train it again: "
                              "`run --rank widedeep`, then export a new bundle)")
-        ranker = cls(**{"item_item_channels": False,  # saved before they were channels
-                        **description["params"], "device": device})
+        ranker = cls(**{**description["params"], "device": device,  # format 3: no channels
+                        "item_item_channels": description.get("item_item_channels", False)})
         with np.load(folder / "features.npz", allow_pickle=False) as stored:
             arrays = {key: stored[key] for key in stored.files}
         ranker.recall_name = description["recall_model"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -239,27 +240,36 @@ def test_graphsage_on_ray_train_equals_one_process(ray_engine, tmp_path):
                                 model().fit(data, text, graph_train_loop(ray_engine)))
 
 
-def test_lightgcn_on_ray_train_equals_one_process_through_the_given_storage(ray_engine,
-                                                                            tmp_path):
+def test_lightgcn_on_ray_train_equals_one_process_through_the_given_storage(
+        ray_engine, tmp_path, monkeypatch):
     """LightGCN on Ray Train (full propagation on every rank, each taking half of every
     global BPR batch): the same validation history and vectors as one process; rank 0's
     result reaches the driver as a checkpoint persisted under the engine's storage (what
-    a cluster of several nodes shares), not through a folder of the driver's machine."""
+    a cluster of several nodes shares), not through a folder of the driver's machine, and
+    the run's folder is removed once read."""
+    import model.ddp as ddp
     from dataHandler import open_dataset
-    from model.ddp import graph_train_loop
     from model.graph import LightGCN
 
     data = open_dataset("demo", tmp_path)
     settings = {"epochs": 4, "eval_every": 2, "batch": 512, "patience": 3}
     storage = tmp_path / "shared-storage"
     engine = type("Engine", (), {"name": "ray", "workers": 2, "storage": str(storage)})()
+    persisted, remove = [], ddp._remove_run
+
+    def recorded(result) -> None:
+        persisted.extend(Path(result.path).rglob("checkpoint_*/*"))
+        remove(result)
+    monkeypatch.setattr(ddp, "_remove_run", recorded)
 
     def model() -> LightGCN:
         return LightGCN(16, 2, settings, seed=0, device="cpu")
-    shared = model().fit(data, graph_train_loop(engine))
+    shared = model().fit(data, ddp.graph_train_loop(engine))
     _assert_same_graph_training(model().fit(data), shared)
-    persisted = list(storage.glob("graph_worker-*/checkpoint_*/fitted.pt"))
-    assert len(persisted) == 1, sorted(storage.rglob("*"))
+    assert {path.name for path in persisted} == {"net.pt", "users.npy", "items.npy",
+                                                 "fitted.json"}  # no pickle
+    assert all(storage in path.parents for path in persisted)
+    assert not list(storage.glob("graph_worker-*"))  # removed once read
 
 
 def test_training_goes_to_ray_train_on_several_nodes_only_with_shared_storage(monkeypatch):

@@ -274,3 +274,43 @@ def test_training_pairs_drawn_in_blocks_of_users_keep_every_positive_and_its_ran
                 for drawn in (whole, blocked)]  # ranks: one per channel
     assert positive[0] == positive[1] and len(positive[0]) > 0
     assert abs(len(whole[0]) - len(blocked[0])) < 0.1 * len(whole[0])
+
+
+def test_item_item_channels_join_the_union_and_a_ranker_saved_before_loads_without(tmp_path):
+    """With item-item models as channels, their top lists join the union and the union's
+    size counts them; asking for the whole union scores every candidate as a top-20
+    request does (the recall list is not widened); a format-3 ranker (before channels)
+    loads with them off."""
+    import json
+
+    from dataHandler import open_dataset
+    from model import WideDeepRanker
+    from model.tuning import tuned
+
+    data = open_dataset("demo", tmp_path)
+    als = tuned("als", data, {"seed": 0}, tune=False)
+    rp3 = tuned("rp3beta", data, {}, tune=False)
+    ranker = WideDeepRanker(candidates=10, channel_candidates=5, epochs=1, members=1,
+                            device="cpu").fit(data, als,
+                                              item_item={"rp3beta": rp3.sparse_weights()})
+    assert ranker.training_log["channels"] == ["als", "rp3beta"]
+    assert ranker.union_size == 10 + 5
+    users = np.arange(30)
+    union = ranker.channel_candidates_of(users, data.train).candidates
+    rp3_top = rp3.recommend(users, 5)[0]
+    assert all(set(r[r >= 0]) <= set(u) for r, u in zip(rp3_top, union))
+    whole, whole_scores = ranker.recommend(users, data.train, ranker.union_size)
+    top, scores = ranker.recommend(users, data.train, 10)
+    assert np.array_equal(whole[:, :10], top) and np.allclose(whole_scores[:, :10], scores)
+    before = WideDeepRanker(candidates=10, channel_candidates=5, epochs=1, members=1,
+                            device="cpu", item_item_channels=False).fit(
+        data, als, item_item={"rp3beta": rp3.sparse_weights()})
+    folder = before.save(tmp_path / "ranker")
+    description = json.loads((folder / "ranker.json").read_text())
+    description["format_version"] = 3
+    del description["item_item_channels"], description["params"]["item_item_channels"]
+    (folder / "ranker.json").write_text(json.dumps(description))
+    loaded = WideDeepRanker.load(folder, device="cpu")
+    assert not loaded.item_item_channels and loaded.union_size == 10
+    assert np.array_equal(loaded.recommend(users, data.train, 10)[0],
+                          before.recommend(users, data.train, 10)[0])
