@@ -35,16 +35,22 @@ class ItemItemChannel:
 
     def top(self, users: np.ndarray, depth: int, exclude: sp.csr_matrix | None) -> np.ndarray:
         out = np.full((len(users), depth), -1, dtype=np.int64)
-        step = max(1, self.block_floats // max(self.weights.shape[1], 1))
-        for start in range(0, len(users), step):
-            block = users[start:start + step]
-            scores = (self.history[block] @ self.weights).toarray()
+        for start, scores in score_blocks(self.history, self.weights, users, self.block_floats):
             scores[scores <= 0] = -np.inf
             if exclude is not None:
-                seen = exclude[block].tocoo()
+                seen = exclude[users[start:start + len(scores)]].tocoo()
                 scores[seen.row, seen.col] = -np.inf
-            out[start:start + len(block)] = top_k_rows(scores, depth)[0]
+            out[start:start + len(scores)] = top_k_rows(scores, depth)[0]
         return out
+
+
+def score_blocks(history: sp.csr_matrix, weights: sp.csr_matrix, users: np.ndarray,
+                 block_floats: int):
+    """(start, dense history[users[start:...]] @ weights): an item-item model's score rows
+    of `users`, about `block_floats` scores per block."""
+    step = max(1, block_floats // max(weights.shape[1], 1))
+    for start in range(0, len(users), step):
+        yield start, (history[users[start:start + step]] @ weights).toarray()
 
 
 class ChannelCandidates:
@@ -130,10 +136,8 @@ def pair_sums(history: sp.csr_matrix, weights: sp.csr_matrix, users: np.ndarray,
     distinct, row = np.unique(users, return_inverse=True)
     inside = np.flatnonzero((items >= 0) & (items < weights.shape[1]))
     by_row = inside[np.argsort(row[inside], kind="stable")]  # pairs grouped by user block
-    step = max(1, block_floats // max(weights.shape[1], 1))
-    bounds = np.searchsorted(row[by_row], np.arange(0, len(distinct) + step, step))
-    for block_start, (lo, hi) in zip(range(0, len(distinct), step), zip(bounds, bounds[1:])):
+    for start, scores in score_blocks(history, weights, distinct, block_floats):
+        lo, hi = np.searchsorted(row[by_row], [start, start + len(scores)])
         picked = by_row[lo:hi]
-        scores = (history[distinct[block_start:block_start + step]] @ weights).toarray()
-        out[picked] = scores[row[picked] - block_start, items[picked]]
+        out[picked] = scores[row[picked] - start, items[picked]]
     return out
