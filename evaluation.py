@@ -148,6 +148,7 @@ def retrieved_recall(retriever, users: np.ndarray, seen: sp.csr_matrix, rows: np
     top = retriever.search(users, k, seen, rows)[0]
     return float(per_user_metrics(top, rows, truth, (k,))[f"recall@{k}"].mean())
 
+
 def profile_or_item_mean(dataset, label: str, users: np.ndarray,
                          top_with_profiles: Callable[["Evaluator"], np.ndarray],
                          top_with_item_mean: Callable[["Evaluator"], np.ndarray]) -> dict | None:

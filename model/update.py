@@ -437,7 +437,7 @@ class _Update:
         kept = np.setdiff1d(np.arange(len(items)), self.parent.manifest.get("removed_rows", [])
                             + list(self.removed))
         return retrieved_recall(FaissRetriever("flat", use_gpu=False).fit(items, kept), users,
-                             self.seen, rows, truth)
+                                self.seen, rows, truth)
 
     def ranker_epoch(self, check: tuple[np.ndarray, sp.csr_matrix] | None) -> None:
         """A ranked bundle: the ranker's features grown to this version's rows and one
@@ -594,4 +594,3 @@ def _no_regression(parent: Bundle, candidate: _Update,
         return False, (f"not made current: validation Recall@20 {after:.4f} is more than "
                        f"{max_drop:.0%} below the parent's {before:.4f}")
     return True, f"validation Recall@20 {after:.4f} vs parent {before:.4f}: made current"
-
