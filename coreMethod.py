@@ -238,10 +238,11 @@ class BestState:
 def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], float],
                                best: BestState, rounds: int, patience: int | None = None,
                                score_first: bool = False, metric: str = "val_recall@20",
-                               label: str = "train") -> dict:
+                               label: str = "train", warmup: int = 0) -> dict:
     """Run `step(round)` (one round of training; returns what to log, e.g. epoch and loss)
     then `score()` (validation, higher is better) for up to `rounds` rounds; stop after
-    `patience` rounds without improvement; restore the best weights.
+    `patience` rounds without improvement, not counting the first `warmup` rounds (a loss
+    whose validation dips before it climbs); restore the best weights.
 
     With `score_first`, the untrained state is scored as round 0 and kept if nothing beats
     it (a ranker that never beats the recall order, a fine-tune that never beats zero-shot).
@@ -264,7 +265,7 @@ def train_until_no_improvement(step: Callable[[int], dict], score: Callable[[], 
         if best.offer(value, round_):
             waited = 0
         else:
-            waited += 1
+            waited += round_ > warmup
             stopped_early = patience is not None and waited >= patience
             if stopped_early:
                 break

@@ -17,6 +17,7 @@ _WHERE = {
     "TextEncoder": "model.text", "TextRecall": "model.text", "ENCODER_CONFIG": "model.text",
     "OFFLINE_BASE": "model.text", "shrink_model": "model.text", "choose_layers": "model.text",
     "DeepWalk": "model.graph", "GraphSAGE": "model.graph", "LightGCN": "model.graph",
+    "SimGCL": "model.graph",
     "Fusion": "model.fusion",
     "WideDeepRanker": "model.ranking",
     "Bundle": "model.bundle", "export_bundle": "model.bundle",

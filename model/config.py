@@ -14,9 +14,9 @@ BASELINES = ("als", "ease", "rp3beta", "itemknn")
 USER_TEXT_SOURCES = {"auto": ("written", "built"), "written": ("written",),
                      "written+built": ("written", "built"), "item-mean": ()}
 USER_TEXT_CHOICES = tuple(USER_TEXT_SOURCES)
-RECALL_VARIANTS = ("popularity", *BASELINES, "tfidf", "text", "deepwalk", "graphsage", "lightgcn",
-                   "fused")
-FUSE_PARTS = ("text", "deepwalk", "graphsage", "lightgcn", "als")
+GRAPH_MODELS = ("deepwalk", "graphsage", "lightgcn", "simgcl")
+RECALL_VARIANTS = ("popularity", *BASELINES, "tfidf", "text", *GRAPH_MODELS, "fused")
+FUSE_PARTS = ("text", "deepwalk", "graphsage", "lightgcn", "simgcl", "als")
 SPLITS = ("warm", "cold-items", "cold-users")
 FT_METHODS = ("full", "bitfit", "lora", "adapter", "prompt", "prefix")
 FT_LEARNING_RATES = {"full": 2e-5, "bitfit": 1e-3, "lora": 5e-4, "adapter": 1e-3,
@@ -160,7 +160,11 @@ class GraphConfig:
                               "neighbourhoods, memory independent of the graph's size); 0: "
                               "full batch, every step over the whole graph.")
     lgn_layers: int = option(3, "LightGCN: propagation layers.")
-    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN trains "
+    cl_weight: float = option(0.02, "SimGCL: weight of the contrastive (InfoNCE) term "
+                              "between two noisy views of the propagation.")
+    cl_eps: float = option(0.1, "SimGCL: length of the random step added to each layer's "
+                           "output in the noisy views.")
+    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN (SimGCL) trains "
                            "data-parallel on Ray Train (each rank propagates over the whole "
                            "graph and takes a share of each BPR batch: it frees the driver, "
                            "it is not faster on CPUs); off: in the driver.")
@@ -191,7 +195,7 @@ class RankConfig:
     rank: str = option("none", "Ranking stage over the recall candidates of --rank-on.",
                        choices=("none", "widedeep"))
     rank_on: str = option("fused", "Recall model whose candidates the ranker re-orders.",
-                          choices=("als", "text", "deepwalk", "graphsage", "lightgcn", "fused"))
+                          choices=("als", "text", *GRAPH_MODELS, "fused"))
     candidates: int = option(200, "Candidates per user from the --rank-on model.")
     channel_candidates: int = option(50, "Candidates each other recall channel (the fused "
                                      "model's parts: ALS, LightGCN, text, ...; the "

@@ -25,7 +25,7 @@ from model.ddp import finetune, graph_train_loop, ranker_train_loop
 from model.distill import distill_encoder, distillation_texts
 from model.engine import LocalEngine, make_engine
 from model.fusion import Fusion
-from model.graph import DeepWalk, GraphSAGE, LightGCN
+from model.graph import DeepWalk, GraphSAGE, LightGCN, SimGCL
 from model.hygiene import clean_dataset_profiles
 from model.ranking import WideDeepRanker
 from model.retrieval import calibrated_retriever, calibration_users
@@ -234,6 +234,12 @@ class RecallModels:
         return self._once("lightgcn", lambda: LightGCN(
             g.dim, g.lgn_layers, g.training(), self.config.run.seed,
             self.device).fit(self.dataset, graph_train_loop(self.engine) if g.lgn_ray else None))
+
+    def simgcl(self) -> SimGCL:
+        g = self.config.graph
+        return self._once("simgcl", lambda: SimGCL(
+            g.dim, g.lgn_layers, g.training(), self.config.run.seed, self.device, g.cl_weight,
+            g.cl_eps).fit(self.dataset, graph_train_loop(self.engine) if g.lgn_ray else None))
 
     def fuse_parts(self) -> list[str]:
         """The parts the fused model combines (text only where the data has item text)."""

@@ -244,3 +244,69 @@ def test_graphsage_on_whole_sampled_neighbourhoods_equals_the_full_graph_pass():
         sampled = net.sampled(features, graph, torch.as_tensor(np.repeat(seeds, 2)), 100,
                               np.random.default_rng(0))  # repeats allowed
     torch.testing.assert_close(sampled, full[np.repeat(seeds, 2)], atol=1e-5, rtol=1e-5)
+
+
+def test_early_stopping_waits_out_a_warmup_dip():
+    import torch
+
+    from coreMethod import BestState, train_until_no_improvement
+
+    def run(warmup: int) -> dict:
+        scores = iter([0.5, 0.3, 0.2, 0.6, 0.7, 0.1, 0.1])  # validation dips, then climbs
+        return train_until_no_improvement(lambda r: {}, lambda: next(scores),
+                                          BestState(torch.nn.Linear(1, 1)), 7, patience=2,
+                                          warmup=warmup)
+    assert run(0)["best_round"] == 1 and len(run(0)["history"]) == 3  # stopped in the dip
+    after_warmup = run(3)
+    assert after_warmup["best_round"] == 5 and after_warmup["stopped_early"]
+    assert len(after_warmup["history"]) == 7  # patience counts only after round 3
+
+
+def _blocks(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    block = np.zeros((40, 20), dtype=np.float32)
+    block[:20, :10] = rng.random((20, 10)) < 0.6
+    block[20:, 10:] = rng.random((20, 10)) < 0.6
+    holdout = block * (rng.random(block.shape) < 0.3)
+    return tiny_dataset(block - holdout, holdout)
+
+
+def test_simgcl_views_step_each_layer_by_eps_into_its_orthant():
+    import torch
+
+    from model import SimGCL
+    from model.graph import graph_adjacency
+
+    dataset = _blocks()
+    model = SimGCL(dim=8, layers=1, eps=0.3, device="cpu")
+    model.net = model._network(dataset.n_users + dataset.n_items)
+    model._adjacency = graph_adjacency(dataset.train, normalize=True)
+    with torch.no_grad():
+        clean = model.net.get_embedding(model._adjacency)
+        step = (model._noisy_view() - clean) / model.net.alpha[1]
+        propagated = model._adjacency @ model.net.embedding.weight
+    assert torch.allclose(step.norm(dim=1), torch.full((len(step),), 0.3), atol=1e-5)
+    moved = propagated != 0
+    assert (torch.sign(step[moved]) == torch.sign(propagated[moved])).all()
+
+
+def test_simgcl_is_lightgcn_plus_its_contrastive_term(tmp_path):
+    from evaluation import Evaluator
+    from model import LightGCN, Recommender, SimGCL
+
+    dataset = _blocks()
+    training = {"epochs": 20, "batch": 128, "lr": 0.05, "weight_decay": 0.0, "eval_every": 5,
+                "patience": 5}
+    plain = LightGCN(dim=8, layers=2, train=training, seed=0, device="cpu").fit(dataset)
+    no_term = SimGCL(dim=8, layers=2, train=training, seed=0, device="cpu",
+                     cl_weight=0.0).fit(dataset)
+    assert np.array_equal(no_term.embeddings()[0], plain.embeddings()[0])
+    model = SimGCL(dim=8, layers=2, train={**training, "eval_every": 20}, seed=0,
+                   device="cpu").fit(dataset)  # one check at the end (Recall@20 of 20 items: 1)
+    assert not np.allclose(model.embeddings()[0], plain.embeddings()[0])
+    assert Evaluator(dataset.val, dataset.train, (5,)).vector_recall(*model.embeddings(),
+                                                                     k=5) > 0.6
+    model.save(tmp_path / "simgcl")
+    again = Recommender.load(tmp_path / "simgcl")
+    assert isinstance(again, SimGCL) and again.cl_weight == model.cl_weight == 0.02
+    assert (again.recommend([0, 25], 5)[0] == model.recommend([0, 25], 5)[0]).all()

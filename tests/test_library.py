@@ -223,7 +223,7 @@ def test_rerun_from_config_gives_the_same_metrics(ranked_run):
             assert second[variant]["metrics"][metric] == value, variant  # exact
     assert sorted(p.name for p in (run_dir / "models").iterdir()) == sorted(
         ["popularity", "als", "ease", "rp3beta", "itemknn", "tfidf", "text", "deepwalk",
-         "graphsage", "lightgcn", "fused", "fused_wide_deep"])
+         "graphsage", "lightgcn", "simgcl", "fused", "fused_wide_deep"])
 
 
 def test_yaml_config_with_flags_on_top(tmp_path):

@@ -29,7 +29,8 @@ def test_demo_run_writes_a_complete_run_folder(tmp_path):
     variants = metrics["variants"]
     assert set(variants) == set(RECALL_VARIANTS)
     assert all(v["status"] == "ok" for v in variants.values())
-    assert variants["fused"]["parts"] == ["text", "deepwalk", "graphsage", "lightgcn", "als"]
+    assert variants["fused"]["parts"] == ["text", "deepwalk", "graphsage", "lightgcn", "simgcl",
+                                          "als"]
     # the classic baselines were tuned on validation, and fusion starts from the best part
     assert variants["als"]["settings_tried"] > 10
     assert variants["fused"]["best_val_recall@20"] >= variants["als"]["best_val_recall@20"]
@@ -63,7 +64,7 @@ def test_data_without_profiles_reports_text_as_unavailable(tmp_path):
     assert "no item profiles" in variants["text"]["reason"]
     # without text, GraphSAGE runs on id embeddings and fusion on the graph signals
     assert variants["graphsage"]["status"] == "ok"
-    assert variants["fused"]["parts"] == ["deepwalk", "graphsage", "lightgcn", "als"]
+    assert variants["fused"]["parts"] == ["deepwalk", "graphsage", "lightgcn", "simgcl", "als"]
 
 
 def test_bad_data_is_a_clear_cli_error(tmp_path):
