@@ -164,7 +164,7 @@ class GraphConfig:
                               "between two noisy views of the propagation.")
     cl_eps: float = option(0.1, "SimGCL: length of the random step added to each layer's "
                            "output in the noisy views.")
-    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN (SimGCL) trains "
+    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN trains "
                            "data-parallel on Ray Train (each rank propagates over the whole "
                            "graph and takes a share of each BPR batch: it frees the driver, "
                            "it is not faster on CPUs); off: in the driver.")

@@ -1,6 +1,7 @@
 """Graph recall models on the training interaction graph: DeepWalk (random walks + gensim
 skip-gram), GraphSAGE (PyG SAGEConv over text features and id embeddings, inductive for
-new nodes), LightGCN (PyG) and SimGCL (LightGCN with a contrastive term). Trained models stop early on validation Recall@20."""
+new nodes), LightGCN (PyG) and SimGCL (LightGCN with a contrastive term). Trained models
+stop early on validation Recall@20."""
 from __future__ import annotations
 
 import shutil
@@ -398,6 +399,7 @@ class LightGCN(_BPRGraphModel):
     """PyG's LightGCN on the binary training graph, BPR loss, early stopping."""
 
     _name = "lightgcn"
+    _adjacency = None  # the normalised graph while `fit` trains (a loss may propagate)
 
     def __init__(self, dim: int = 64, layers: int = 3, train: TrainConfig | dict | None = None,
                  seed: int = 2023, device: str = "auto") -> None:
@@ -503,7 +505,10 @@ class SimGCL(LightGCN):
     between the two views of (at most `cl_nodes` of) the batch's users and of its positive
     items, the others as negatives. That spreads the vectors more evenly over the sphere (less
     popularity bias) and converges in fewer epochs; each step costs three propagations
-    instead of one. The network and its vectors at inference are LightGCN's."""
+    instead of one. The network and its vectors at inference are LightGCN's (layer 0
+    included, as in RLMRec's SimGCL); a bundle's daily update warm-starts it as LightGCN
+    (BPR only). Trains in one process: on Ray Train each rank would contrast only its share
+    of the batch, which is not the one-process loss."""
 
     _name = "simgcl"
     # validation dips in the first epochs (the views spread the vectors) before it climbs
@@ -519,6 +524,12 @@ class SimGCL(LightGCN):
     def params(self) -> dict:
         return {**super().params(), "cl_weight": self.cl_weight, "eps": self.eps,
                 "temperature": self.temperature, "cl_nodes": self.cl_nodes}
+
+    def fit(self, dataset, train_loop=None) -> "SimGCL":
+        if train_loop is not None:
+            log("simgcl: trains in this process (its contrastive term is not split over "
+                "Ray Train ranks)")
+        return super().fit(dataset)
 
     def _noisy_view(self) -> torch.Tensor:
         """LightGCN's propagation with each layer's output perturbed (all nodes)."""
@@ -541,6 +552,8 @@ class SimGCL(LightGCN):
 
     def _loss_fn(self, n_users: int):
         bpr = super()._loss_fn(n_users)
+        if not self.cl_weight:
+            return bpr
 
         def loss(user, positive, negative, users, positives, negatives):
             one, two = self._noisy_view(), self._noisy_view()

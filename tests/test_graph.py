@@ -260,6 +260,11 @@ def test_early_stopping_waits_out_a_warmup_dip():
     after_warmup = run(3)
     assert after_warmup["best_round"] == 5 and after_warmup["stopped_early"]
     assert len(after_warmup["history"]) == 7  # patience counts only after round 3
+    falling = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    stopped = train_until_no_improvement(lambda r: {}, lambda: next(falling),
+                                         BestState(torch.nn.Linear(1, 1)), 5, patience=1,
+                                         warmup=2)
+    assert len(stopped["history"]) == 3  # rounds 1-2 never count; round 3 is the first miss
 
 
 def _blocks(seed: int = 1):
