@@ -136,9 +136,9 @@ class RunConfig:
     ray_storage: str | None = option(None, "With --engine ray: where Ray Train workers "
                                      "persist their results (a folder every node mounts, or "
                                      "a URI such as s3://bucket/path; one folder per "
-                                     "training, removed once read). Needed for data-parallel training on a "
-                                     "cluster of several nodes [default: a temporary folder "
-                                     "of this machine].")
+                                     "training, removed once read). Needed for data-parallel "
+                                     "training on a cluster of several nodes [default: a "
+                                     "temporary folder of this machine].")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:N]; every torch model "
                          "(encoder, GraphSAGE, LightGCN, fusion, Wide&Deep) runs there.")
 

@@ -573,7 +573,7 @@ class WideDeepRanker:
         description = json.loads((folder / RANKER_FILE).read_text())
         if description.get("format_version") not in (3, RANKER_FORMAT):
             raise ValueError(f"{folder}: a ranker of format {description.get('format_version', 1)}"
-                             f"; this version reads format {RANKER_FORMAT} (train it again: "
+                             f"; this version reads formats 3 and {RANKER_FORMAT} (train it again: "
                              "`run --rank widedeep`, then export a new bundle)")
         ranker = cls(**{**description["params"], "device": device,  # format 3: no channels
                         "item_item_channels": description.get("item_item_channels", False)})
