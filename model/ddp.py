@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from model.contrastive import finetune_encoder
-from model.ranking import RankingFeatures, WideDeep
+from model.ranking import WideDeep
+from model.ranking_features import RankingFeatures
 from model.text import TextEncoder
 from utils import log, pick_device
 

@@ -25,6 +25,7 @@ from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, in
                         walk_blocks)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
+from model.adjacency import SymmetricLGConv, graph_adjacency
 from model.config import TrainConfig
 from model.text import ENCODER_DIR, save_encoder
 from utils import deterministic_torch, log, pick_device
@@ -411,8 +412,8 @@ class LightGCN(_BPRGraphModel):
 
     def _network(self, n_nodes: int, state: dict | None = None) -> PygLightGCN:
         net = PygLightGCN(n_nodes, self.dim, self.layers)
-        for conv in net.convs:
-            conv.normalize = False  # the adjacency is normalised once, in graph_adjacency
+        # the adjacency is normalised once, in graph_adjacency (no parameters: same state)
+        net.convs = torch.nn.ModuleList(SymmetricLGConv() for _ in range(self.layers))
         return net
 
     def _loss_fn(self, n_users: int):
@@ -563,21 +564,3 @@ class SimGCL(LightGCN):
             return bpr(user, positive, negative, users, positives, negatives) \
                 + self.cl_weight * contrast
         return loss
-
-
-def graph_adjacency(train: sp.csr_matrix, normalize: bool) -> torch.Tensor:
-    """The symmetric user+item adjacency as a torch sparse CSR tensor (items offset by the
-    number of users). One sparse matrix product per layer is several times faster on CPU
-    than edge-list message passing. `normalize`: D^-1/2 A D^-1/2, as LightGCN uses."""
-    graph = bipartite_graph((train > 0).astype(np.float32))
-    if normalize:
-        degree = np.asarray(graph.sum(axis=1)).ravel()
-        scale = np.divide(1.0, np.sqrt(degree), out=np.zeros_like(degree), where=degree > 0)
-        graph = sp.diags(scale) @ graph @ sp.diags(scale)
-    graph = graph.tocsr().astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(torch.as_tensor(graph.indptr, dtype=torch.long),
-                                       torch.as_tensor(graph.indices, dtype=torch.long),
-                                       torch.as_tensor(graph.data), size=graph.shape,
-                                       check_invariants=True)

@@ -27,7 +27,8 @@ import torch
 from coreMethod import grouped_softmax_loss, ranking_pairs, unit_rows, user_batches
 from evaluation import per_user_metrics
 from model.foldin import grown_by_neighbours
-from model.ranking import N_BUCKETS, RankingFeatures, WideDeepRanker, on_device
+from model.ranking import WideDeepRanker, on_device
+from model.ranking_features import N_BUCKETS, RankingFeatures
 from utils import deterministic_torch
 
 

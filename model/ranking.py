@@ -1,194 +1,23 @@
-"""The ranking stage: features of (user, candidate item) pairs, the Wide&Deep network, and
-`WideDeepRanker` (fit on the recall channels' candidates, recommend, save, load)."""
+"""The ranking stage: the Wide&Deep network over the features of (user, candidate item)
+pairs (`model.ranking_features`), and `WideDeepRanker` (fit on the recall channels'
+candidates, recommend, save, load)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from coreMethod import (BestState, average_gradients, data_parallel, grouped_softmax_loss,
                         rank0_value, ranking_pairs, rerank_with_scores,
-                        train_until_no_improvement, unit_rows, user_batches)
+                        train_until_no_improvement, user_batches)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
-from model.candidates import (ChannelCandidates, ItemItemChannel, channel_retrievers,
-                              pair_sums)
+from model.candidates import ChannelCandidates, ItemItemChannel, channel_retrievers
+from model.ranking_features import HASH_SIZE, RankingFeatures
 from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
-
-HASH_SIZE = 1 << 18
-N_BUCKETS = 5
-WIDE_FIELDS = ("item", "user_segment x item_segment", "activity x popularity",
-               "user_segment x item", "item_segment x activity")
-
-
-def _buckets(values: np.ndarray) -> np.ndarray:
-    """Quantile buckets 0..N_BUCKETS-1 (ties share a bucket)."""
-    edges = np.quantile(values, np.linspace(0, 1, N_BUCKETS + 1)[1:-1])
-    return np.searchsorted(edges, values, side="right").astype(np.int64)
-
-
-class RankingFeatures:
-    """Everything the ranker knows about a user or an item, from *training* data only.
-
-    signals: name -> (user vectors, item vectors) of each recall channel, scored by inner
-    product; `primary` is the one whose order the candidates start with. Per channel a pair
-    gets its cosine, its inner product (the channel's own score) and its rank in the
-    channel's list. Segments are k-means clusters of the primary vectors.
-    item_item: name -> sparse item x item weights of a score-only model (RP3beta, EASE, ...):
-    a pair gets that model's score, the sum of the weights from the user's training items;
-    with `item_item_channels`, these models are candidate channels too (a rank each).
-    """
-
-    item_item_channels = False  # rankers saved before item-item channels
-
-    def __init__(self, train: sp.csr_matrix, signals: dict[str, tuple[np.ndarray, np.ndarray]],
-                 primary: str, n_segments: int = 32, seed: int = 2023,
-                 item_item: dict[str, sp.csr_matrix] | None = None,
-                 item_item_channels: bool = False) -> None:
-        if train is None:  # filled by `load`
-            return
-        self.item_item_channels = item_item_channels
-        binary = train > 0
-        self.history = sp.csr_matrix(binary, dtype=np.float32)
-        self.item_item = {name: _canonical(w) for name, w in (item_item or {}).items()}
-        self.activity = np.log1p(np.asarray(binary.sum(axis=1)).ravel()).astype(np.float32)
-        self.popularity = np.log1p(np.asarray(binary.sum(axis=0)).ravel()).astype(np.float32)
-        self.activity_bucket, self.popularity_bucket = (_buckets(self.activity),
-                                                        _buckets(self.popularity))
-        signals = {primary: signals[primary], **signals}  # the primary channel first
-        self.signals = {name: (unit_rows(u), unit_rows(i)) for name, (u, i) in signals.items()}
-        self.norms = {name: (_norms(u), _norms(i)) for name, (u, i) in signals.items()}
-        self.user_vectors, self.item_vectors = self.signals[primary]
-        # faiss k-means wants ~39 points per cluster: fewer segments on small data
-        n_segments = max(2, min(n_segments, min(len(self.user_vectors),
-                                                len(self.item_vectors)) // 39))
-        self.user_segment = self._segments(self.user_vectors, n_segments, seed)
-        self.item_segment = self._segments(self.item_vectors, n_segments, seed)
-        self.n_segments = n_segments
-
-    @staticmethod
-    def _segments(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
-        kmeans = faiss.Kmeans(vectors.shape[1], k, niter=15, seed=seed, verbose=False)
-        kmeans.train(vectors)
-        return kmeans.index.search(vectors, 1)[1].ravel().astype(np.int64)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {name: getattr(self, name) for name in self._ARRAYS}
-        for position, name in enumerate(self.signals):
-            out[f"signal{position}_users"], out[f"signal{position}_items"] = self.signals[name]
-            out[f"signal{position}_user_norms"], out[f"signal{position}_item_norms"] = \
-                self.norms[name]
-        matrices = {"history": self.history, **{f"item_item{p}": w for p, w in
-                                                enumerate(self.item_item.values())}}
-        for key, matrix in matrices.items():
-            out.update({f"{key}_data": matrix.data, f"{key}_indices": matrix.indices,
-                        f"{key}_indptr": matrix.indptr, f"{key}_shape": np.array(matrix.shape)})
-        return out
-
-    _ARRAYS = ("activity", "popularity", "activity_bucket", "popularity_bucket",
-               "user_segment", "item_segment")
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], names: list[str], primary: str,
-                    n_segments: int, item_item: list[str] = (),
-                    item_item_channels: bool = False) -> "RankingFeatures":
-        def matrix(key: str) -> sp.csr_matrix:
-            return sp.csr_matrix((arrays[f"{key}_data"], arrays[f"{key}_indices"],
-                                  arrays[f"{key}_indptr"]), shape=tuple(arrays[f"{key}_shape"]))
-
-        features = cls(None, {}, primary)
-        features.history = matrix("history")
-        features.item_item = {name: _canonical(matrix(f"item_item{p}"))
-                              for p, name in enumerate(item_item)}
-        features.item_item_channels = item_item_channels
-        for name in cls._ARRAYS:
-            setattr(features, name, arrays[name])
-        features.signals = {name: (arrays[f"signal{p}_users"], arrays[f"signal{p}_items"])
-                            for p, name in enumerate(names)}
-        features.norms = {name: (arrays[f"signal{p}_user_norms"],
-                                 arrays[f"signal{p}_item_norms"]) for p, name in enumerate(names)}
-        features.user_vectors, features.item_vectors = features.signals[primary]
-        features.n_segments = n_segments
-        return features
-
-    @property
-    def rank_channels(self) -> list[str]:
-        """The channels whose rank of a pair is a feature, in candidate-channel order."""
-        return [*self.signals, *(self.item_item if self.item_item_channels else ())]
-
-    @property
-    def n_dense(self) -> int:
-        return 2 * len(self.signals) + len(self.rank_channels) + 2 + 2 * len(self.item_item)
-
-    def channels(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each channel's own vectors (inner product = its score), primary first."""
-        return {name: (u * self.norms[name][0][:, None], i * self.norms[name][1][:, None])
-                for name, (u, i) in self.signals.items()}
-
-    def primary_scores(self, users: np.ndarray, items: np.ndarray,
-                       chunk: int = 65536) -> np.ndarray:
-        """The primary channel's score of each pair, `chunk` pairs at a time (two gathered
-        vector blocks of pairs x dim floats each)."""
-        name = next(iter(self.signals))
-        (u, i), (nu, ni) = self.signals[name], self.norms[name]
-        out = np.empty(len(users), dtype=np.float32)
-        for start in range(0, len(users), chunk):
-            rows = slice(start, start + chunk)
-            out[rows] = np.einsum("ij,ij->i", u[users[rows]], i[items[rows]]) \
-                * nu[users[rows]] * ni[items[rows]]
-        return out
-
-    def categorical_sizes(self) -> list[int]:
-        return [self.n_segments, self.n_segments, N_BUCKETS, N_BUCKETS]
-
-    def build(self, users: np.ndarray, items: np.ndarray,
-              ranks: np.ndarray) -> dict[str, torch.Tensor]:
-        """Feature tensors for pairs (users[r], items[r]); ranks[r, c]: the pair's rank in
-        channel c's list (one column: the same rank for every channel)."""
-        ranks = np.broadcast_to(ranks.reshape(len(users), -1),
-                                (len(users), len(self.rank_channels)))
-        cosines = [np.einsum("ij,ij->i", u[users], i[items]) for u, i in self.signals.values()]
-        products = [cosine * self.norms[name][0][users] * self.norms[name][1][items]
-                    for cosine, name in zip(cosines, self.signals)]
-        item_item = [pair_sums(self.history, w, users, items) for w in self.item_item.values()]
-        dense = np.stack(cosines + products + list(np.log1p(ranks.T).astype(np.float32))
-                         + [self.activity[users], self.popularity[items]] + item_item
-                         + [np.log1p(np.maximum(s, 0)) for s in item_item], axis=1)
-        user_segment, item_segment = self.user_segment[users], self.item_segment[items]
-        activity, popularity = self.activity_bucket[users], self.popularity_bucket[items]
-        crosses = [items, user_segment * self.n_segments + item_segment,
-                   activity * N_BUCKETS + popularity, user_segment * (1 << 24) + items,
-                   item_segment * N_BUCKETS + activity]
-        wide = np.stack([_hash(field, values) for field, values in enumerate(crosses)], axis=1)
-        return {"wide": torch.as_tensor(wide), "dense": torch.as_tensor(dense.astype(np.float32)),
-                "categorical": torch.as_tensor(np.stack(
-                    [user_segment, item_segment, activity, popularity], axis=1)),
-                "users": torch.as_tensor(users, dtype=torch.long),
-                "items": torch.as_tensor(items, dtype=torch.long)}
-
-
-def _canonical(matrix) -> sp.csr_matrix:
-    """float32 CSR, duplicates summed, column indices sorted."""
-    matrix = sp.csr_matrix(matrix, dtype=np.float32)
-    matrix.sum_duplicates()
-    return matrix
-
-
-def _norms(vectors: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(vectors, axis=1).astype(np.float32)
-
-
-def _hash(field: int, values: np.ndarray) -> np.ndarray:
-    """Field-salted multiplicative hash into HASH_SIZE buckets (collisions are rare enough
-    for a linear model at these sizes)."""
-    with np.errstate(over="ignore"):  # wrap-around is the point of the multiply
-        mixed = values.astype(np.uint64) + np.uint64(field + 1) * np.uint64(0x9E3779B97F4A7C15)
-        mixed *= np.uint64(0xBF58476D1CE4E5B9)
-    return (mixed >> np.uint64(40)).astype(np.int64) % HASH_SIZE
 
 
 class WideDeep(torch.nn.Module):
@@ -237,27 +66,50 @@ class WideDeep(torch.nn.Module):
         if self.mode in ("widedeep", "wide"):
             logit = logit + self.wide(batch["wide"]).squeeze(-1)
         if self.mode in ("widedeep", "deep"):
-            user = self.user_projection(self.user_vectors[batch["users"]])
-            item = self.item_projection(self.item_vectors[batch["items"]])
+            user = self._projected(self.user_projection, self.user_vectors, batch["users"])
+            item = self._projected(self.item_projection, self.item_vectors, batch["items"])
             parts = [(batch["dense"] - self.dense_mean) / self.dense_std, user, item, user * item]
             parts += [table(batch["categorical"][:, k]) for k, table in enumerate(self.categorical)]
             logit = logit + self.mlp(torch.cat(parts, dim=1)).squeeze(-1)
         return logit
 
-    @torch.no_grad()
+    def _projected(self, projection: torch.nn.Linear, vectors: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        """projection(vectors[rows]); when scoring more pairs than there are rows in
+        `vectors`, the whole table is projected first and then gathered (the same values,
+        far fewer floats moved: the fused vectors are wide)."""
+        if torch.is_grad_enabled() or len(rows) <= len(vectors):
+            return projection(vectors[rows])
+        return projection(vectors)[rows]
+
     def score(self, features: RankingFeatures, users: np.ndarray, items: np.ndarray,
-              ranks: np.ndarray, chunk: int = 65536) -> np.ndarray:
+              ranks: np.ndarray) -> np.ndarray:
         """Scores of pairs (users[r], items[r]) at recall rank ranks[r]; -inf where
         items[r] is -1 (padding)."""
-        self.eval()
-        device = self.bias.device
-        out = np.full(len(users), -np.inf, dtype=np.float32)
-        valid = np.flatnonzero(items >= 0)
-        for start in range(0, len(valid), chunk):
-            rows = valid[start:start + chunk]
-            batch = on_device(features.build(users[rows], items[rows], ranks[rows]), device)
-            out[rows] = self(batch).float().cpu().numpy()
-        return out
+        batches = pair_batches(features, users, items, ranks, self.bias.device)
+        return ensemble_scores([self], batches, len(users))
+
+
+def pair_batches(features: RankingFeatures, users: np.ndarray, items: np.ndarray,
+                 ranks: np.ndarray, device, chunk: int = 65536):
+    """(rows, feature tensors on `device`) of the pairs that are not padding (items[r] >= 0),
+    `chunk` pairs at a time."""
+    valid = np.flatnonzero(items >= 0)
+    for start in range(0, len(valid), chunk):
+        rows = valid[start:start + chunk]
+        yield rows, on_device(features.build(users[rows], items[rows], ranks[rows]), device)
+
+
+@torch.no_grad()
+def ensemble_scores(nets: list[WideDeep], batches, n_pairs: int) -> np.ndarray:
+    """The mean of the networks' logits for each pair of `batches` ((rows, tensors), built
+    once for all networks); -inf for the other rows of `n_pairs`."""
+    for net in nets:
+        net.eval()
+    out = np.full(n_pairs, -np.inf, dtype=np.float32)
+    for rows, batch in batches:
+        out[rows] = torch.stack([net(batch) for net in nets]).mean(0).float().cpu().numpy()
+    return out
 
 
 def on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -445,6 +297,7 @@ class WideDeepRanker:
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         shuffle = np.random.default_rng(self.member_seed)
         check_split = validation.restricted(check.users)
+        check_batches = self._candidate_batches(check, device) if rank == 0 else None
         log(f"ranker ({self.mode}, {self.loss}): {len(labels):,} pairs "
             f"({int(labels.sum()):,} positive), {len(self.features.rank_channels)} channels, "
             f"{len(self.features.item_item)} item-item features")
@@ -493,7 +346,7 @@ class WideDeepRanker:
             self.kept_recall_order = not trained
             if rank != 0:
                 return rank0_value(0.0)
-            order = self._order(check, [self.net])[0]
+            order = self._order(check, [self.net], check_batches)[0]
             padding = np.full((len(order), max(0, 20 - order.shape[1])), -1, dtype=order.dtype)
             return rank0_value(check_split.mean(np.hstack([order, padding]), "ndcg", 20))
 
@@ -508,9 +361,19 @@ class WideDeepRanker:
 
     def _pair_scores(self, channels: ChannelCandidates, users: np.ndarray, items: np.ndarray,
                      nets: list[WideDeep]) -> np.ndarray:
-        """The mean of the networks' scores (logits)."""
+        """The mean of the networks' scores (logits), each pair's features built once."""
         ranks = self._visible(channels.ranks(users, items))
-        return np.mean([net.score(self.features, users, items, ranks) for net in nets], axis=0)
+        batches = pair_batches(self.features, users, items, ranks, nets[0].bias.device)
+        return ensemble_scores(nets, batches, len(users))
+
+    def _candidate_batches(self, channels: ChannelCandidates, device: str) -> list:
+        """The feature tensors of every (user, union candidate) pair of `channels`, in the
+        order `rerank_with_scores` scores them: built once for the checking users, whose
+        candidates are scored after every epoch."""
+        users = np.repeat(channels.users, channels.candidates.shape[1])
+        items = channels.candidates.ravel()
+        ranks = self._visible(channels.ranks(users, items))
+        return list(pair_batches(self.features, users, items, ranks, device))
 
     def _visible(self, ranks: np.ndarray) -> np.ndarray:
         """The channel ranks as features, except with training positives: those are never
@@ -518,10 +381,11 @@ class WideDeepRanker:
         label away."""
         return np.zeros_like(ranks) if self.positives == "train" else ranks
 
-    def _order(self, channels: ChannelCandidates, nets: list[WideDeep] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def _order(self, channels: ChannelCandidates, nets: list[WideDeep] | None = None,
+               batches: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(union candidates, their scores) in the order of `nets` (the ensemble by default),
-        or in recall order with the recall model's scores if that order was kept."""
+        or in recall order with the recall model's scores if that order was kept; `batches`:
+        the pairs' features from `_candidate_batches`, if built already."""
         if self.kept_recall_order:
             candidates = channels.candidates
             users = np.repeat(channels.users, candidates.shape[1])
@@ -529,7 +393,10 @@ class WideDeepRanker:
             return candidates, np.where(candidates >= 0, scores.reshape(candidates.shape),
                                         -np.inf)
         nets = self.nets if nets is None else nets
-        return rerank_with_scores(lambda u, i, _: self._pair_scores(channels, u, i, nets),
+        if batches is None:
+            return rerank_with_scores(lambda u, i, _: self._pair_scores(channels, u, i, nets),
+                                      channels.users, channels.candidates)
+        return rerank_with_scores(lambda u, i, _: ensemble_scores(nets, batches, len(u)),
                                   channels.users, channels.candidates)
 
     def recommend(self, users: np.ndarray, exclude: sp.csr_matrix | None, k: int,

@@ -195,6 +195,30 @@ def test_lightgcn_learns_a_block_structure():
     assert Evaluator(dataset.val, dataset.train, (5,)).vector_recall(users, items, k=5) > 0.6
 
 
+def test_lightgcn_propagation_gives_pygs_output_and_gradient():
+    """The symmetric-adjacency backward (no transposed copy) is PyG's LGConv backward."""
+    import torch
+    from torch_geometric.nn import LightGCN as PygLightGCN
+
+    from model import LightGCN
+    from model.graph import graph_adjacency
+
+    rng = np.random.default_rng(3)
+    train = sp.csr_matrix((rng.random((30, 25)) < 0.15).astype(np.float32))
+    adjacency = graph_adjacency(train, normalize=True)
+    ours = LightGCN(dim=8, layers=3)._network(55)
+    pyg = PygLightGCN(55, 8, 3)
+    for conv in pyg.convs:
+        conv.normalize = False
+    pyg.load_state_dict(ours.state_dict())  # no parameters added: saved nets still load
+    weights = torch.as_tensor(rng.normal(size=(55, 8)), dtype=torch.float32)
+    for net in (ours, pyg):
+        (net.get_embedding(adjacency) * weights).sum().backward()
+    assert torch.allclose(ours.get_embedding(adjacency), pyg.get_embedding(adjacency), atol=1e-6)
+    assert ours.embedding.weight.grad.abs().sum() > 0
+    assert torch.allclose(ours.embedding.weight.grad, pyg.embedding.weight.grad, atol=1e-6)
+
+
 def test_graphsage_reruns_give_identical_vectors():
     """Several CPU threads sum in a thread-dependent order unless torch's deterministic
     kernels are on: same seed, same vectors."""

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from main import cli
 from model.bundle import Bundle
 from model.ranker_update import grown_features, warm_epoch
-from model.ranking import RankingFeatures, WideDeepRanker
+from model.ranking import WideDeepRanker
+from model.ranking_features import RankingFeatures
 
 
 def _features(n_users: int = 120, n_items: int = 90, seed: int = 0):

@@ -4,7 +4,8 @@ import scipy.sparse as sp
 import torch
 
 from coreMethod import ranking_pairs, rerank
-from model.ranking import RankingFeatures, WideDeep
+from model.ranking import WideDeep
+from model.ranking_features import RankingFeatures
 
 
 def clustered(n: int, centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -137,6 +138,11 @@ def test_ranker_adds_other_channels_candidates(tmp_path):
         assert np.array_equal(top[:, :10], fused.recommend(users, 10)[0])
     else:
         assert (np.diff(scores[:, :10], axis=1) <= 1e-6).all()  # the ranker's, best first
+    ranker.kept_recall_order = False  # the network's order, even where recall's was kept
+    built_once = ranker._candidate_batches(channels, "cpu")  # the checking users' cache
+    cached = ranker._order(channels, [ranker.net], built_once)
+    fresh = ranker._order(channels, [ranker.net])
+    assert np.array_equal(cached[0], fresh[0]) and np.array_equal(cached[1], fresh[1])
 
 
 def rows_seen(matrix, users, items):
