@@ -46,9 +46,11 @@ class _SymmetricProduct(torch.autograd.Function):
 
 
 class SymmetricLGConv(LGConv):
-    """PyG's LGConv over an adjacency normalised once (`graph_adjacency(..., normalize=True)`,
-    symmetric): the same output, a backward pass through `_SymmetricProduct`. Any other
-    input (an edge index, a SparseTensor) goes through LGConv itself."""
+    """PyG's LGConv over an adjacency normalised once (`graph_adjacency(..., normalize=True)`):
+    the same output, a backward pass through `_SymmetricProduct`. A sparse CSR tensor without
+    edge weights is taken to be symmetric, as `graph_adjacency`'s always is (a bipartite
+    graph, D^-1/2 A D^-1/2); a non-symmetric one would get wrong gradients. Any other input
+    (an edge index, a SparseTensor, a COO tensor) goes through LGConv itself."""
 
     def __init__(self) -> None:
         super().__init__(normalize=False)

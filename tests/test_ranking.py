@@ -61,6 +61,21 @@ def test_wide_part_learns_a_crossed_feature_and_reorders_candidates():
     assert set(reordered[:3]) == set(good[:3])  # every positive cross above every negative
 
 
+def test_scoring_projects_the_vector_table_once_with_the_same_values():
+    rng = np.random.default_rng(2)
+    users, items = rng.normal(size=(6, 16)), rng.normal(size=(9, 16))
+    features = RankingFeatures(sp.csr_matrix(np.ones((6, 9), np.float32)),
+                               {"x": (users, items)}, "x", n_segments=2)
+    net = WideDeep(features)
+    rows = torch.as_tensor(rng.integers(0, 9, 40))  # more pairs than table rows
+    gathered_first = net._projected(net.item_projection, net.item_vectors, rows)  # training
+    with torch.no_grad():  # scoring: the table projected first, then gathered
+        assert torch.allclose(net._projected(net.item_projection, net.item_vectors, rows),
+                              gathered_first, atol=1e-6)
+        assert torch.allclose(net._projected(net.item_projection, net.item_vectors, rows[:5]),
+                              gathered_first[:5], atol=1e-6)  # fewer pairs: gathered first
+
+
 def test_padding_stays_last():
     rng = np.random.default_rng(1)
     users, items = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
