@@ -61,19 +61,19 @@ def test_wide_part_learns_a_crossed_feature_and_reorders_candidates():
     assert set(reordered[:3]) == set(good[:3])  # every positive cross above every negative
 
 
-def test_scoring_projects_the_vector_table_once_with_the_same_values():
+def test_scoring_projects_each_distinct_row_once_with_the_same_values():
     rng = np.random.default_rng(2)
     users, items = rng.normal(size=(6, 16)), rng.normal(size=(9, 16))
     features = RankingFeatures(sp.csr_matrix(np.ones((6, 9), np.float32)),
                                {"x": (users, items)}, "x", n_segments=2)
     net = WideDeep(features)
-    rows = torch.as_tensor(rng.integers(0, 9, 40))  # more pairs than table rows
+    rows = torch.as_tensor(rng.integers(0, 9, 40))  # rows repeat, as a user's pairs do
     gathered_first = net._projected(net.item_projection, net.item_vectors, rows)  # training
-    with torch.no_grad():  # scoring: the table projected first, then gathered
+    with torch.no_grad():  # scoring: each distinct row projected once, then gathered
         assert torch.allclose(net._projected(net.item_projection, net.item_vectors, rows),
                               gathered_first, atol=1e-6)
         assert torch.allclose(net._projected(net.item_projection, net.item_vectors, rows[:5]),
-                              gathered_first[:5], atol=1e-6)  # fewer pairs: gathered first
+                              gathered_first[:5], atol=1e-6)
 
 
 def test_padding_stays_last():
