@@ -61,12 +61,17 @@ def test_wide_part_learns_a_crossed_feature_and_reorders_candidates():
     assert set(reordered[:3]) == set(good[:3])  # every positive cross above every negative
 
 
+def random_network(rng, n_users: int, n_items: int, dim: int):
+    """(features, an untrained Wide&Deep) over random vectors of one channel."""
+    users, items = rng.normal(size=(n_users, dim)), rng.normal(size=(n_items, dim))
+    features = RankingFeatures(sp.csr_matrix(np.ones((n_users, n_items), np.float32)),
+                               {"x": (users, items)}, "x", n_segments=2)
+    return features, WideDeep(features)
+
+
 def test_scoring_projects_each_distinct_row_once_with_the_same_values():
     rng = np.random.default_rng(2)
-    users, items = rng.normal(size=(6, 16)), rng.normal(size=(9, 16))
-    features = RankingFeatures(sp.csr_matrix(np.ones((6, 9), np.float32)),
-                               {"x": (users, items)}, "x", n_segments=2)
-    net = WideDeep(features)
+    net = random_network(rng, 6, 9, 16)[1]
     rows = torch.as_tensor(rng.integers(0, 9, 40))  # rows repeat, as a user's pairs do
     gathered_first = net._projected(net.item_projection, net.item_vectors, rows)  # training
     with torch.no_grad():  # scoring: each distinct row projected once, then gathered
@@ -77,11 +82,7 @@ def test_scoring_projects_each_distinct_row_once_with_the_same_values():
 
 
 def test_padding_stays_last():
-    rng = np.random.default_rng(1)
-    users, items = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
-    features = RankingFeatures(sp.csr_matrix(np.ones((3, 5), np.float32)),
-                               {"x": (users, items)}, "x", n_segments=2)
-    ranker = WideDeep(features)
+    features, ranker = random_network(np.random.default_rng(1), 3, 5, 4)
     reordered = rerank(lambda *pairs: ranker.score(features, *pairs), np.array([0, 1]),
                        np.array([[3, -1, 1], [-1, 4, 0]]))
     assert reordered[0, -1] == -1 and reordered[1, -1] == -1
