@@ -298,7 +298,7 @@ class WideDeepRanker:
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         shuffle = np.random.default_rng(self.member_seed)
         check_split = validation.restricted(check.users)
-        check_batches = self._candidate_batches(check, device) if rank == 0 else None
+        check_batches = list(self._candidate_batches(check, device)) if rank == 0 else None
         log(f"ranker ({self.mode}, {self.loss}): {len(labels):,} pairs "
             f"({int(labels.sum()):,} positive), {len(self.features.rank_channels)} channels, "
             f"{len(self.features.item_item)} item-item features")
@@ -368,15 +368,15 @@ class WideDeepRanker:
         batches = pair_batches(self.features, users, items, ranks, nets[0].bias.device)
         return ensemble_scores(nets, batches, len(users))
 
-    def _candidate_batches(self, channels: ChannelCandidates, device: str) -> list:
+    def _candidate_batches(self, channels: ChannelCandidates, device):
         """The feature tensors of every (user, union candidate) pair of `channels`, in the
-        order `rerank_with_scores` scores them: built once for the checking users, whose
-        candidates are scored after every epoch (3,000 users x a union of ~300 candidates:
-        about 200 MB on the training device, held while one network trains)."""
+        order `rerank_with_scores` scores them, a chunk at a time. Kept as a list for the
+        checking users, whose candidates are scored after every epoch (3,000 users x a union
+        of ~300 candidates: about 200 MB on the training device while one network trains)."""
         users = np.repeat(channels.users, channels.candidates.shape[1])
         items = channels.candidates.ravel()
         ranks = self._visible(channels.ranks(users, items))
-        return list(pair_batches(self.features, users, items, ranks, device))
+        return pair_batches(self.features, users, items, ranks, device)
 
     def _visible(self, ranks: np.ndarray) -> np.ndarray:
         """The channel ranks as features, except with training positives: those are never
@@ -397,8 +397,7 @@ class WideDeepRanker:
                                         -np.inf)
         nets = self.nets if nets is None else nets
         if batches is None:
-            return rerank_with_scores(lambda u, i, _: self._pair_scores(channels, u, i, nets),
-                                      channels.users, channels.candidates)
+            batches = self._candidate_batches(channels, nets[0].bias.device)
         return rerank_with_scores(lambda u, i, _: ensemble_scores(nets, batches, len(u)),
                                   channels.users, channels.candidates)
 

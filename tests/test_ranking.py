@@ -155,7 +155,7 @@ def test_ranker_adds_other_channels_candidates(tmp_path):
     else:
         assert (np.diff(scores[:, :10], axis=1) <= 1e-6).all()  # the ranker's, best first
     ranker.kept_recall_order = False  # the network's order, even where recall's was kept
-    built_once = ranker._candidate_batches(channels, "cpu")  # the checking users' cache
+    built_once = list(ranker._candidate_batches(channels, "cpu"))  # the checking users' cache
     cached = ranker._order(channels, [ranker.net], built_once)
     fresh = ranker._order(channels, [ranker.net])
     assert np.array_equal(cached[0], fresh[0]) and np.array_equal(cached[1], fresh[1])
