@@ -180,25 +180,27 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
               optimiser: torch.optim.Optimizer, train: sp.csr_matrix, batch: int,
               weight_decay: float, rng: np.random.Generator, device: str = "cpu",
               desc: str = "bpr", loss_fn: Callable | None = None,
-              embed_triples: Callable | None = None) -> float:
+              embed_triples: Callable | None = None,
+              batch_term: Callable | None = None) -> float:
     """One pass of BPR steps over about `train.nnz` sampled triples; `embed()` returns the
     (user, item) vectors of all nodes (full batch), or `embed_triples(users, positives,
     negatives)` only theirs (mini-batch: sampled neighbourhoods). `loss_fn(user, positive,
     negative vectors, user, positive, negative ids)` replaces BPR with an L2 penalty on the
     output vectors (LightGCN penalises its layer-0 embeddings instead); both are means over
-    the batch. In a process group every rank draws the same global batch and takes its
-    share; gradients are averaged (the global batch's gradient). Returns the mean loss."""
+    the batch; `batch_term(user ids, positive ids)` adds a term (SimGCL's contrast). In a
+    process group every rank draws the same global batch, takes its share of the BPR loss
+    and computes `batch_term` over the whole batch (alike on every rank: same torch seed);
+    gradients are averaged (the global batch's gradient). Returns the mean loss."""
     module.train()
     rank, world = data_parallel()
-    steps = max(1, train.nnz // batch)
-    total, coo_rows = 0.0, pair_rows(train)
+    steps, total, coo_rows = max(1, train.nnz // batch), 0.0, pair_rows(train)
     share = slice(rank * batch // world, (rank + 1) * batch // world)  # all of it alone
     share_size = share.stop - share.start
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
-        users, positives, negatives = (torch.as_tensor(a[share], device=device)
-                                       for a in sample_bpr_triples(train, batch, rng, coo_rows))
+        triples = [torch.as_tensor(a, device=device)
+                   for a in sample_bpr_triples(train, batch, rng, coo_rows)]
+        users, positives, negatives = (a[share] for a in triples)
         optimiser.zero_grad()
-        loss = torch.zeros(())
         if share_size:  # (a rank without rows still joins the gradient average)
             if embed_triples is not None:
                 vectors = embed_triples(users, positives, negatives)
@@ -206,8 +208,12 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
                 user_vectors, item_vectors = embed()
                 vectors = (user_vectors[users], item_vectors[positives],
                            item_vectors[negatives])
-            loss = (loss_fn(*vectors, users, positives, negatives) if loss_fn is not None
-                    else bpr_loss(*vectors, weight_decay)) * (share_size * world / batch)
+        # the batch term first: the order one process always used (bit-identical results)
+        loss = batch_term(*triples[:2]) if batch_term is not None else torch.zeros(())
+        if share_size:
+            loss = loss + (loss_fn(*vectors, users, positives, negatives) if loss_fn
+                           else bpr_loss(*vectors, weight_decay)) * (share_size * world / batch)
+        if loss.requires_grad:
             loss.backward()
         average_gradients(module.parameters())
         optimiser.step()
@@ -365,13 +371,11 @@ def ranking_pairs(positives: sp.csr_matrix, users: np.ndarray, candidates: np.nd
                   within_candidates: bool = True
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(users, items, recall ranks, labels) for training a ranker; row r of `candidates` is
-    users[r]'s; items outside the candidates get rank len(candidates[r]).
-
-    Positives: pairs of `positives` for `users`; with `within_candidates`, only those the
-    recall stage retrieved, so the ranker learns on the distribution it will re-order.
-    Per positive, `n_hard` negatives from the user's candidates that are not positives and
-    `n_random` uniform items that are not positives.
-    """
+    users[r]'s; items outside the candidates get rank len(candidates[r]). Positives: pairs
+    of `positives` for `users`; with `within_candidates`, only those the recall stage
+    retrieved, so the ranker learns on the distribution it will re-order. Per positive,
+    `n_hard` negatives from the user's candidates and `n_random` uniform items (neither
+    among the positives)."""
     if within_candidates:
         hit_rows, hit_cols = np.nonzero(rows_contain(positives, users, candidates))
         pos_users, pos_items = users[hit_rows], candidates[hit_rows, hit_cols]
@@ -466,9 +470,8 @@ def gathered_info_nce(users: torch.Tensor, items: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """`info_nce` over the global batch of every rank (rank r holding rows r of it, sizes may
     differ): each rank scores its own rows against all ranks' rows, gathered with gradients,
-    and its loss is scaled by world / global rows, so gradients averaged over the ranks are
-    one process's gradients on the whole batch: the negatives never depend on the number of
-    workers. Without a process group: `info_nce`."""
+    its loss scaled by world / global rows, so the averaged gradients are one process's on
+    the whole batch (negatives independent of the number of workers). Alone: `info_nce`."""
     rank, world = data_parallel()
     if world == 1:
         return info_nce(users, items, temperature)
@@ -514,10 +517,9 @@ def mean_over_ranks(value: float) -> float:
 
 
 def average_gradients(parameters) -> None:
-    """What DistributedDataParallel does after backward: every gradient averaged over the
-    ranks (a no-op without a process group). A parameter without a gradient on some rank
-    (e.g. a rank without rows) counts as zero there; one without a gradient on every rank
-    keeps none, so the optimiser skips it as one process would."""
+    """DistributedDataParallel's step after backward: every gradient averaged over the ranks
+    (no-op alone). A missing gradient counts as zero on its rank (a rank without rows); one
+    missing on every rank stays missing, so the optimiser skips it as one process would."""
     _, world = data_parallel()
     if world == 1:
         return
@@ -555,10 +557,9 @@ def profile_pairs(dataset, rng: np.random.Generator) -> np.ndarray:
 def sample_item_pairs(train: sp.csr_matrix, has_text: np.ndarray, size: int,
                       rng: np.random.Generator) -> np.ndarray:
     """(item, item) pairs from the same user's training items, both with text, distinct.
-
-    Users without a written profile are represented by the mean of their items, so teaching
-    the encoder which items are visited together helps them too (and carries what profiles
-    do not say, such as the city)."""
+    Users without a written profile are the mean of their items, so teaching the encoder
+    which items are visited together helps them too (and carries what profiles do not say,
+    such as the city)."""
     coo = train.tocoo()
     keep = has_text[coo.col]
     rows, anchors = coo.row[keep], coo.col[keep]
@@ -571,10 +572,9 @@ def sample_item_pairs(train: sp.csr_matrix, has_text: np.ndarray, size: int,
 
 
 def distinct_pairs(pairs: np.ndarray, shared_space: bool = False) -> np.ndarray:
-    """Drop pairs that repeat an id of an earlier pair of the batch: with in-batch negatives a
-    repeated user or item would be its own negative (a false negative). User-item pairs:
-    users distinct and items distinct; item-item pairs (`shared_space`): every id distinct
-    across both columns."""
+    """Drop pairs that repeat an id of an earlier pair of the batch (with in-batch negatives
+    it would be its own false negative). User-item pairs: users distinct and items distinct;
+    item-item pairs (`shared_space`): every id distinct across both columns."""
     used_left, used_right, kept = set(), set(), []
     for row, (left, right) in enumerate(pairs.tolist()):
         if shared_space:
@@ -591,8 +591,8 @@ def distinct_pairs(pairs: np.ndarray, shared_space: bool = False) -> np.ndarray:
 
 
 def mixed_precision(device: str, enabled: bool):
-    """(autocast context, gradient scaler) for a training step: bf16 autocast on GPUs that
-    support it, fp16 with loss scaling on older ones, plain fp32 on CPU or when disabled."""
+    """(autocast, gradient scaler) of a training step: bf16 on GPUs that support it, fp16
+    with loss scaling on older ones, fp32 on CPU or when disabled."""
     on_cuda = enabled and str(device).startswith("cuda") and torch.cuda.is_available()
     dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast("cuda", dtype=dtype, enabled=on_cuda)

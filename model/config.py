@@ -164,10 +164,11 @@ class GraphConfig:
                               "between two noisy views of the propagation.")
     cl_eps: float = option(0.1, "SimGCL: length of the random step added to each layer's "
                            "output in the noisy views.")
-    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN trains "
-                           "data-parallel on Ray Train (each rank propagates over the whole "
-                           "graph and takes a share of each BPR batch: it frees the driver, "
-                           "it is not faster on CPUs); off: in the driver.")
+    lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN and SimGCL "
+                           "train data-parallel on Ray Train (each rank propagates over the "
+                           "whole graph and takes a share of each BPR batch; SimGCL's "
+                           "contrastive term is computed whole on every rank: it frees the "
+                           "driver, it is not faster on CPUs); off: in the driver.")
     epochs: int = option(100, "Most training epochs (GraphSAGE, LightGCN, learned fusion); "
                          "early stopping on validation (--patience) usually ends sooner.")
     train_batch: int = option(8192, "BPR triples per step.")

@@ -199,6 +199,10 @@ class _BPRGraphModel(Recommender):
     def _loss_fn(self, n_users: int):
         return None  # the default: BPR with an L2 penalty on the output vectors
 
+    def _batch_term(self, n_users: int):
+        """A loss term over each whole global batch (`bpr_epoch`'s batch_term), or None."""
+        return None
+
     def _train(self, dataset, embed, device: str, embed_triples=None) -> None:
         config = self.train_config
         rng = np.random.default_rng(self.seed)
@@ -213,7 +217,8 @@ class _BPRGraphModel(Recommender):
                 loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
                                  config.weight_decay, rng, device,
                                  f"{self.name} epoch {epoch}/{config.epochs}",
-                                 self._loss_fn(dataset.n_users), embed_triples)
+                                 self._loss_fn(dataset.n_users), embed_triples,
+                                 self._batch_term(dataset.n_users))
             return {"epoch": f"{last}/{config.epochs}", "loss": round(loss, 5)}
 
         def score() -> float:  # rank 0's, in a process group
@@ -508,8 +513,9 @@ class SimGCL(LightGCN):
     popularity bias) and converges in fewer epochs; each step costs three propagations
     instead of one. The network and its vectors at inference are LightGCN's (layer 0
     included, as in RLMRec's SimGCL); a bundle's daily update warm-starts it as LightGCN
-    (BPR only). Trains in one process: on Ray Train each rank would contrast only its share
-    of the batch, which is not the one-process loss."""
+    (BPR only). On Ray Train every rank takes its share of the BPR batch and computes the
+    contrastive term over the whole batch with the same noise (same torch seed): the
+    averaged gradients are one process's."""
 
     _name = "simgcl"
     # validation dips in the first epochs (the views spread the vectors) before it climbs
@@ -525,12 +531,6 @@ class SimGCL(LightGCN):
     def params(self) -> dict:
         return {**super().params(), "cl_weight": self.cl_weight, "eps": self.eps,
                 "temperature": self.temperature, "cl_nodes": self.cl_nodes}
-
-    def fit(self, dataset, train_loop=None) -> "SimGCL":
-        if train_loop is not None:
-            log("simgcl: trains in this process (its contrastive term is not split over "
-                "Ray Train ranks)")
-        return super().fit(dataset)
 
     def _noisy_view(self) -> torch.Tensor:
         """LightGCN's propagation with each layer's output perturbed (all nodes)."""
@@ -551,16 +551,14 @@ class SimGCL(LightGCN):
             return distinct
         return distinct[torch.randperm(len(distinct), device=distinct.device)[:self.cl_nodes]]
 
-    def _loss_fn(self, n_users: int):
-        bpr = super()._loss_fn(n_users)
+    def _batch_term(self, n_users: int):
         if not self.cl_weight:
-            return bpr
+            return None
 
-        def loss(user, positive, negative, users, positives, negatives):
+        def contrast(users: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
             one, two = self._noisy_view(), self._noisy_view()
-            contrast = sum(info_nce(F.normalize(one[nodes], dim=-1),
-                                    F.normalize(two[nodes], dim=-1), self.temperature)
-                           for nodes in (self._some(users), self._some(positives) + n_users))
-            return bpr(user, positive, negative, users, positives, negatives) \
-                + self.cl_weight * contrast
-        return loss
+            return self.cl_weight * sum(
+                info_nce(F.normalize(one[nodes], dim=-1), F.normalize(two[nodes], dim=-1),
+                         self.temperature)
+                for nodes in (self._some(users), self._some(positives) + n_users))
+        return contrast

@@ -272,6 +272,28 @@ def test_lightgcn_on_ray_train_equals_one_process_through_the_given_storage(
     assert not list(storage.glob("graph_worker-*"))  # removed once read
 
 
+def test_simgcl_on_ray_train_equals_one_process(ray_engine, tmp_path):
+    """SimGCL on Ray Train: each rank takes half of every global BPR batch and computes the
+    contrastive term over the whole batch with the same noisy views (same torch seed), so
+    the averaged gradients, validation history and vectors are one process's; the
+    contrastive term is really on (the model differs from LightGCN's with the same seed)."""
+    from dataHandler import open_dataset
+    from model.ddp import graph_train_loop
+    from model.graph import LightGCN, SimGCL
+
+    data = open_dataset("demo", tmp_path)
+    settings = {"epochs": 4, "eval_every": 2, "batch": 512, "patience": 3}
+
+    def model() -> SimGCL:
+        return SimGCL(16, 2, settings, seed=0, device="cpu", cl_weight=0.5)
+    alone = model().fit(data)
+    shared = model().fit(data, graph_train_loop(ray_engine))
+    assert shared.training_log["workers"] == 2
+    _assert_same_graph_training(alone, shared)
+    plain = LightGCN(16, 2, settings, seed=0, device="cpu").fit(data)
+    assert np.abs(plain.item_vectors - alone.item_vectors).max() > 1e-3
+
+
 def test_training_goes_to_ray_train_on_several_nodes_only_with_shared_storage(monkeypatch):
     """Ray Train workers persist their result to the engine's storage: a cluster of several
     nodes without one (`--ray-storage`) trains in the driver instead of failing after the
