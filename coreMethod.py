@@ -208,12 +208,12 @@ def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, t
                 user_vectors, item_vectors = embed()
                 vectors = (user_vectors[users], item_vectors[positives],
                            item_vectors[negatives])
-        # the batch term first: the order one process always used (bit-identical results)
+        # the term before the BPR loss: earlier versions' order (their results bit-identical)
         loss = batch_term(*triples[:2]) if batch_term is not None else torch.zeros(())
         if share_size:
-            loss = loss + (loss_fn(*vectors, users, positives, negatives) if loss_fn
+            loss = loss + (loss_fn(*vectors, users, positives, negatives) if loss_fn is not None
                            else bpr_loss(*vectors, weight_decay)) * (share_size * world / batch)
-        if loss.requires_grad:
+        if share_size or batch_term is not None:
             loss.backward()
         average_gradients(module.parameters())
         optimiser.step()

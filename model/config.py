@@ -167,8 +167,8 @@ class GraphConfig:
     lgn_ray: bool = option(False, "With --engine ray and 2+ workers: LightGCN and SimGCL "
                            "train data-parallel on Ray Train (each rank propagates over the "
                            "whole graph and takes a share of each BPR batch; SimGCL's "
-                           "contrastive term is computed whole on every rank: it frees the "
-                           "driver, it is not faster on CPUs); off: in the driver.")
+                           "contrastive term is computed whole on every rank). It frees the "
+                           "driver; it is not faster. Off: in the driver.")
     epochs: int = option(100, "Most training epochs (GraphSAGE, LightGCN, learned fusion); "
                          "early stopping on validation (--patience) usually ends sooner.")
     train_batch: int = option(8192, "BPR triples per step.")

@@ -1,6 +1,6 @@
 """Data-parallel training on Ray Train's `TorchTrainer` (gloo on CPU, NCCL on GPUs): the
 pipeline's encoder fine-tuning (`finetune`), Wide&Deep ranker (`ranker_train_loop`),
-GraphSAGE and LightGCN (`graph_train_loop`) when the run has `--engine ray --workers N`,
+GraphSAGE, LightGCN and SimGCL (`graph_train_loop`) when the run has `--engine ray --workers N`,
 and `main.py ddp-check` (also under `torchrun --nproc_per_node=N`), DistributedDataParallel
 over gloo on the CPU (the check compares with one CPU process, GPU or not). Rank 0 hands a
 result back as its Ray Train checkpoint, persisted to the engine's storage (`--ray-storage`
@@ -233,7 +233,7 @@ def _ranker_worker(job: dict) -> None:
 
 
 def graph_train_loop(engine):
-    """GraphSAGE's or LightGCN's training for `engine` (their `fit(..., train_loop=)`): on
+    """GraphSAGE's, LightGCN's or SimGCL's training for `engine` (`fit(..., train_loop=)`): on
     Ray Train with several workers (each rank takes its share of every global BPR batch;
     GraphSAGE with --sage-fanout over its own sampled neighbourhoods), else None (this
     process)."""

@@ -21,8 +21,8 @@ from torch_geometric.nn import SAGEConv
 from tqdm import tqdm
 
 from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, info_nce,
-                        rank0_value, sample_neighbours, train_until_no_improvement,
-                        walk_blocks)
+                        mean_over_ranks, rank0_value, sample_neighbours,
+                        train_until_no_improvement, walk_blocks)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.adjacency import SymmetricLGConv, graph_adjacency
@@ -557,8 +557,22 @@ class SimGCL(LightGCN):
 
         def contrast(users: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
             one, two = self._noisy_view(), self._noisy_view()
-            return self.cl_weight * sum(
+            term = self.cl_weight * sum(
                 info_nce(F.normalize(one[nodes], dim=-1), F.normalize(two[nodes], dim=-1),
                          self.temperature)
                 for nodes in (self._some(users), self._some(positives) + n_users))
+            _require_same_on_every_rank(term)
+            return term
         return contrast
+
+
+def _require_same_on_every_rank(term: torch.Tensor) -> None:
+    """In a process group, fail unless every rank computed the same `term` (the ranks
+    drew different noise: GPUs of different models, or a random draw on one rank only);
+    a step costs two scalar collectives more. Nothing to check in one process."""
+    if data_parallel()[1] == 1:
+        return
+    mine = float(term.detach())
+    if mean_over_ranks(float(rank0_value(mine) != mine)) > 0:
+        raise RuntimeError("simgcl: the ranks computed different contrastive terms (different "
+                           "noise); train it in one process (without --lgn-ray)")

@@ -285,13 +285,28 @@ def test_simgcl_on_ray_train_equals_one_process(ray_engine, tmp_path):
     settings = {"epochs": 4, "eval_every": 2, "batch": 512, "patience": 3}
 
     def model() -> SimGCL:
-        return SimGCL(16, 2, settings, seed=0, device="cpu", cl_weight=0.5)
+        return SimGCL(16, 2, settings, seed=0, device="cpu", cl_weight=0.5, cl_nodes=64)
     alone = model().fit(data)
     shared = model().fit(data, graph_train_loop(ray_engine))
     assert shared.training_log["workers"] == 2
     _assert_same_graph_training(alone, shared)
     plain = LightGCN(16, 2, settings, seed=0, device="cpu").fit(data)
     assert np.abs(plain.item_vectors - alone.item_vectors).max() > 1e-3
+
+
+def test_simgcl_fails_when_ranks_draw_different_noise(monkeypatch):
+    """The check behind the equality above: a rank whose contrastive term differs from rank
+    0's (different noise) stops the training instead of silently averaging two losses."""
+    import torch
+
+    import model.graph as graph
+
+    monkeypatch.setattr(graph, "data_parallel", lambda: (1, 2))
+    monkeypatch.setattr(graph, "mean_over_ranks", lambda value: value / 2)
+    monkeypatch.setattr(graph, "rank0_value", lambda value: 0.25)  # rank 0's term
+    graph._require_same_on_every_rank(torch.tensor(0.25))
+    with pytest.raises(RuntimeError, match="different contrastive terms"):
+        graph._require_same_on_every_rank(torch.tensor(0.5))
 
 
 def test_training_goes_to_ray_train_on_several_nodes_only_with_shared_storage(monkeypatch):
