@@ -297,8 +297,6 @@ def test_simgcl_on_ray_train_equals_one_process(ray_engine, tmp_path):
 def test_simgcl_fails_when_ranks_draw_different_noise(monkeypatch):
     """The check behind the equality above: a rank whose contrastive term differs from rank
     0's (different noise) stops the training instead of silently averaging two losses."""
-    import torch
-
     import model.graph as graph
 
     monkeypatch.setattr(graph, "data_parallel", lambda: (1, 2))
