@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import log, pair_values, rows_contain
+from utils import (average_gradients, data_parallel, log, mean_over_ranks, pair_values,
+                   rows_contain)
 
 WALK_BLOCK = 1 << 20  # random walks generated (and held) at once
 
@@ -459,13 +460,6 @@ def info_nce(users: torch.Tensor, items: torch.Tensor, temperature: float) -> to
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def data_parallel() -> tuple[int, int]:
-    """(rank, world size) of the process group this process belongs to; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def gathered_info_nce(users: torch.Tensor, items: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """`info_nce` over the global batch of every rank (rank r holding rows r of it, sizes may
@@ -490,52 +484,6 @@ def gathered_info_nce(users: torch.Tensor, items: torch.Tensor,
     both = F.cross_entropy(users @ all_items.T / temperature, target, reduction="sum") + \
         F.cross_entropy(items @ all_users.T / temperature, target, reduction="sum")
     return both / 2 * world / sum(sizes)
-
-
-def _collective_scalar(value: float) -> torch.Tensor:
-    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL moves CUDA tensors only
-    return torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
-
-
-def rank0_value(value: float) -> float:
-    """Rank 0's `value` on every rank (itself without a process group)."""
-    if data_parallel()[1] == 1:
-        return value
-    shared = _collective_scalar(value)
-    torch.distributed.broadcast(shared, src=0)
-    return float(shared)
-
-
-def mean_over_ranks(value: float) -> float:
-    """The mean of `value` over the ranks (itself without a process group)."""
-    _, world = data_parallel()
-    if world == 1:
-        return value
-    total = _collective_scalar(value)
-    torch.distributed.all_reduce(total)
-    return float(total) / world
-
-
-def average_gradients(parameters) -> None:
-    """DistributedDataParallel's step after backward: every gradient averaged over the ranks
-    (no-op alone). A missing gradient counts as zero on its rank (a rank without rows); one
-    missing on every rank stays missing, so the optimiser skips it as one process would."""
-    _, world = data_parallel()
-    if world == 1:
-        return
-    trainable = [p for p in parameters if p.requires_grad]
-    if not trainable:
-        return
-    has = torch.tensor([p.grad is not None for p in trainable], dtype=torch.float32,
-                       device=trainable[0].device)
-    torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
-    for parameter, anywhere in zip(trainable, has.tolist()):
-        if not anywhere:
-            continue
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-        torch.distributed.all_reduce(parameter.grad)
-        parameter.grad /= world
 
 
 def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

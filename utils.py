@@ -1,4 +1,5 @@
-"""Small shared helpers: seeding, devices, atomic file writes, hashing, memory, timing."""
+"""Small shared helpers: seeding, devices, atomic file writes, hashing, memory, timing,
+and the process group of data-parallel training (rank, collectives, gradient averaging)."""
 from __future__ import annotations
 
 import contextlib
@@ -196,3 +197,64 @@ def code_version() -> str:
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# ---------------------------------------------------------------- process groups
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) of the process group this process belongs to; (0, 1) without one."""
+    import torch
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _collective_scalar(value: float):
+    import torch
+    on_gpu = torch.distributed.get_backend() == "nccl"  # NCCL moves CUDA tensors only
+    return torch.tensor([value], dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+
+
+def rank0_value(value: float) -> float:
+    """Rank 0's `value` on every rank (itself without a process group)."""
+    if data_parallel()[1] == 1:
+        return value
+    import torch
+    shared = _collective_scalar(value)
+    torch.distributed.broadcast(shared, src=0)
+    return float(shared)
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over the ranks (itself without a process group)."""
+    _, world = data_parallel()
+    if world == 1:
+        return value
+    import torch
+    total = _collective_scalar(value)
+    torch.distributed.all_reduce(total)
+    return float(total) / world
+
+
+def average_gradients(parameters) -> None:
+    """DistributedDataParallel's step after backward: every gradient averaged over the ranks
+    (no-op alone). A missing gradient counts as zero on its rank (a rank without rows); one
+    missing on every rank stays missing, so the optimiser skips it as one process would."""
+    _, world = data_parallel()
+    if world == 1:
+        return
+    import torch
+    trainable = [p for p in parameters if p.requires_grad]
+    if not trainable:
+        return
+    has = torch.tensor([p.grad is not None for p in trainable], dtype=torch.float32,
+                       device=trainable[0].device)
+    torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
+    for parameter, anywhere in zip(trainable, has.tolist()):
+        if not anywhere:
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad)
+        parameter.grad /= world

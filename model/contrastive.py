@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coreMethod import (BestState, average_gradients, data_parallel, distinct_pairs,
-                        gathered_info_nce, mean_of_items, mean_over_ranks, mixed_precision,
-                        profile_pairs, rank0_value, sample_item_pairs,
+from coreMethod import (BestState, distinct_pairs, gathered_info_nce, mean_of_items,
+                        mixed_precision, profile_pairs, sample_item_pairs,
                         train_until_no_improvement)
 from evaluation import Evaluator
 from model.config import FinetuneConfig
 from model.finetune import count_parameters, finished, prepare
 from model.text import TextEncoder, embed_tokens
-from utils import deterministic_torch, log
+from utils import (average_gradients, data_parallel, deterministic_torch, log, mean_over_ranks,
+                   rank0_value)
 
 
 class ValidationProbe:

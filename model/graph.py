@@ -20,15 +20,15 @@ from torch_geometric.nn import LightGCN as PygLightGCN
 from torch_geometric.nn import SAGEConv
 from tqdm import tqdm
 
-from coreMethod import (BestState, bipartite_graph, bpr_epoch, data_parallel, info_nce,
-                        mean_over_ranks, rank0_value, sample_neighbours,
+from coreMethod import (BestState, bipartite_graph, bpr_epoch, info_nce, sample_neighbours,
                         train_until_no_improvement, walk_blocks)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.adjacency import SymmetricLGConv, graph_adjacency
 from model.config import TrainConfig
 from model.text import ENCODER_DIR, save_encoder
-from utils import deterministic_torch, log, pick_device
+from utils import (data_parallel, deterministic_torch, log, mean_over_ranks, pick_device,
+                   rank0_value)
 
 STATE_FILE = "state.pt"
 LAYER0_FILE = "graph_layer0.npy"  # a LightGCN bundle's layer-0 embeddings

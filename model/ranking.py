@@ -10,14 +10,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from coreMethod import (BestState, average_gradients, data_parallel, grouped_softmax_loss,
-                        rank0_value, ranking_pairs, rerank_with_scores,
+from coreMethod import (BestState, grouped_softmax_loss, ranking_pairs, rerank_with_scores,
                         train_until_no_improvement, user_batches)
 from evaluation import Evaluator, users_with_test_items
 from model.base import Unavailable
 from model.candidates import ChannelCandidates, ItemItemChannel, channel_retrievers
 from model.ranking_features import HASH_SIZE, RankingFeatures
-from utils import atomic_path, deterministic_torch, log, pick_device, write_json_atomic
+from utils import (atomic_path, average_gradients, data_parallel, deterministic_torch, log,
+                   pick_device, rank0_value, write_json_atomic)
 
 
 class WideDeep(torch.nn.Module):

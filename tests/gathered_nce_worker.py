@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from coreMethod import average_gradients, gathered_info_nce, info_nce  # noqa: E402
+from coreMethod import gathered_info_nce, info_nce  # noqa: E402
+from utils import average_gradients  # noqa: E402
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
