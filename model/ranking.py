@@ -360,14 +360,6 @@ class WideDeepRanker:
         return {"best_epoch": log_["best_round"], "best_val_ndcg@20": log_["best_val_ndcg@20"],
                 "kept_recall_order": self.kept_recall_order, "history": log_["history"]}
 
-    def _pair_scores(self, channels: ChannelCandidates, users: np.ndarray, items: np.ndarray,
-                     nets: list[WideDeep]) -> np.ndarray:
-        """The mean of the networks' scores (logits), each pair's features built once (on
-        the first network's device: a ranker's networks share one)."""
-        ranks = self._visible(channels.ranks(users, items))
-        batches = pair_batches(self.features, users, items, ranks, nets[0].bias.device)
-        return ensemble_scores(nets, batches, len(users))
-
     def _candidate_batches(self, channels: ChannelCandidates, device):
         """The feature tensors of every (user, union candidate) pair of `channels`, in the
         order `rerank_with_scores` scores them, a chunk at a time. Kept as a list for the
