@@ -177,6 +177,17 @@ def bpr_loss(user: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
 
 
 
+MIN_STEPS_PER_EPOCH = 10
+
+
+def epoch_batch(batch: int, n_pairs: int, min_steps: int = MIN_STEPS_PER_EPOCH) -> int:
+    """`batch`, cut so that an epoch over `n_pairs` takes at least `min_steps` steps. On
+    small data a single batch per epoch leaves too few updates before early stopping,
+    which counts epochs (SimGCL on a few thousand pairs stopped at a tenth of LightGCN's
+    recall); data with enough pairs keeps its batch as given."""
+    return max(1, min(batch, n_pairs // min_steps))
+
+
 def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, torch.Tensor]],
               optimiser: torch.optim.Optimizer, train: sp.csr_matrix, batch: int,
               weight_decay: float, rng: np.random.Generator, device: str = "cpu",
@@ -331,15 +342,23 @@ def apply_content_map(content: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def coordinate_search(grid: dict[str, list], score: Callable[[dict], float], start: dict,
-                      rounds: int = 2, budget_seconds: float | None = None
+                      rounds: int = 2, budget_seconds: float | None = None,
+                      extend: int = 2, extend_gain: float = 0.005
                       ) -> tuple[dict, float, list[dict]]:
     """Hyperparameters by coordinate ascent over `grid` from `start`: each parameter in turn
     takes the grid value with the best score, the others held; repeated until a round
-    changes nothing (or `rounds`). Every setting is scored once; with `budget_seconds`, no
-    new setting is started once that much time has passed (the best so far is kept).
-    Returns (best, its score, every scored setting)."""
+    changes nothing (or `rounds`). Where the best value is a numeric grid's edge, the grid
+    grows past it by the step it takes there, while that improves the score by a share of
+    at least `extend_gain` (at most `extend` values per parameter): a grid is a guess, and on
+    a new data set the optimum may lie outside it; the share keeps the search from paying
+    for noise (a larger model, say) past the grid.
+    Every setting is scored once; with `budget_seconds`, no new setting is started once that
+    much time has passed (the best so far is kept). Returns (best, its score, every scored
+    setting)."""
     scored: dict[tuple, float] = {}
     deadline = None if budget_seconds is None else time.perf_counter() + budget_seconds
+    grid = {name: list(values) for name, values in grid.items()}
+    extensions = dict.fromkeys(grid, 0)
 
     def value_of(candidate: dict) -> float:
         key = tuple(sorted(candidate.items()))
@@ -358,10 +377,40 @@ def coordinate_search(grid: dict[str, list], score: Callable[[dict], float], sta
                 result = value_of(candidate)
                 if result > best_score + 1e-6:
                     best, best_score, changed = candidate, result, True
+            while extensions[name] < extend:
+                beyond = beyond_edge(values, best[name])
+                if beyond is None:
+                    break
+                extensions[name] += 1
+                candidate = {**best, name: beyond}
+                result = value_of(candidate)
+                if not result > best_score + max(1e-6, extend_gain * abs(best_score)):
+                    break  # (not in the grid: a later round must not take it for less)
+                values.append(beyond)
+                best, best_score, changed = candidate, result, True
         if not changed:
             break
     table = [{**dict(key), "score": value} for key, value in scored.items()]
     return best, best_score, table
+
+
+def beyond_edge(values: list, value):
+    """The next value past `value` if it is the smallest or the largest of the numeric grid
+    `values`, one step on: the ratio of the two edge values for a positive grid (64, 128,
+    256 -> 512), else their difference; None inside the grid, for a non-numeric grid, where
+    a non-negative grid would go below zero, or where an integer step rounds to nothing."""
+    if len(values) < 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                              for v in values):
+        return None
+    ordered = sorted(values)
+    if value not in (ordered[0], ordered[-1]):
+        return None
+    edge, inner = (ordered[-1], ordered[-2]) if value == ordered[-1] else (ordered[0], ordered[1])
+    if edge == inner:
+        return None
+    step = edge * edge / inner if edge > 0 and inner > 0 else 2 * edge - inner
+    step = int(round(step)) if all(isinstance(v, int) for v in values) else round(step, 6)
+    return None if step == edge or (ordered[0] >= 0 and step <= 0) else step
 
 
 # ---------------------------------------------------------------- ranking stage

@@ -4,9 +4,11 @@ or the built-in demo generator."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import json
 import pickle
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -122,9 +124,6 @@ class Dataset:
         return {"users": users, "items": items}
 
 
-# ---------------------------------------------------------------- reading files
-
-
 def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
     """Read a folder in the EasyRec layout (pickled CSR) or the CSV layout."""
     folder = Path(folder)
@@ -149,34 +148,38 @@ def load_dataset(folder: str | Path, name: str | None = None) -> Dataset:
     item_profiles = _read_profiles(folder / "item_profile.json", "item_id", n_items)
     item_source = _sources(item_profiles)
     meta_file = folder / "item_meta.json"
-    if meta_file.exists():
-        metadata = read_id_lines(meta_file, "item_id", n_items)
-        for item, (_, meta) in metadata.items():
-            if item_profiles[item] is None and (text := item_profile_from_metadata(meta)):
-                item_profiles[item], item_source[item] = text, "built"
+    for item, (_, meta) in (read_id_lines(meta_file, "item_id", n_items).items()
+                            if meta_file.exists() else ()):
+        if item_profiles[item] is None and (text := item_profile_from_metadata(meta)):
+            item_profiles[item], item_source[item] = text, "built"
 
     user_profiles = _read_profiles(folder / "user_profile.json", "user_id", n_users)
     user_source = _sources(user_profiles)
-    built = build_user_profiles(train, item_profiles)
-    for user, text in enumerate(built):
+    for user, text in enumerate(build_user_profiles(train, item_profiles)):
         if user_profiles[user] is None and text is not None:
             user_profiles[user], user_source[user] = text, "built"
 
-    return Dataset(
-        name=name or folder.name, train=train, val=val, test=test,
-        user_profiles=user_profiles, item_profiles=item_profiles,
-        user_profile_source=user_source, item_profile_source=item_source,
-        user_ids=_read_mapper(folder / "user_mapper.json", n_users),
-        item_ids=_read_mapper(folder / "item_mapper.json", n_items),
-    )
+    return Dataset(name=name or folder.name, train=train, val=val, test=test,
+                   user_profiles=user_profiles, item_profiles=item_profiles,
+                   user_profile_source=user_source, item_profile_source=item_source,
+                   user_ids=_read_mapper(folder / "user_mapper.json", n_users),
+                   item_ids=_read_mapper(folder / "item_mapper.json", n_items))
 
 
 def detect_layout(folder: Path) -> str:
+    """The layout whose split files are all there; else say which files are missing."""
+    partial = []
     for layout, files in SPLIT_FILES.items():
-        if all((folder / f).exists() for f in files):
+        found = [f for f in files if (folder / f).exists()]
+        if len(found) == len(files):
             return layout
+        if found:
+            missing = [f for f in files if f not in found]
+            partial.append(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"missing (found {', '.join(found)})")
     expected = " or ".join("/".join(files) for files in SPLIT_FILES.values())
-    raise DataError(f"{folder}: no interaction files found; expected {expected}")
+    raise DataError(f"{folder}: " + ("; ".join(partial) or
+                                     f"no interaction files found; expected {expected}"))
 
 
 class _MatrixUnpickler(pickle.Unpickler):
@@ -228,11 +231,10 @@ def _read_interaction_csv(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") \
             from error
     except pd.errors.ParserError as error:
-        raise DataError(f"{path}: malformed CSV ({error})") from error
+        raise _csv_error(path, error) from error
     except pd.errors.EmptyDataError:
         return pd.DataFrame({"user": np.array([], int), "item": np.array([], int)})
-    missing = {"user", "item"} - set(frame.columns)
-    if missing:
+    if {"user", "item"} - set(frame.columns):
         raise DataError(f"{path}:1: header must name columns 'user' and 'item' "
                         f"(found {list(frame.columns)})")
     out = {}
@@ -247,6 +249,22 @@ def _read_interaction_csv(path: Path) -> pd.DataFrame:
                             f"got {frame[column].iloc[row]!r}")
         out[column] = values.astype(np.int64).to_numpy()
     return pd.DataFrame(out)
+
+
+def _csv_error(path: Path, error: pd.errors.ParserError) -> DataError:
+    """pandas counts records (header: 1); the line an editor shows counts quoted newlines."""
+    text = " ".join(str(error).split())
+    match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if match is None:
+        return DataError(f"{path}: malformed CSV ({text})")
+    expected, line, saw = match[1], int(match[2]), match[3]
+    with contextlib.suppress(csv.Error), \
+            open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        records = csv.reader(handle)
+        for _ in zip(range(line - 1), records):
+            pass
+        line = records.line_num + 1
+    return DataError(f"{path}:{line}: expected {expected} fields, saw {saw}")
 
 
 def _id_space(folder: Path, frames: list[pd.DataFrame], column: str) -> int:
@@ -337,9 +355,6 @@ def _sources(profiles: list[str | None]) -> np.ndarray:
     return np.array(["written" if p is not None else "none" for p in profiles], dtype=object)
 
 
-# ---------------------------------------------------------------- profiles from data
-
-
 def item_profile_from_metadata(meta: dict) -> str | None:
     """A factual item profile from Yelp-style business fields; None when there are none."""
     name = str(meta.get("name") or "").strip()
@@ -347,14 +362,9 @@ def item_profile_from_metadata(meta: dict) -> str | None:
     if isinstance(categories, str):
         categories = [c.strip() for c in categories.split(",") if c.strip()]
     place = ", ".join(str(meta[k]) for k in ("city", "state") if meta.get(k))
-    parts = []
-    head = name or "This business"
-    if categories:
-        head += f" ({', '.join(categories)})"
-    if place:
-        head += f" in {place}"
-    if name or categories or place:
-        parts.append(head + ".")
+    head = (name or "This business") + (f" ({', '.join(categories)})" if categories else "") \
+        + (f" in {place}" if place else "")
+    parts = [head + "."] if name or categories or place else []
     stars = pd.to_numeric(meta.get("stars"), errors="coerce") if meta.get("stars") is not None \
         else None
     if stars is not None and np.isfinite(stars):  # a non-numeric rating is left out
@@ -368,8 +378,7 @@ def item_profile_from_metadata(meta: dict) -> str | None:
 
 
 def _first_sentence(text: str) -> str:
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
+    return text.split(". ", 1)[0] + "." if ". " in text else text
 
 
 def build_user_profiles(train: sp.csr_matrix, item_profiles: list[str | None],
@@ -385,26 +394,19 @@ def build_user_profiles(train: sp.csr_matrix, item_profiles: list[str | None],
         items, counts = train.indices[start:end], train.data[start:end]
         order = np.lexsort((items, -counts))
         texts = [item_profiles[i] for i in items[order] if item_profiles[i] is not None]
-        if not texts:
-            profiles.append(None)
-            continue
-        profiles.append("Visited: " + " | ".join(_first_sentence(t) for t in texts[:max_items]))
+        profiles.append("Visited: " + " | ".join(_first_sentence(t) for t in texts[:max_items])
+                        if texts else None)
     return profiles
 
 
 def write_profiles(path: Path, id_key: str, profiles: list[str | None],
                    sources: np.ndarray, keep: str = "built") -> int:
     """Write the profiles of one source kind as JSON lines (atomically); return how many."""
-    count = 0
+    kept = [(index, text) for index, (text, source) in enumerate(zip(profiles, sources))
+            if source == keep and text is not None]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for index, (text, source) in enumerate(zip(profiles, sources)):
-            if source == keep and text is not None:
-                handle.write(json.dumps({id_key: index, "profile": text}) + "\n")
-                count += 1
-    return count
-
-
-# ---------------------------------------------------------------- registry and preparation
+        handle.writelines(json.dumps({id_key: i, "profile": text}) + "\n" for i, text in kept)
+    return len(kept)
 
 
 def open_dataset(name: str = "demo", root: str | Path = "dataset",
@@ -486,8 +488,7 @@ def _fill(staged: Path, spec: DatasetSpec | None, name: str, source: str | Path 
 def _copy_source(source: Path, staged: Path) -> None:
     if not source.is_dir():
         raise DataError(f"{source}: data source folder does not exist")
-    if not _has_splits(source):
-        detect_layout(source)  # raises with the expected file names
+    detect_layout(source)  # raises naming the missing split files
     for file_name in sum(SPLIT_FILES.values(), ()) + OPTIONAL_FILES:
         if (source / file_name).exists():
             shutil.copy2(source / file_name, staged / file_name)
@@ -529,8 +530,6 @@ def _write_built_profiles(folder: Path, dataset: Dataset) -> None:
                            dataset.item_profile_source)
     log(f"built profiles written: {users} users ({BUILT_USER_FILE}), {items} items")
 
-
-# ---------------------------------------------------------------- the built-in demo data
 
 _CITIES = [("Tucson", "AZ"), ("Philadelphia", "PA"), ("Nashville", "TN"), ("Tampa", "FL")]
 _CATEGORIES = ["Thai", "Mexican", "Italian", "Coffee & Tea", "Bakeries", "Sushi Bars", "Pizza",

@@ -221,8 +221,7 @@ def versus_best_classic(results: dict[str, dict], per_user: dict[str, pd.DataFra
     classics = [name for name in classic if name in ok]
     if ours not in ok or ours in classic or not classics:
         return None
-    validated = [n for n in classics
-                 if np.isfinite(results[n].get("best_val_recall@20") or np.nan)]
+    validated = [n for n in classics if np.isfinite(results[n].get("best_val_recall@20") or np.nan)]
     best_classic = max(validated, key=lambda n: results[n]["best_val_recall@20"]) \
         if validated else max(classics, key=lambda n: results[n]["metrics"]["recall@20"])
     out = {"best_classic": best_classic, "best_row": ours,
@@ -241,8 +240,9 @@ def describe_comparison(comparison: dict) -> str:
              + (f"{c['ratio']:.3f}x" if c["ratio"] is not None else "ratio n/a (classic 0)")
              + f" [{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]"
              for metric, c in comparison.items() if isinstance(c, dict)]
+    chosen_on = comparison.get("classic_chosen_on", "validation")
     return (f"final row {comparison['best_row']!r} vs best classic "
-            f"{comparison['best_classic']!r} (chosen on validation): {', '.join(parts)} "
+            f"{comparison['best_classic']!r} (chosen on {chosen_on}): {', '.join(parts)} "
             "(ratio of means; 95% paired bootstrap CI of the difference)")
 
 

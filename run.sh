@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bash run.sh --dataset demo [options]    run an experiment (python main.py run ...)
 # bash run.sh tests [pytest args]         run the test suite
-# bash run.sh bench|prepare|serve|update|stream ... any other main.py command
+# bash run.sh bench|prepare|serve|update|stream|ddp-check ... any other main.py command
 # On first use it creates .venv and installs the pinned dependencies (torch==2.13.0 first).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,7 +19,7 @@ fi
 export PYTHONUNBUFFERED=1
 case "${1:-}" in
   tests) shift; exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
-  run|bench|prepare|shrink|export|recommend|evaluate|ab|serve|profiles|update|versions|stream|synth)
+  run|bench|prepare|shrink|export|recommend|evaluate|ab|serve|profiles|update|versions|stream|synth|ddp-check)
     exec "$VENV/bin/python" main.py "$@" ;;
   -h|--help) exec "$VENV/bin/python" main.py run --help ;;
   *) exec "$VENV/bin/python" main.py run "$@" ;;

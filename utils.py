@@ -9,9 +9,11 @@ import os
 import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -107,13 +109,34 @@ def atomic_path(target: str | os.PathLike, own_marker: str | None = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     staged = tmp / target.name
     try:
-        yield staged
+        with _terminate_as_exit():
+            yield staged
         if target.is_dir() and not target.is_symlink():
             check_output_folder(target, own_marker, overwrite)  # it may have appeared since
             os.replace(target, tmp / "replaced")  # removed with tmp below, after the swap
         os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """While staging: SIGTERM raises SystemExit (exit status 143), so the `finally` above
+    removes the staging folder; the default action would end the process on the spot. Only
+    in the main thread, and only where nobody else handles SIGTERM (a server, Ray)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

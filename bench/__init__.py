@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from coreMethod import bipartite_graph, random_walks
+from coreMethod import bipartite_graph, epoch_batch, random_walks
 from evaluation import Evaluator
 from model.config import ExperimentConfig, TrainConfig
 from model.graph import GraphSAGE, LightGCN
@@ -103,9 +103,11 @@ def bench_graph(dataset) -> None:
     print(f"\nRandom walks on {graph.shape[0]:,} nodes / {graph.nnz // 2:,} edges: "
           f"{walks.size:,} steps in {seconds:.2f} s = {walks.size / seconds:,.0f} steps/s")
     one_epoch = TrainConfig(epochs=1, eval_every=1, patience=1)
+    batch = epoch_batch(one_epoch.batch, dataset.train.nnz)  # as the models' epochs cut it
+    steps = max(1, dataset.train.nnz // batch)  # as bpr_epoch counts them
     for label, model in (("GraphSAGE (2 layers, id features)", GraphSAGE(train=one_epoch)),
                          ("LightGCN (3 layers)", LightGCN(train=one_epoch))):
         started = time.perf_counter()
         model.fit(dataset)
         print(f"{label}: one epoch incl. validation {time.perf_counter() - started:.1f} s "
-              f"({dataset.train.nnz // one_epoch.batch} steps of {one_epoch.batch} triples)")
+              f"({steps} steps of {batch} triples)")

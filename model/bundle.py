@@ -120,7 +120,8 @@ def _write_bundle(tmp: Path, run_dir: Path, variant: str, model: Recommender, da
         retriever = FaissRetriever("flat", use_gpu=False).fit(served_items, indexed)
         index_report = {"type": "IndexFlatIP"}
     exported_metrics = metrics["variants"][variant]["metrics"]
-    if retriever.kind != "flat":  # what this index serves, beside the run's exact search
+    if retriever.kind != "flat" or storage != "float32":
+        # what these stored vectors and this index serve, beside the run's float32 exact search
         index_report["metrics_exact_search"] = exported_metrics
         evaluator = Evaluator.on_test(dataset, tuple(sorted(
             {int(name.split("@")[1]) for name in exported_metrics})))

@@ -182,9 +182,10 @@ class GraphConfig:
                                    choices=FUSE_PARTS, kind="names")
     fusion: str = option("concat", "Fused model: weighted concatenation (weights tuned on "
                          "validation) or a learned projection.", choices=("concat", "projection"))
-    fuse_cold: bool = option(True, "Cold-start path of the fused model: a user or item without "
-                             "training interactions is placed by its content parts (text, "
-                             "GraphSAGE) alone, the ID parts' untrained vectors zeroed.")
+    fuse_cold: bool = option(True, "Cold-start path of the fused model: for a user or item "
+                             "without training interactions, each ID part's untrained vector "
+                             "is replaced by a ridge map's prediction from its text vector "
+                             "(zeroed when the fusion has no text part).")
 
     def training(self) -> "TrainConfig":
         return TrainConfig(self.epochs, self.train_batch, self.lr, self.weight_decay,
@@ -317,6 +318,13 @@ def _coerce(f, value: Any, source: str) -> Any:
 
 SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "run": RunConfig,
             "graph": GraphConfig, "rank": RankConfig, "finetune": FinetuneConfig}
+# a config file may use an option's command-line name (`model` for --model) for its field
+FLAG_NAMES = {f.metadata["flag"].lstrip("-").replace("-", "_"): f.name
+              for section in SECTIONS.values() for f in fields(section) if f.metadata["flag"]}
+
+
+def _field_name(name: str) -> str:
+    return FLAG_NAMES.get(name, name)
 
 
 @dataclass
@@ -339,16 +347,18 @@ class ExperimentConfig:
         """From a nested ({"graph": {"dim": 64}}) or flat ({"dim": 64}) dict; keys this version
         does not know are an error that names them (a flat run config may carry 'command')."""
         flat: dict[str, Any] = {}
+        misplaced: list[str] = []
         for key, value in values.items():
             if key in SECTIONS and isinstance(value, dict):
-                value = {RENAMED.get((key, name), name): v for name, v in value.items()}
-                misplaced = sorted(set(value) - {f.name for f in fields(SECTIONS[key])})
-                if misplaced:
-                    raise ConfigError(f"{source}: {', '.join(misplaced)} not options of "
-                                      f"section '{key}'")
+                value = {RENAMED.get((key, name), _field_name(name)): v
+                         for name, v in value.items()}
+                names = {f.name for f in fields(SECTIONS[key])}
+                misplaced += [f"{name} (section '{key}')" for name in value if name not in names]
                 flat.update(value)
             elif key != "command":
-                flat[key] = value
+                flat[_field_name(key)] = value
+        if misplaced:
+            raise ConfigError(f"{source}: not options of their section: {', '.join(misplaced)}")
         return cls().updated(flat, source)
 
     def updated(self, values: dict[str, Any], source: str = "config") -> "ExperimentConfig":
@@ -381,8 +391,11 @@ class ExperimentConfig:
                 values = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from error
-        except Exception as error:  # yaml.YAMLError carries its own line
-            raise ConfigError(f"{path}: malformed YAML ({error})") from error
+        except Exception as error:  # yaml.YAMLError: its mark holds the line
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{where}: malformed YAML ({problem})") from error
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option names to values")
         return cls.from_dict(values, str(path))

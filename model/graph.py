@@ -20,8 +20,8 @@ from torch_geometric.nn import LightGCN as PygLightGCN
 from torch_geometric.nn import SAGEConv
 from tqdm import tqdm
 
-from coreMethod import (BestState, bipartite_graph, bpr_epoch, info_nce, sample_neighbours,
-                        train_until_no_improvement, walk_blocks)
+from coreMethod import (BestState, bipartite_graph, bpr_epoch, epoch_batch, info_nce,
+                        sample_neighbours, train_until_no_improvement, walk_blocks)
 from evaluation import Evaluator
 from model.base import Recommender, register, require_validation
 from model.adjacency import SymmetricLGConv, graph_adjacency
@@ -214,7 +214,8 @@ class _BPRGraphModel(Recommender):
             first = (round_ - 1) * config.eval_every + 1
             last = min(round_ * config.eval_every, config.epochs)
             for epoch in range(first, last + 1):
-                loss = bpr_epoch(self.net, embed, optimiser, dataset.train, config.batch,
+                loss = bpr_epoch(self.net, embed, optimiser, dataset.train,
+                                 epoch_batch(config.batch, dataset.train.nnz),
                                  config.weight_decay, rng, device,
                                  f"{self.name} epoch {epoch}/{config.epochs}",
                                  self._loss_fn(dataset.n_users), embed_triples,
@@ -493,7 +494,8 @@ class LightGCN(_BPRGraphModel):
             return out[:n_users], out[n_users:]
         with deterministic_torch():
             for epoch in range(1, epochs + 1):
-                bpr_epoch(self.net, embed, optimiser, edges, self.train_config.batch,
+                bpr_epoch(self.net, embed, optimiser, edges,
+                          epoch_batch(self.train_config.batch, edges.nnz),
                           self.train_config.weight_decay, rng, device,
                           f"lightgcn warm start {epoch}/{epochs}",
                           LightGCN._loss_fn(self, n_users))

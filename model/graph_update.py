@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from coreMethod import bipartite_graph, bpr_epoch
+from coreMethod import bipartite_graph, bpr_epoch, epoch_batch
 from model.config import TrainConfig
 from model.foldin import grown_by_neighbours
 from model.graph import GraphSAGE, LightGCN, graph_adjacency
@@ -131,8 +131,9 @@ def continue_sage(net: torch.nn.Module, features: torch.Tensor | None, seen: sp.
                                          n_users, fanout, rng)
     with deterministic_torch():
         for epoch in range(1, epochs + 1):
-            bpr_epoch(net, embed, optimiser, binary, settings.batch, settings.weight_decay,
-                      rng, "cpu", f"graphsage update {epoch}/{epochs}", None, embed_triples)
+            bpr_epoch(net, embed, optimiser, binary, epoch_batch(settings.batch, binary.nnz),
+                      settings.weight_decay, rng, "cpu", f"graphsage update {epoch}/{epochs}",
+                      None, embed_triples)
     net.eval()
 
 

@@ -247,10 +247,15 @@ class ProfileWriter:
 
     def ask(self, system: str, prompt: str) -> str:
         """The answer's text; raises on a failed request or an unusable answer."""
-        raw = self.client.chat.completions.with_raw_response.create(
-            model=self.config.llm_model, max_tokens=self.config.max_tokens,
-            temperature=self.config.temperature,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+        try:
+            raw = self.client.chat.completions.with_raw_response.create(
+                model=self.config.llm_model, max_tokens=self.config.max_tokens,
+                temperature=self.config.temperature, messages=[
+                    {"role": "system", "content": system}, {"role": "user", "content": prompt}])
+        except Exception as error:
+            with self.lock:
+                self.usage["retries"] += _retries_before(error)
+            raise
         try:
             completion = raw.parse()
             text = completion.choices[0].message.content
@@ -276,6 +281,17 @@ class ProfileWriter:
 
 class MalformedAnswer(ValueError):
     pass
+
+
+def _retries_before(error: Exception) -> int:
+    """Retries the client spent before giving up: it numbers each attempt in the request's
+    x-stainless-retry-count header (0 for an error it does not retry, such as a 401)."""
+    request = getattr(error, "request", None)
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) \
+            if request is not None else 0
+    except ValueError:
+        return 0
 
 
 def _failure_kind(error: Exception) -> str:

@@ -104,6 +104,11 @@ def test_int8_storage_keeps_the_ranking_close(exported, tmp_path):
     overlap = [len({i for i, _ in exact.recommend(u, 20)} & {i for i, _ in small.recommend(u, 20)})
                for u in ("1", "2", "3", "4")]
     assert np.mean(overlap) >= 16
+    checked = CliRunner().invoke(cli, ["evaluate", "--bundle", str(out)])  # its own figures
+    assert checked.exit_code == 0 and "verdict: reproduced" in checked.output, checked.output
+    index = json.loads((out / "current" / "manifest.json").read_text())["index"]
+    assert index["metrics_exact_search"] == json.loads(  # the run's float32 figures, beside
+        (root / run / "metrics.json").read_text())["variants"]["fused"]["metrics"]
 
 
 def test_recent_items_pull_a_users_list_toward_their_neighbours(exported):

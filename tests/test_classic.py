@@ -177,6 +177,32 @@ def test_a_tuning_budget_stops_the_search_after_the_first_setting():
     assert best == {"x": 3}
 
 
+def test_the_search_grows_a_grid_past_an_edge_while_that_improves():
+    from coreMethod import beyond_edge, coordinate_search
+
+    def score(params):  # best at factors 512 (past the grid), shrink 0 (its lower edge)
+        return -abs(params["factors"] - 512) - params["shrink"]
+    best, _, table = coordinate_search({"factors": [64, 128, 256], "shrink": [0.0, 10.0]},
+                                       score, {"factors": 64, "shrink": 10.0})
+    assert best == {"factors": 512, "shrink": 0.0}
+    assert sorted({row["factors"] for row in table}) == [64, 128, 256, 512, 1024]
+    assert min(row["shrink"] for row in table) == 0.0  # never below a non-negative grid
+    best, _, table = coordinate_search({"factors": [64, 128, 256]},
+                                       lambda p: p["factors"], {"factors": 64}, extend=1)
+    assert best == {"factors": 512} and len(table) == 4
+    def small_gain(params):  # 512 is a little better, but not by enough to leave the grid
+        return 1.0 + 0.001 * (params["factors"] >= 256) + 0.001 * (params["factors"] >= 512) \
+            + 0.01 * (params["shrink"] == 5.0)
+    best, _, table = coordinate_search({"factors": [64, 128, 256], "shrink": [5.0, 10.0]},
+                                       small_gain, {"factors": 64, "shrink": 10.0})
+    assert best == {"factors": 256, "shrink": 5.0}  # 512 not taken in the second round either
+    assert {row["factors"] for row in table} == {64, 128, 256, 512}
+    assert beyond_edge([0.3, 0.5, 1.0], 1.0) == 2.0 and beyond_edge([10.0, 30.0], 10.0) == 3.333333
+    assert beyond_edge([-2.0, 0.0, 2.0], -2.0) == -4.0 and beyond_edge(["a", "b"], "b") is None
+    assert beyond_edge([15, 25], 15) == 9 and beyond_edge([1, 2, 3], 2) is None
+    assert beyond_edge([True, False], True) is None
+
+
 def test_tfidf_recommends_the_item_whose_text_matches_the_users_items():
     from model import TfidfRecall
     from test_probed_defects import topic_data

@@ -105,6 +105,11 @@ def test_best_row_is_compared_with_the_best_classic_row_per_user():
     zero = {n: pd.DataFrame({"recall@20": [0.0] * 4, "ndcg@20": [0.0] * 4}) for n in frames}
     flat = versus_best_classic(results, zero, ("als", "ease"), "fused")
     assert flat["recall@20"]["ratio"] is None and "n/a" in describe_comparison(flat)
+    for name in results:  # no validation figure: the line says the classic row was picked on test
+        results[name].pop("best_val_recall@20", None)
+    untuned = versus_best_classic(results, frames, ("als", "ease"), "fused")
+    assert "(chosen on test (no validation figure))" in describe_comparison(untuned)
+    assert "chosen on validation" in describe_comparison(comparison)
 
 
 def test_seed_summary_is_the_mean_and_std_over_runs(tmp_path):

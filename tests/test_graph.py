@@ -339,3 +339,11 @@ def test_simgcl_is_lightgcn_plus_its_contrastive_term(tmp_path):
     again = Recommender.load(tmp_path / "simgcl")
     assert isinstance(again, SimGCL) and again.cl_weight == model.cl_weight == 0.02
     assert (again.recommend([0, 25], 5)[0] == model.recommend([0, 25], 5)[0]).all()
+
+
+def test_small_data_gets_enough_steps_per_epoch():
+    from coreMethod import epoch_batch
+
+    assert epoch_batch(8192, 175_806) == 8192  # yelp: 21 steps of the batch as given
+    assert epoch_batch(8192, 12_000) == 1200  # a small set: 10 steps, not 1
+    assert epoch_batch(8192, 5) == 1

@@ -236,7 +236,10 @@ def test_yaml_config_with_flags_on_top(tmp_path):
     assert saved["run"]["variants"] == "popularity"  # the flag wins over the file
     config.write_text("graph:\n  epoch: 2\n")
     result = CliRunner().invoke(cli, ["run", "--config", str(config)])
-    assert result.exit_code != 0 and "epoch not options of section 'graph'" in result.output
+    assert result.exit_code != 0 and "epoch (section 'graph')" in result.output
+    config.write_text("graph:\n  epochs: 2\n  lr: [1, }\n")
+    result = CliRunner().invoke(cli, ["run", "--config", str(config)])
+    assert f"{config}:3: malformed YAML" in result.output  # the file and line, on one line
 
 
 def test_bundle_ranks_with_the_runs_ranker_alone(ranked_run, tmp_path):
@@ -349,7 +352,16 @@ def test_config_values_are_read_as_their_declared_types():
     assert (config.graph.lr, config.graph.epochs, config.run.ks) == (1e-3, 40, [5, 20])
     assert config.graph.fuse_parts == ["text", "lightgcn"] and config.encoder.quantize is False
     for bad, message in (({"graph": {"epochs": 2.5}}, "epochs must be int"),
-                         ({"run": {"quantize": False}}, "not options of section 'run'"),
+                         ({"run": {"quantize": False}}, r"quantize \(section 'run'\)"),
                          ({"graph": {"fusion": "sum"}}, "fusion must be one of")):
         with pytest.raises(ConfigError, match=message):
             ExperimentConfig.from_dict(bad)
+    both = "epoch \\(section 'graph'\\), model_name \\(section 'run'\\)"  # every bad key named
+    with pytest.raises(ConfigError, match=both):
+        ExperimentConfig.from_dict({"graph": {"epoch": 2}, "run": {"model_name": "als"}})
+    # the command-line names of --model and --encoder, flat or in their sections
+    flat = ExperimentConfig.from_dict({"model": "als", "encoder": "/models/small"})
+    nested = ExperimentConfig.from_dict({"run": {"model": "als"},
+                                         "encoder": {"encoder": "/models/small"}})
+    for config in (flat, nested):
+        assert (config.run.variants, config.encoder.encoder_path) == ("als", "/models/small")

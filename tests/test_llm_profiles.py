@@ -144,3 +144,23 @@ def test_item_profiles_come_from_metadata_and_reviews(easyrec_folder, tmp_path):
     dataset = load_dataset(easyrec_folder)
     assert dataset.item_profile_source[3] == "written"
     assert "item_profile.txt" in (easyrec_folder / "item_profile.llm.json").read_text()
+
+
+def test_retries_of_requests_that_fail_in_the_end_are_counted(easyrec_folder):
+    with socket.socket() as probe:  # a port nobody listens on: about 0.5 s of backoff
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    result = _profiles(easyrec_folder, url, "--retries", "1")
+    assert "failed: connection: 2; retries: 2;" in result.output, result.output
+    with StubLLM(KEY, faults=["429"] * 6) as stub:  # 3 attempts per user, each a 429
+        result = _profiles(easyrec_folder, stub.url, "--retries", "2")
+    assert "failed: rate_limited: 2; retries: 4;" in result.output, result.output
+    assert len(stub.prompts) == 6
+    report = json.loads((easyrec_folder / "user_profile.llm.report.json").read_text())
+    assert report["retries"] == 4
+
+
+def test_an_error_the_client_does_not_retry_counts_no_retries(easyrec_folder):
+    with StubLLM("another-key") as stub:  # 401: not retried, whatever --retries says
+        result = _profiles(easyrec_folder, stub.url, "--retries", "3")
+    assert "failed: http_401: 2; retries: 0;" in result.output, result.output

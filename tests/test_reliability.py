@@ -180,5 +180,27 @@ def test_a_folder_without_split_files_says_what_is_expected(tmp_path):
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "train.csv").write_text("user,item\n0,0\n")
+    with pytest.raises(DataError, match=r"val\.csv, test\.csv are missing \(found train\.csv\)"):
+        prepare_dataset(str(tmp_path / "mine"))
+    (tmp_path / "mine" / "train.csv").unlink()
     with pytest.raises(DataError, match="no interaction files found; expected"):
         prepare_dataset(str(tmp_path / "mine"))
+
+
+def test_a_terminated_process_leaves_no_staging_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from utils import atomic_path\n"
+              "with atomic_path(sys.argv[2]) as staged:\n"
+              "    staged.mkdir(); (staged / 'half.txt').write_text('x')\n"
+              "    print('staged', flush=True); time.sleep(60)\n")
+    target = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parents[1]),
+                                str(target)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "staged"
+    assert [p.name for p in tmp_path.iterdir()][0].endswith(".tmp")  # staging under way
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
