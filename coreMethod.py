@@ -184,8 +184,9 @@ def epoch_batch(batch: int, n_pairs: int, min_steps: int = MIN_STEPS_PER_EPOCH) 
     """`batch`, cut so that an epoch over `n_pairs` takes at least `min_steps` steps. On
     small data a single batch per epoch leaves too few updates before early stopping,
     which counts epochs (SimGCL on a few thousand pairs stopped at a tenth of LightGCN's
-    recall); data with enough pairs keeps its batch as given."""
-    return max(1, min(batch, n_pairs // min_steps))
+    recall); data with enough pairs keeps its batch as given, and no batch is cut below
+    64 pairs (every rank of a process group gets a share)."""
+    return min(batch, max(64, n_pairs // min_steps))
 
 
 def bpr_epoch(module: torch.nn.Module, embed: Callable[[], tuple[torch.Tensor, torch.Tensor]],

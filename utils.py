@@ -111,19 +111,23 @@ def atomic_path(target: str | os.PathLike, own_marker: str | None = None,
     try:
         with _terminate_as_exit():
             yield staged
-        if target.is_dir() and not target.is_symlink():
-            check_output_folder(target, own_marker, overwrite)  # it may have appeared since
-            os.replace(target, tmp / "replaced")  # removed with tmp below, after the swap
-        os.replace(staged, target)
+            if target.is_dir() and not target.is_symlink():
+                check_output_folder(target, own_marker, overwrite)  # it may have appeared since
+            with _termination_held():  # never between the renames: old and new both lost
+                if target.is_dir() and not target.is_symlink():
+                    os.replace(target, tmp / "replaced")  # removed with tmp below
+                os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
-    """While staging: SIGTERM raises SystemExit (exit status 143), so the `finally` above
-    removes the staging folder; the default action would end the process on the spot. Only
-    in the main thread, and only where nobody else handles SIGTERM (a server, Ray)."""
+    """While staging: SIGTERM raises SystemExit (exit status 143, not -15), so the `finally`
+    above removes the staging folder; the default action would end the process on the spot.
+    The exit waits for the main thread to return from native code (a faiss build); a second
+    SIGTERM ends it at once. Only in the main thread, and only where nobody else handles
+    SIGTERM (a server, Ray)."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
@@ -136,7 +140,18 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def _exit_on_terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _termination_held() -> Iterator[None]:
+    """SIGTERM waits until the block is done (then acts as it would have)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

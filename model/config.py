@@ -347,16 +347,25 @@ class ExperimentConfig:
         """From a nested ({"graph": {"dim": 64}}) or flat ({"dim": 64}) dict; keys this version
         does not know are an error that names them (a flat run config may carry 'command')."""
         flat: dict[str, Any] = {}
+        written: dict[str, str] = {}  # field -> the name the file used for it
         misplaced: list[str] = []
+
+        def put(name: str, field_name: str, value: Any) -> None:
+            if field_name in written:
+                raise ConfigError(f"{source}: {written[field_name]} and {name} are the same "
+                                  "option; give it once")
+            written[field_name], flat[field_name] = name, value
+
         for key, value in values.items():
             if key in SECTIONS and isinstance(value, dict):
-                value = {RENAMED.get((key, name), _field_name(name)): v
-                         for name, v in value.items()}
                 names = {f.name for f in fields(SECTIONS[key])}
-                misplaced += [f"{name} (section '{key}')" for name in value if name not in names]
-                flat.update(value)
+                for name, v in value.items():
+                    field_name = RENAMED.get((key, name), _field_name(name))
+                    if field_name not in names:
+                        misplaced.append(f"{name} (section '{key}')")
+                    put(name, field_name, v)
             elif key != "command":
-                flat[_field_name(key)] = value
+                put(key, _field_name(key), value)
         if misplaced:
             raise ConfigError(f"{source}: not options of their section: {', '.join(misplaced)}")
         return cls().updated(flat, source)

@@ -286,11 +286,11 @@ class MalformedAnswer(ValueError):
 def _retries_before(error: Exception) -> int:
     """Retries the client spent before giving up: it numbers each attempt in the request's
     x-stainless-retry-count header (0 for an error it does not retry, such as a 401)."""
-    request = getattr(error, "request", None)
-    try:
+    try:  # (httpx raises on `.request` of an error that never had one)
+        request = getattr(error, "request", None)
         return int(request.headers.get("x-stainless-retry-count", 0)) \
             if request is not None else 0
-    except ValueError:
+    except Exception:  # noqa: BLE001 - counting must never hide the request's own error
         return 0
 
 

@@ -50,13 +50,15 @@ def tuned(name: str, dataset, fixed: dict | None = None, tune: bool = True,
         recall = validation.mean(validation.top_of(model, 20), "recall", 20)
         log(f"{name} {params}: val R@20 {recall:.4f}")
         if recall > kept.get("recall", -1.0):
-            kept.update(recall=recall, model=model)
+            kept.update(recall=recall, model=model, params=params)
         return recall
 
     if tune:
         best, best_score, table = coordinate_search(grid, score, start,
                                                     budget_seconds=budget_seconds)
-        model = kept["model"]
+        # a setting past the grid's edge may score a little higher and still not be chosen
+        # (its gain too small to count): the model is refitted at the chosen setting
+        model = kept["model"] if kept["params"] == best else make(**fixed, **best).fit(dataset)
     else:
         best, best_score, table = start, float("nan"), []
         model = make(**fixed, **best).fit(dataset)

@@ -203,6 +203,34 @@ def test_the_search_grows_a_grid_past_an_edge_while_that_improves():
     assert beyond_edge([True, False], True) is None
 
 
+def test_a_tuned_model_is_fitted_at_the_setting_it_reports(monkeypatch):
+    from types import SimpleNamespace
+
+    import model.tuning as tuning
+
+    class Sized:
+        def __init__(self, size):
+            self.size = size
+
+        def fit(self, dataset):
+            return self
+
+    class Validation:  # 512 (past the grid) scores highest, by less than the search needs
+        def top_of(self, model, k):
+            return model
+
+        def mean(self, model, metric, k):
+            return 0.3 + 0.001 * (model.size >= 256) + 0.001 * (model.size >= 512)
+
+    monkeypatch.setitem(tuning.GRIDS, "als", (Sized, {"size": [64, 128, 256]}, {"size": 64}))
+    monkeypatch.setattr(tuning.Evaluator, "on_validation",
+                        staticmethod(lambda *args, **kwargs: Validation()))
+    monkeypatch.setattr(tuning, "require_validation", lambda validation: None)
+    model = tuning.tuned("als", SimpleNamespace(n_items=10))
+    assert model.training_log["chosen_on_validation"] == {"size": 256} and model.size == 256
+    assert model.training_log["settings_tried"] == 4  # 512 was tried, and not taken
+
+
 def test_tfidf_recommends_the_item_whose_text_matches_the_users_items():
     from model import TfidfRecall
     from test_probed_defects import topic_data

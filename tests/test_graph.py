@@ -346,4 +346,4 @@ def test_small_data_gets_enough_steps_per_epoch():
 
     assert epoch_batch(8192, 175_806) == 8192  # yelp: 21 steps of the batch as given
     assert epoch_batch(8192, 12_000) == 1200  # a small set: 10 steps, not 1
-    assert epoch_batch(8192, 5) == 1
+    assert epoch_batch(8192, 5) == 64 and epoch_batch(32, 5) == 32  # never below 64 pairs

@@ -365,3 +365,7 @@ def test_config_values_are_read_as_their_declared_types():
                                          "encoder": {"encoder": "/models/small"}})
     for config in (flat, nested):
         assert (config.run.variants, config.encoder.encoder_path) == ("als", "/models/small")
+    with pytest.raises(ConfigError, match="variants and model are the same option"):
+        ExperimentConfig.from_dict({"variants": "ease", "model": "als"})
+    with pytest.raises(ConfigError, match=r"model \(section 'graph'\)"):  # as written
+        ExperimentConfig.from_dict({"graph": {"model": "als"}})
