@@ -238,8 +238,8 @@ class RecallModels:
     def simgcl(self) -> SimGCL:
         g = self.config.graph
         return self._once("simgcl", lambda: SimGCL(
-            g.dim, g.lgn_layers, g.training(), self.config.run.seed, self.device, g.cl_weight,
-            g.cl_eps).fit(self.dataset, graph_train_loop(self.engine) if g.lgn_ray else None))
+            g.simgcl_dim, g.lgn_layers, g.training(), self.config.run.seed, self.device,
+            g.cl_weight, g.cl_eps).fit(self.dataset, graph_train_loop(self.engine) if g.lgn_ray else None))
 
     def fuse_parts(self) -> list[str]:
         """The parts the fused model combines (text only where the data has item text)."""
