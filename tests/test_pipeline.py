@@ -42,6 +42,10 @@ def test_demo_run_writes_a_complete_run_folder(tmp_path):
     assert np.isclose(per_user["ndcg@20"].mean(), variants["text"]["metrics"]["ndcg@20"], atol=1e-5)
     assert "| text |" in (run_dir / "report.md").read_text()
     assert json.loads((run_dir / "config.json").read_text())["data"]["dataset"] == "demo"
+    # SimGCL trains at its own size (--simgcl-dim), the other graph models at --dim
+    sizes = {name: json.loads((run_dir / "models" / name / "model.json").read_text())
+             ["params"]["dim"] for name in ("simgcl", "lightgcn")}
+    assert sizes == {"simgcl": 128, "lightgcn": 64}
 
 
 def test_two_runs_with_the_same_seed_agree(tmp_path, tiny_roberta):
