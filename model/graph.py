@@ -523,7 +523,7 @@ class SimGCL(LightGCN):
     # validation dips in the first epochs (the views spread the vectors) before it climbs
     warmup_epochs = 10
 
-    def __init__(self, dim: int = 128, layers: int = 3, train: TrainConfig | dict | None = None,
+    def __init__(self, dim: int = 64, layers: int = 3, train: TrainConfig | dict | None = None,
                  seed: int = 2023, device: str = "auto", cl_weight: float = 0.02,
                  eps: float = 0.1, temperature: float = 0.2, cl_nodes: int = 2048) -> None:
         super().__init__(dim, layers, train, seed, device)

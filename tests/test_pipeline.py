@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from conftest import write_easyrec
 from main import cli
+from model import Recommender
 from model.config import RECALL_VARIANTS, ExperimentConfig
 
 
@@ -42,10 +43,6 @@ def test_demo_run_writes_a_complete_run_folder(tmp_path):
     assert np.isclose(per_user["ndcg@20"].mean(), variants["text"]["metrics"]["ndcg@20"], atol=1e-5)
     assert "| text |" in (run_dir / "report.md").read_text()
     assert json.loads((run_dir / "config.json").read_text())["data"]["dataset"] == "demo"
-    # SimGCL trains at its own size (--simgcl-dim), the other graph models at --dim
-    sizes = {name: json.loads((run_dir / "models" / name / "model.json").read_text())
-             ["params"]["dim"] for name in ("simgcl", "lightgcn")}
-    assert sizes == {"simgcl": 128, "lightgcn": 64}
 
 
 def test_two_runs_with_the_same_seed_agree(tmp_path, tiny_roberta):
@@ -140,3 +137,14 @@ def test_a_run_releases_each_model_once_no_later_row_reads_it(tmp_path, monkeypa
     experiment.run()
     assert sorted(fitted) == sorted(set(fitted))  # nothing dropped that a later row read
     assert set(experiment.models._fitted) == {"fused", "als", "lightgcn", "itemknn"}
+
+
+def test_simgcl_trains_at_its_own_size(tmp_path):
+    run_dir = run_cli("--dataset", "demo", "--model", "lightgcn,simgcl", "--dim", "16",
+                      "--simgcl-dim", "24", *common(tmp_path))
+    sizes = {}
+    for name in ("lightgcn", "simgcl"):
+        saved = json.loads((run_dir / "models" / name / "model.json").read_text())
+        vectors = Recommender.load(run_dir / "models" / name).embeddings()[0]
+        sizes[name] = (saved["params"]["dim"], vectors.shape[1])
+    assert sizes == {"lightgcn": (16, 16), "simgcl": (24, 24)}
