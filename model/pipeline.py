@@ -239,7 +239,8 @@ class RecallModels:
         g = self.config.graph
         return self._once("simgcl", lambda: SimGCL(
             g.simgcl_dim, g.lgn_layers, g.training(), self.config.run.seed, self.device,
-            g.cl_weight, g.cl_eps).fit(self.dataset, graph_train_loop(self.engine) if g.lgn_ray else None))
+            g.cl_weight, g.cl_eps).fit(self.dataset,
+                                       graph_train_loop(self.engine) if g.lgn_ray else None))
 
     def fuse_parts(self) -> list[str]:
         """The parts the fused model combines (text only where the data has item text)."""
