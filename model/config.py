@@ -161,9 +161,9 @@ class GraphConfig:
                               "neighbourhoods, memory independent of the graph's size); 0: "
                               "full batch, every step over the whole graph.")
     lgn_layers: int = option(3, "LightGCN: propagation layers.")
-    simgcl_dim: int = option(64, "SimGCL: embedding size (its own; the other graph models "
-                             "take --dim). 128 makes SimGCL alone stronger, at 1.4-2.4x "
-                             "its time (README: SimGCL's size).")
+    simgcl_dim: int | None = option(None, "SimGCL: embedding size [default: --dim]. 128 makes "
+                                    "SimGCL alone stronger, at 1.4-2.4x its time (README: "
+                                    "SimGCL's size).")
     cl_weight: float = option(0.02, "SimGCL: weight of the contrastive (InfoNCE) term "
                               "between two noisy views of the propagation.")
     cl_eps: float = option(0.1, "SimGCL: length of the random step added to each layer's "

@@ -238,7 +238,7 @@ class RecallModels:
     def simgcl(self) -> SimGCL:
         g = self.config.graph
         return self._once("simgcl", lambda: SimGCL(
-            g.simgcl_dim, g.lgn_layers, g.training(), self.config.run.seed, self.device,
+            g.simgcl_dim or g.dim, g.lgn_layers, g.training(), self.config.run.seed, self.device,
             g.cl_weight, g.cl_eps).fit(self.dataset,
                                        graph_train_loop(self.engine) if g.lgn_ray else None))
 

@@ -148,3 +148,5 @@ def test_simgcl_trains_at_its_own_size(tmp_path):
         vectors = Recommender.load(run_dir / "models" / name).embeddings()[0]
         sizes[name] = (saved["params"]["dim"], vectors.shape[1])
     assert sizes == {"lightgcn": (16, 16), "simgcl": (24, 24)}
+    # a run's config from before the option (no simgcl_dim) reruns SimGCL at --dim
+    assert ExperimentConfig.from_dict({"graph": {"dim": 32}}).graph.simgcl_dim is None
