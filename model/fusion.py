@@ -148,9 +148,11 @@ class Fusion(Recommender):
             return None
         text_dim = parts[names.index("text")].shape[1]
         scales = concat_scales(parts, [self.weights[n] for n in names])
-        offsets = np.cumsum([0] + [part.shape[1] for part in parts])
+        kept = [p for p, name in enumerate(names) if self.weights[name] > 0]  # the layout
+        offsets = np.cumsum([0] + [parts[p].shape[1] for p in kept])
         projection = np.zeros((text_dim + 1, offsets[-1]), dtype=np.float32)
-        for name, offset, width, scale in zip(names, offsets, np.diff(offsets), scales):
+        for p, offset, width in zip(kept, offsets, np.diff(offsets)):
+            name, scale = names[p], scales[p]
             if name == "text":
                 projection[:text_dim, offset:offset + width] = np.eye(text_dim) * scale
             elif f"{name} {side}" in self.cold_maps:
@@ -194,11 +196,10 @@ class Fusion(Recommender):
         profile's text vector can be placed there (concat fusion, text weight > 0)."""
         if self.method != "concat" or self.weights.get("text", 0) <= 0:
             return None
-        names = list(self.weights)
-        dims = [self.part_signals[n][0].shape[1] for n in names]
-        start = sum(dims[:names.index("text")])
+        before = list(self.weights)[:list(self.weights).index("text")]
+        start = sum(self.part_signals[n][0].shape[1] for n in before if self.weights[n] > 0)
         [scale] = concat_scales([self.part_signals["text"][0]], [self.weights["text"]])
-        return [start, start + dims[names.index("text")], scale]
+        return [start, start + self.part_signals["text"][0].shape[1], scale]
 
     def _state(self) -> dict:
         return {"weights": self.weights, "text_block": self.text_block,
@@ -256,14 +257,18 @@ def concat_scales(parts: list[np.ndarray], weights: list[float],
 
 def weighted_concat(parts: list[np.ndarray], weights: list[float],
                     norms: list[float] | None = None) -> np.ndarray:
-    """Concatenate parts, each divided by its mean row norm and scaled by sqrt(weight).
+    """Concatenate parts, each divided by its mean row norm and scaled by sqrt(weight); a
+    part of weight 0 is left out (it would add columns of zeros to every vector).
 
     A global scale (not a per-row one) keeps what each model learnt in its vector norms:
     LightGCN and GraphSAGE score by inner product, and their norms carry popularity. The
     inner product of a fused user and item is sum_p w_p <u_p, i_p> / (|u_p| |i_p|)_mean.
     """
     scales = concat_scales(parts, weights, norms)
-    return np.hstack([part * scale for part, scale in zip(parts, scales)]).astype(np.float32)
+    kept = [part * scale for part, scale, weight in zip(parts, scales, weights) if weight > 0]
+    if not kept:
+        raise ValueError("every fusion weight is 0: no part to concatenate")
+    return np.hstack(kept).astype(np.float32)
 
 
 def search_fusion_weights(n_parts: int, score: Callable[[list[float]], float],

@@ -104,6 +104,34 @@ def test_fused_model_places_cold_items_through_their_text(demo, tiny_roberta):
     assert with_path > evaluator.metrics(evaluator.top_of(no_path))["recall@20"]
 
 
+def test_zero_weight_part_leaves_no_block_and_text_placement_follows(demo, tiny_roberta,
+                                                                    monkeypatch):
+    from model import fusion
+    from model.classic import ALS
+    from model.text import TextEncoder, TextRecall
+
+    split = apply_split(demo, "cold-items", 0.2, seed=7)
+    text = TextRecall(TextEncoder.from_pretrained(str(tiny_roberta), layers=2)).fit(split)
+    small, als = ALS(factors=4, iterations=3).fit(split), ALS(factors=16, iterations=5).fit(split)
+    monkeypatch.setattr(fusion, "search_fusion_weights", lambda n, score: ([0.0, 1.0, 0.5], 0.1))
+    fused = fusion.Fusion(dim=16).fit(split, {"small": small, "text": text, "als": als})
+    text_dim = text.item_vectors.shape[1]
+    users, items = fused.embeddings()
+    assert users.shape[1] == items.shape[1] == text_dim + 16  # no columns for "small"
+    start, end, scale = fused.text_block
+    assert (start, end) == (0, text_dim)  # the text block moved to where "small" was
+    cold = cold_item_rows(split, "test")
+    assert np.allclose(items[cold, start:end], text.item_vectors[cold] * scale, atol=1e-5)
+    placed = np.hstack([text.item_vectors[cold], np.ones((len(cold), 1))]) \
+        @ fused.text_projections["items"]
+    assert np.allclose(placed, items[cold], atol=1e-4)  # a bundle places them the same way
+    # scores as with the zero columns: the weighted sum of the parts' (as placed) scores
+    expected = sum(w * (u @ i.T) / (fusion.mean_row_norms([u])[0] * fusion.mean_row_norms([i])[0])
+                   for w, (u, i) in zip([1.0, 0.5], (fused.part_signals["text"],
+                                                     fused.part_signals["als"])))
+    assert np.allclose(users @ items.T, expected, atol=1e-4)
+
+
 def test_cold_items_run_reports_id_models_as_unable_and_exports(tmp_path):
     args = ["--dataset", "demo", "--split", "cold-items", "--data-root", str(tmp_path / "d"),
             "--runs-dir", str(tmp_path / "runs"), "--fuse-parts", "text,als", "--no-quantize"]
