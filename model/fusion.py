@@ -147,16 +147,15 @@ class Fusion(Recommender):
         if self.method != "concat" or "text" not in names:
             return None
         text_dim = parts[names.index("text")].shape[1]
-        scales = concat_scales(parts, [self.weights[n] for n in names])
-        kept = [p for p, name in enumerate(names) if self.weights[name] > 0]  # the layout
-        offsets = np.cumsum([0] + [parts[p].shape[1] for p in kept])
-        projection = np.zeros((text_dim + 1, offsets[-1]), dtype=np.float32)
-        for p, offset, width in zip(kept, offsets, np.diff(offsets)):
-            name, scale = names[p], scales[p]
+        scales = dict(zip(names, concat_scales(parts, [self.weights[n] for n in names])))
+        blocks = part_blocks(self.weights, [part.shape[1] for part in parts])
+        projection = np.zeros((text_dim + 1, max(end for _, end in blocks.values())),
+                              dtype=np.float32)
+        for name, (start, end) in blocks.items():
             if name == "text":
-                projection[:text_dim, offset:offset + width] = np.eye(text_dim) * scale
+                projection[:text_dim, start:end] = np.eye(text_dim) * scales[name]
             elif f"{name} {side}" in self.cold_maps:
-                projection[:, offset:offset + width] = self.cold_maps[f"{name} {side}"] * scale
+                projection[:, start:end] = self.cold_maps[f"{name} {side}"] * scales[name]
         return projection
 
     def _fit_projection(self, dataset, validation: Evaluator) -> None:
@@ -196,10 +195,10 @@ class Fusion(Recommender):
         profile's text vector can be placed there (concat fusion, text weight > 0)."""
         if self.method != "concat" or self.weights.get("text", 0) <= 0:
             return None
-        before = list(self.weights)[:list(self.weights).index("text")]
-        start = sum(self.part_signals[n][0].shape[1] for n in before if self.weights[n] > 0)
+        widths = [self.part_signals[n][0].shape[1] for n in self.weights]
+        start, end = part_blocks(self.weights, widths)["text"]
         [scale] = concat_scales([self.part_signals["text"][0]], [self.weights["text"]])
-        return [start, start + self.part_signals["text"][0].shape[1], scale]
+        return [start, end, scale]
 
     def _state(self) -> dict:
         return {"weights": self.weights, "text_block": self.text_block,
@@ -253,6 +252,16 @@ def concat_scales(parts: list[np.ndarray], weights: list[float],
     new row's block)."""
     norms = mean_row_norms(parts) if norms is None else norms
     return [float(np.sqrt(weight) / norm) for weight, norm in zip(weights, norms)]
+
+
+def part_blocks(weights: dict[str, float], widths: list[int]) -> dict[str, tuple[int, int]]:
+    """Each part's (start, end) columns in the vectors `weighted_concat` builds from parts of
+    these `widths`, in the order of `weights`; a part of weight 0 has no block."""
+    blocks, start = {}, 0
+    for (name, weight), width in zip(weights.items(), widths):
+        if weight > 0:
+            blocks[name], start = (start, start + width), start + width
+    return blocks
 
 
 def weighted_concat(parts: list[np.ndarray], weights: list[float],
